@@ -1,0 +1,45 @@
+"""Builds libra and its C++/CUDA extension ``libra._C``.
+
+    pip install --no-build-isolation -e .
+
+CUDA kernels are compiled when CUDA_HOME is set and either a GPU is visible or
+FORCE_CUDA=1 (e.g. to compile them on a machine without a GPU). TORCH_CUDA_ARCH_LIST
+selects the architectures (e.g. "8.0;9.0"); without it torch picks the visible GPU's.
+"""
+import glob
+import os
+
+import torch
+from setuptools import find_packages, setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+
+def build_with_cuda() -> bool:
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    return CUDA_HOME is not None and (torch.cuda.is_available() or forced)
+
+
+def extension():
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    if build_with_cuda():
+        sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
+        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension("libra._C", sources, extra_compile_args=extra_compile_args)
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        raise RuntimeError("FORCE_CUDA=1 but CUDA_HOME is not set: install the CUDA toolkit or unset FORCE_CUDA.")
+    return CppExtension("libra._C", sources, extra_compile_args=extra_compile_args)
+
+
+setup(
+    name="libra",
+    version="0.1.0",
+    description="Libra R-CNN: a readable PyTorch reference implementation with C++/CUDA ops",
+    license="Apache-2.0",
+    packages=find_packages(include=["libra", "libra.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm"],
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    zip_safe=False,
+)
