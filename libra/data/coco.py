@@ -1,0 +1,167 @@
+"""COCO-format detection dataset (COCO 2017 and the embedded synthetic set).
+
+Expected layout for COCO 2017 (see `build_coco_paths`):
+
+    data_root/annotations/instances_train2017.json   data_root/train2017/*.jpg
+    data_root/annotations/instances_val2017.json     data_root/val2017/*.jpg
+
+Annotation rules (SPEC.md section 1): COCO boxes [x, y, w, h] become [x, y, x + w, y + h];
+annotations with area <= 0, w < 1 or h < 1 are skipped; ``iscrowd`` boxes go to
+``ignore_boxes``; category ids map to contiguous labels 0..C-1 in increasing id order
+(``label_to_cat_id[label]`` maps back). Training drops images without usable boxes;
+evaluation keeps every image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pycocotools.coco import COCO
+
+from .base import DetectionDataset, ImageRecord, check_finite_box
+from .transforms import DetectionTransform
+
+COCO_LAYOUT_HELP = (
+    "expected COCO 2017 layout: <data_root>/annotations/instances_{train,val}2017.json and "
+    "images in <data_root>/train2017/ and <data_root>/val2017/"
+)
+
+
+def load_coco_api(ann_file: str | Path | dict) -> COCO:
+    """Build a quiet pycocotools ``COCO`` from a JSON path or an in-memory dict."""
+    coco = COCO()
+    if isinstance(ann_file, dict):
+        coco.dataset = ann_file
+    else:
+        ann_path = Path(ann_file)
+        if not ann_path.is_file():
+            raise FileNotFoundError(f"annotation file not found: {ann_path} ({COCO_LAYOUT_HELP})")
+        import json
+
+        with open(ann_path) as f:
+            coco.dataset = json.load(f)
+    if not isinstance(coco.dataset, dict) or "images" not in coco.dataset or "categories" not in coco.dataset:
+        raise ValueError(f"{ann_file}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
+    coco.dataset.setdefault("annotations", [])
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def parse_coco_annotations(
+    coco: COCO, image_root: Path, train: bool, image_path_of=None, source: str = "COCO"
+) -> tuple[list[ImageRecord], list[int], list[str]]:
+    """Turn a ``COCO`` index into `ImageRecord`s.
+
+    Args:
+        image_path_of: optional ``f(image_info: dict) -> Path``; default ``image_root / file_name``.
+    Returns:
+        (records, label_to_cat_id, class_names)
+    """
+    cat_ids = sorted(int(c) for c in coco.cats.keys())
+    cat_id_to_label = {cid: i for i, cid in enumerate(cat_ids)}
+    class_names = [str(coco.cats[cid].get("name", cid)) for cid in cat_ids]
+
+    records = []
+    for image_id in sorted(coco.imgs.keys()):
+        info = coco.imgs[image_id]
+        if image_path_of is not None:
+            path = Path(image_path_of(info))
+        else:
+            if "file_name" not in info:
+                raise ValueError(f"{source} image {image_id} has no 'file_name'")
+            path = image_root / info["file_name"]
+        boxes, labels, ignore = [], [], []
+        for ann in coco.imgToAnns.get(image_id, []):
+            what = f"{source} annotation {ann.get('id')} of image {image_id}"
+            x, y, w, h = check_finite_box(ann.get("bbox"), what)
+            cat_id = ann.get("category_id")
+            if cat_id not in cat_id_to_label:
+                raise ValueError(f"{what}: unknown category_id {cat_id!r} (not in 'categories')")
+            area = ann.get("area", w * h)
+            if not isinstance(area, (int, float)) or not math.isfinite(area):
+                raise ValueError(f"{what}: area must be a finite number, got {area!r}")
+            if area <= 0 or w < 1 or h < 1:
+                continue
+            box = [x, y, x + w, y + h]
+            if ann.get("iscrowd", 0):
+                ignore.append(box)
+            else:
+                boxes.append(box)
+                labels.append(cat_id_to_label[cat_id])
+        if train and not boxes:
+            continue
+        records.append(
+            ImageRecord(
+                image_id=int(image_id),
+                file_path=path,
+                width=int(info["width"]),
+                height=int(info["height"]),
+                boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
+                labels=np.asarray(labels, np.int64),
+                difficult=np.zeros(len(boxes), bool),
+                ignore_boxes=np.asarray(ignore, np.float32).reshape(-1, 4),
+            )
+        )
+    return records, cat_ids, class_names
+
+
+class CocoDetection(DetectionDataset):
+    """COCO instances JSON + image folder.
+
+    Args:
+        root: folder holding the images named by ``file_name``.
+        ann_file: instances JSON.
+        train: training mode (augmentation, drop images without boxes).
+        transform: resize/flip/normalise; default ``DetectionTransform(train, min_size, max_size)``.
+        min_size, max_size, multiscale_min_sizes, flip_prob: used to build the default transform.
+        seed: base seed of the per-sample augmentation RNG.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        ann_file: str | Path,
+        train: bool,
+        transform: DetectionTransform | None = None,
+        min_size: int = 800,
+        max_size: int = 1333,
+        multiscale_min_sizes: tuple[int, int] | None = None,
+        flip_prob: float = 0.5,
+        seed: int = 0,
+    ) -> None:
+        self.root = Path(root)
+        self.ann_file = Path(ann_file)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"image folder not found: {self.root} ({COCO_LAYOUT_HELP})")
+        self.coco = load_coco_api(self.ann_file)
+        records, self.label_to_cat_id, class_names = parse_coco_annotations(self.coco, self.root, train)
+        if transform is None:
+            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
+        super().__init__(records, class_names, train, transform, seed)
+
+    def make_evaluator(self, **kwargs: Any):
+        """A `COCOEvaluator` over this dataset's ground truth."""
+        from ..evaluation import COCOEvaluator
+
+        return COCOEvaluator(self.coco, self.label_to_cat_id, **kwargs)
+
+    def make_proposal_evaluator(self, **kwargs: Any):
+        """A `ProposalRecallEvaluator` (AR@100/300/1000) over this dataset's ground truth."""
+        from ..evaluation import ProposalRecallEvaluator
+
+        return ProposalRecallEvaluator(self.coco, **kwargs)
+
+
+def build_coco_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:
+    """(image folder, annotation file) of a COCO 2017 split ('train', 'val', 'train2017', ...)."""
+    data_root = Path(data_root)
+    if not data_root.is_dir():
+        raise FileNotFoundError(f"COCO data root not found: {data_root} ({COCO_LAYOUT_HELP})")
+    name = split if split.endswith("2017") else f"{split}2017"
+    return data_root / name, data_root / "annotations" / f"instances_{name}.json"

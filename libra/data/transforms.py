@@ -1,0 +1,225 @@
+"""Image and box transforms for detection (SPEC.md section 1, "Data").
+
+Pipeline of one training sample (all on CPU, in the DataLoader worker):
+
+    decode (PIL, RGB uint8) -> float [3, h0, w0] in 0..255
+    -> resize keeping the aspect ratio (bilinear)        boxes *= (new_w / w0, new_h / h0)
+    -> horizontal flip with probability 0.5 (training)  x1' = W - x2, x2' = W - x1
+    -> normalise with the ImageNet mean / std of RGB 0..255
+    -> (in `collate`) pad bottom-right with 0 to a multiple of 32
+
+Boxes are float32 ``[x1, y1, x2, y2]`` in continuous coordinates (width = x2 - x1, no +1).
+
+Randomness (multi-scale size, flip) never comes from global RNG state: every sample gets a
+``torch.Generator`` seeded from ``(seed, index, epoch, ...)`` (see `sample_generator`), so a run
+is reproducible whatever the number of DataLoader workers and however they are scheduled.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# ImageNet statistics on RGB 0..255 (SPEC.md section 1).
+PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
+PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
+SIZE_DIVISIBILITY: int = 32
+
+
+def sample_generator(seed: int, *keys: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` seeded from ``(seed, *keys)``, e.g. ``(seed, index, epoch)``.
+
+    ``numpy.random.SeedSequence`` mixes the integers into a well-spread 64-bit seed, so that
+    nearby keys (index 3 epoch 4 vs index 4 epoch 3) give unrelated streams.
+    """
+    entropy = [int(seed) & 0xFFFFFFFF] + [int(k) & 0xFFFFFFFF for k in keys]
+    state = np.random.SeedSequence(entropy).generate_state(2, dtype=np.uint32)
+    generator = torch.Generator()
+    generator.manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
+    return generator
+
+
+def get_resize_size(height: int, width: int, min_size: int = 800, max_size: int = 1333) -> tuple[int, int]:
+    """Output ``(new_h, new_w)`` of the aspect-preserving resize.
+
+    s = min(max_size / long side, min_size / short side); new size = round(h*s), round(w*s)
+    (SPEC.md section 1). Rounding is half-up, like mmcv's ``int(x + 0.5)``.
+    Example: (h, w) = (375, 500) -> (800, 1067).
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"image size must be positive, got (h, w) = ({height}, {width})")
+    if min_size <= 0 or max_size <= 0:
+        raise ValueError(f"min_size and max_size must be positive, got {min_size}, {max_size}")
+    scale = min(max_size / max(height, width), min_size / min(height, width))
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``image`` [3, h, w] (float) to ``size = (new_h, new_w)``.
+
+    ``align_corners=False`` and no antialiasing, i.e. the plain bilinear sampling that
+    mmcv/cv2 use for detection (SPEC.md section 1).
+    """
+    if image.dim() != 3:
+        raise ValueError(f"expected an image of shape [3, h, w], got {tuple(image.shape)}")
+    if tuple(image.shape[-2:]) == tuple(size):
+        return image
+    return F.interpolate(image[None], size=size, mode="bilinear", align_corners=False, antialias=False)[0]
+
+
+def scale_boxes(boxes: Tensor, scale_x: float, scale_y: float) -> Tensor:
+    """Multiply ``boxes`` [N, 4] by (sx, sy, sx, sy)."""
+    factors = boxes.new_tensor([scale_x, scale_y, scale_x, scale_y])
+    return boxes * factors
+
+
+def hflip_boxes(boxes: Tensor, width: int) -> Tensor:
+    """Mirror ``boxes`` [N, 4] in an image of width ``width``: x1' = W - x2, x2' = W - x1."""
+    flipped = boxes.clone()
+    flipped[:, 0] = width - boxes[:, 2]
+    flipped[:, 2] = width - boxes[:, 0]
+    return flipped
+
+
+def normalize_image(image: Tensor) -> Tensor:
+    """(image - mean) / std per RGB channel, ``image`` [3, h, w] float in 0..255."""
+    mean = image.new_tensor(PIXEL_MEAN)[:, None, None]
+    std = image.new_tensor(PIXEL_STD)[:, None, None]
+    return (image - mean) / std
+
+
+def denormalize_image(image: Tensor) -> Tensor:
+    """Inverse of `normalize_image`: back to float RGB 0..255 (for visualisation)."""
+    mean = image.new_tensor(PIXEL_MEAN)[:, None, None]
+    std = image.new_tensor(PIXEL_STD)[:, None, None]
+    return image * std + mean
+
+
+@dataclass
+class DetectionTransform:
+    """Resize (+ optional multi-scale), flip and normalise one image and its boxes.
+
+    Args:
+        train: training mode enables multi-scale (if ``multiscale_min_sizes`` is given) and flip.
+        min_size, max_size: target short side and cap on the long side (800 / 1333 for COCO).
+        multiscale_min_sizes: ``(lo, hi)``: in training the short side is drawn uniformly from
+            the integers lo..hi (paper 4.1.3 uses (640, 800)); the long side stays <= max_size.
+        flip_prob: probability of a horizontal flip in training (0.5).
+    """
+
+    train: bool = False
+    min_size: int = 800
+    max_size: int = 1333
+    multiscale_min_sizes: tuple[int, int] | None = None
+    flip_prob: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.multiscale_min_sizes is not None:
+            lo, hi = self.multiscale_min_sizes
+            if not 0 < lo <= hi:
+                raise ValueError(f"multiscale_min_sizes must be (lo, hi) with 0 < lo <= hi, got {self.multiscale_min_sizes}")
+        if not 0.0 <= self.flip_prob <= 1.0:
+            raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+
+    def __call__(
+        self,
+        image: Tensor,
+        boxes_by_key: dict[str, Tensor],
+        generator: torch.Generator | None = None,
+    ) -> tuple[Tensor, dict[str, Tensor], dict]:
+        """Transform ``image`` [3, h0, w0] (float 0..255) and every [N, 4] box tensor in ``boxes_by_key``.
+
+        Returns (normalised image [3, h, w], transformed boxes (same keys), meta) where meta has
+        ``img_shape (h, w)``, ``ori_shape (h0, w0)``, ``scale_factor (sx, sy)``, ``flip``.
+        """
+        h0, w0 = int(image.shape[-2]), int(image.shape[-1])
+        min_size = self.min_size
+        if self.train and self.multiscale_min_sizes is not None:
+            lo, hi = self.multiscale_min_sizes
+            min_size = int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+        new_h, new_w = get_resize_size(h0, w0, min_size, self.max_size)
+        image = resize_image(image.float(), (new_h, new_w))
+        scale_x, scale_y = new_w / w0, new_h / h0
+        out_boxes = {k: scale_boxes(b.float(), scale_x, scale_y) for k, b in boxes_by_key.items()}
+
+        flip = False
+        if self.train and self.flip_prob > 0:
+            flip = bool(torch.rand((1,), generator=generator).item() < self.flip_prob)
+        if flip:
+            image = image.flip(-1)
+            out_boxes = {k: hflip_boxes(b, new_w) for k, b in out_boxes.items()}
+
+        meta = {
+            "img_shape": (new_h, new_w),
+            "ori_shape": (h0, w0),
+            "scale_factor": (scale_x, scale_y),
+            "flip": flip,
+        }
+        return normalize_image(image), out_boxes, meta
+
+
+def pad_images(images: Sequence[Tensor], size_divisibility: int = SIZE_DIVISIBILITY) -> Tensor:
+    """Stack [3, h_i, w_i] images into [B, 3, H, W], zero-padded bottom-right.
+
+    H and W are the largest h_i / w_i rounded up to a multiple of ``size_divisibility``
+    (so that every FPN level up to stride 32 has an integer size).
+    """
+    if len(images) == 0:
+        raise ValueError("pad_images needs at least one image")
+    max_h = max(int(im.shape[-2]) for im in images)
+    max_w = max(int(im.shape[-1]) for im in images)
+    if size_divisibility > 1:
+        max_h = int(math.ceil(max_h / size_divisibility) * size_divisibility)
+        max_w = int(math.ceil(max_w / size_divisibility) * size_divisibility)
+    batch = images[0].new_zeros((len(images), images[0].shape[0], max_h, max_w))
+    for i, im in enumerate(images):
+        batch[i, :, : im.shape[-2], : im.shape[-1]].copy_(im)
+    return batch
+
+
+def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
+    """DataLoader ``collate_fn``: list of (image [3,h,w], target) -> (images [B,3,H,W], targets).
+
+    Images are padded with 0 (after normalisation) to a common size that is a multiple of 32;
+    ``target["img_shape"]`` keeps each image's unpadded (h, w) (the model's ``image_sizes``).
+    """
+    if len(batch) == 0:
+        raise ValueError("collate got an empty batch")
+    images = [item[0] for item in batch]
+    targets = [item[1] for item in batch]
+    return pad_images(images), targets
+
+
+def preprocess_images(
+    images: Sequence[Tensor], min_size: int = 800, max_size: int = 1333
+) -> tuple[Tensor, list[tuple[int, int]], list[tuple[int, int]]]:
+    """Prepare raw images for inference (test-time pipeline without a dataset).
+
+    Args:
+        images: list of [3, h, w] RGB tensors, uint8 or float in 0..255.
+        min_size, max_size: resize rule of `get_resize_size`.
+
+    Returns:
+        batch: [B, 3, H, W] float32, normalised and zero-padded to a multiple of 32.
+        image_sizes: (h, w) of each resized image before padding (the model's ``image_sizes``).
+        original_sizes: (h0, w0) of each input (the model's ``original_sizes``).
+    """
+    if len(images) == 0:
+        raise ValueError("preprocess_images needs at least one image")
+    transform = DetectionTransform(train=False, min_size=min_size, max_size=max_size)
+    out, image_sizes, original_sizes = [], [], []
+    for i, image in enumerate(images):
+        if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
+            shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
+            raise ValueError(f"image {i}: expected a Tensor[3, h, w] (RGB, 0..255), got {shape}")
+        normalised, _, meta = transform(image.float(), {})
+        out.append(normalised)
+        image_sizes.append(meta["img_shape"])
+        original_sizes.append(meta["ori_shape"])
+    return pad_images(out), image_sizes, original_sizes

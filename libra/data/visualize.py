@@ -1,0 +1,73 @@
+"""Draw detections on an image and save a PNG (for ``eval.py --show``), with PIL only."""
+
+from __future__ import annotations
+
+import colorsys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+from torch import Tensor
+
+
+def _class_colour(label: int) -> tuple[int, int, int]:
+    hue = (label * 0.618033988749895) % 1.0  # golden-ratio hues: neighbouring labels differ
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
+
+
+def _to_pil(image: str | Path | Tensor | np.ndarray) -> Image.Image:
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            return im.convert("RGB")
+    if isinstance(image, Tensor):
+        image = image.detach().cpu()
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"image tensor must be [3, h, w] RGB (0..255), got {tuple(image.shape)}")
+        image = image.permute(1, 2, 0).numpy()
+    array = np.asarray(image)
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ValueError(f"image array must be [h, w, 3] RGB, got {array.shape}")
+    return Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+
+
+def draw_detections(
+    image_path_or_tensor: str | Path | Tensor | np.ndarray,
+    boxes: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    scores: Tensor | np.ndarray | None,
+    class_names: Sequence[str],
+    out_png: str | Path,
+    score_threshold: float = 0.3,
+    line_width: int = 2,
+) -> Path:
+    """Draw ``boxes`` [D, 4] (image coordinates) with "name score" captions and save ``out_png``.
+
+    ``image_path_or_tensor``: a file path, a [3, h, w] tensor or an [h, w, 3] array, RGB 0..255
+    (use `libra.data.transforms.denormalize_image` on a normalised tensor first).
+    Detections with score < ``score_threshold`` are skipped. Returns the written path.
+    """
+    canvas = _to_pil(image_path_or_tensor)
+    draw = ImageDraw.Draw(canvas)
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).tolist()
+    labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).tolist()
+    scores_list = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist() if scores is not None else [None] * len(boxes)
+    if not len(boxes) == len(labels) == len(scores_list):
+        raise ValueError(f"boxes, labels and scores must have the same length, got {len(boxes)}, {len(labels)}, {len(scores_list)}")
+    for box, label, score in sorted(zip(boxes, labels, scores_list), key=lambda t: (t[2] is not None and t[2]) or 0):
+        if score is not None and score < score_threshold:
+            continue
+        colour = _class_colour(label)
+        draw.rectangle(box, outline=colour, width=line_width)
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        caption = name if score is None else f"{name} {score:.2f}"
+        left, top, right, bottom = draw.textbbox((box[0], box[1]), caption)
+        y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
+        draw.rectangle([box[0], y, box[0] + (right - left) + 4, y + (bottom - top) + 2], fill=colour)
+        draw.text((box[0] + 2, y), caption, fill=(0, 0, 0))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(out_png)
+    return out_png

@@ -1,0 +1,165 @@
+"""LVIS v1 box AP with the federated rules, built on pycocotools' COCOeval.
+
+Method (how it relates to the official ``lvis`` API, ``LVISEval``):
+  1. Detections: at most ``max_dets_per_image`` (300) per image over all categories, highest
+     scores first (the official ``LVISResults(max_dets=300)``).
+  2. Federated filtering: a category is evaluated on an image only if the image is in its
+     positive set (the category has a gt there) or negative set (``neg_category_ids``).
+     Detections of any other category on that image are dropped before COCOeval sees them
+     (the official code does the same filtering of ``dt``).
+  3. ``not_exhaustive_category_ids``: on such an image, detections of that category that match
+     no gt are ignored (not false positives). This is done by subclassing COCOeval and
+     marking unmatched detections as ignored in ``evaluateImg`` (the official code sets
+     ``dt_ig`` for them in the same way).
+  4. COCOeval then runs with ``maxDets=[300]`` and the usual IoU thresholds 0.5:0.95, 101
+     recall points and area ranges. AP = mean over categories with gts (precision > -1);
+     APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f'.
+The ``lvis`` package is not a dependency, so agreement with it is by construction of the
+rules above, not checked in the tests. Metrics are fractions in [0, 1] (-1 when undefined,
+e.g. APr when no rare category has a gt in the evaluated images).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections import defaultdict
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from .coco_evaluator import detections_to_coco_results
+
+LVIS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
+
+
+class FederatedCOCOeval(COCOeval):
+    """COCOeval whose unmatched detections of not-exhaustive (image, category) pairs are ignored."""
+
+    def __init__(self, coco_gt: COCO, coco_dt: COCO, not_exhaustive: Mapping[int, set[int]]) -> None:
+        super().__init__(coco_gt, coco_dt, iouType="bbox")
+        self.not_exhaustive = not_exhaustive
+
+    def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802 (pycocotools' name)
+        result = super().evaluateImg(imgId, catId, aRng, maxDet)
+        if result is None or catId not in self.not_exhaustive.get(imgId, ()):
+            return result
+        unmatched = result["dtMatches"] == 0  # [T, D]: no gt at that IoU threshold
+        result["dtIgnore"] = np.logical_or(result["dtIgnore"], unmatched)
+        return result
+
+
+class LVISEvaluator:
+    """Federated LVIS box AP (AP, AP50, AP75, APs, APm, APl, APr, APc, APf).
+
+    Args:
+        lvis_gt: LVIS ground truth (a ``COCO`` made by `libra.data.lvis.load_lvis_api`, a JSON
+            path or a dict); images need ``neg_category_ids`` / ``not_exhaustive_category_ids``.
+        label_to_cat_id: contiguous label -> LVIS category id.
+        max_dets_per_image: 300 for LVIS.
+    """
+
+    def __init__(
+        self,
+        lvis_gt: COCO | str | Path | dict,
+        label_to_cat_id: Sequence[int],
+        max_dets_per_image: int = 300,
+        verbose: bool = True,
+    ) -> None:
+        from ..data.lvis import load_lvis_api
+
+        if isinstance(lvis_gt, COCO):
+            for ann in lvis_gt.dataset.get("annotations", []):
+                ann.setdefault("iscrowd", 0)
+            self.lvis_gt = lvis_gt
+        else:
+            self.lvis_gt = load_lvis_api(lvis_gt)
+        self.label_to_cat_id = [int(c) for c in label_to_cat_id]
+        self.max_dets_per_image = int(max_dets_per_image)
+        self.verbose = verbose
+        self.image_ids: list[int] = []
+        self.detections: list[dict] = []
+        self.coco_eval: FederatedCOCOeval | None = None
+        # Federated sets per image.
+        self.pos_cats: dict[int, set[int]] = defaultdict(set)
+        for ann in self.lvis_gt.dataset["annotations"]:
+            self.pos_cats[int(ann["image_id"])].add(int(ann["category_id"]))
+        self.neg_cats = {int(i): set(int(c) for c in info.get("neg_category_ids", [])) for i, info in self.lvis_gt.imgs.items()}
+        self.not_exhaustive = {
+            int(i): set(int(c) for c in info.get("not_exhaustive_category_ids", [])) for i, info in self.lvis_gt.imgs.items()
+        }
+
+    def reset(self) -> None:
+        self.image_ids, self.detections, self.coco_eval = [], [], None
+
+    def update(self, image_ids: Iterable[int], detections: Sequence[Mapping]) -> None:
+        image_ids = [int(i) for i in image_ids]
+        if len(image_ids) != len(detections):
+            raise ValueError(f"got {len(image_ids)} image ids but {len(detections)} detection dicts")
+        for image_id, det in zip(image_ids, detections):
+            if image_id not in self.lvis_gt.imgs:
+                raise ValueError(f"image id {image_id} is not in the LVIS ground truth")
+            results = detections_to_coco_results(image_id, det, self.label_to_cat_id)
+            results.sort(key=lambda r: -r["score"])
+            self.image_ids.append(image_id)
+            self.detections.extend(results[: self.max_dets_per_image])
+
+    def state_dict(self) -> dict:
+        return {"image_ids": list(self.image_ids), "detections": list(self.detections)}
+
+    def merge(self, other: "LVISEvaluator | Mapping") -> None:
+        state = other.state_dict() if hasattr(other, "state_dict") else other
+        self.image_ids.extend(int(i) for i in state["image_ids"])
+        self.detections.extend(state["detections"])
+
+    def results(self) -> list[dict]:
+        return list(self.detections)
+
+    def federated_detections(self) -> list[dict]:
+        """Detections whose category is in the image's positive or negative set (step 2)."""
+        return [
+            d for d in self.detections
+            if d["category_id"] in self.pos_cats.get(d["image_id"], ()) or d["category_id"] in self.neg_cats.get(d["image_id"], ())
+        ]
+
+    def evaluate(self) -> dict[str, float]:
+        image_ids = sorted(set(self.image_ids)) or sorted(self.lvis_gt.getImgIds())
+        detections = self.federated_detections()
+        if not detections:
+            if self.verbose:
+                print("LVISEvaluator: no detections (after federated filtering); every AP is 0")
+            return {k: 0.0 for k in LVIS_METRIC_NAMES}
+        with contextlib.redirect_stdout(io.StringIO()):
+            lvis_dt = self.lvis_gt.loadRes(detections)
+        coco_eval = FederatedCOCOeval(self.lvis_gt, lvis_dt, self.not_exhaustive)
+        coco_eval.params.imgIds = image_ids
+        coco_eval.params.maxDets = [self.max_dets_per_image]
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco_eval.evaluate()
+            coco_eval.accumulate()
+        self.coco_eval = coco_eval
+        precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
+        cat_ids = list(coco_eval.params.catIds)
+
+        def mean_ap(p: np.ndarray) -> float:
+            valid = p[p > -1]
+            return float(valid.mean()) if valid.size else -1.0
+
+        iou_thrs = coco_eval.params.iouThrs
+        out = {
+            "AP": mean_ap(precision[:, :, :, 0, -1]),
+            "AP50": mean_ap(precision[np.isclose(iou_thrs, 0.5), :, :, 0, -1]),
+            "AP75": mean_ap(precision[np.isclose(iou_thrs, 0.75), :, :, 0, -1]),
+            "APs": mean_ap(precision[:, :, :, 1, -1]),
+            "APm": mean_ap(precision[:, :, :, 2, -1]),
+            "APl": mean_ap(precision[:, :, :, 3, -1]),
+        }
+        for group in ("r", "c", "f"):
+            ks = [k for k, c in enumerate(cat_ids) if self.lvis_gt.cats[c].get("frequency") == group]
+            out[f"AP{group}"] = mean_ap(precision[:, :, ks, 0, -1]) if ks else -1.0
+        if self.verbose:
+            print("LVIS federated bbox: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
+        return out
