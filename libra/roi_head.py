@@ -1,0 +1,314 @@
+"""R-CNN stage: sample RoIs from the proposals, pool their features, classify and refine them.
+
+Training (SPEC.md section 1, "R-CNN stage"; Libra R-CNN Sec. 3.1 and 3.3):
+
+1. the ground-truth boxes join the proposals as extra candidates (IoU 1 with their gt);
+2. max-IoU assignment (IoU >= 0.5 positive, < 0.5 negative, no low-quality matches);
+3. sampling of 512 RoIs per image with at most 25% positives: random (baseline) or
+   instance-balanced positives + IoU-balanced negatives (Libra, Eq. 1-2);
+4. RoIAlign 7x7 on the FPN level of each RoI, box head;
+5. softmax CE (or LGR-CE, Eq. 15-19) over all sampled RoIs, and a box loss (L1, smooth L1,
+   balanced L1 Eq. 8-10, or LGR-L1 Eq. 11-14) on the positives' gt-class deltas, both divided
+   by the number of sampled RoIs in the batch.
+
+The sampler returns boolean masks over a variable number of candidates. Turning them into
+a fixed ``min(512, #candidates)`` RoIs per image with ``topk`` on a priority (positives,
+then negatives, then unused slots) keeps everything on the device; unused slots carry
+weight 0 in both losses. Test-time post-processing (score threshold, per-class NMS)
+produces variable-size outputs and reads shapes back to the host, as it must.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from libra.box_coder import DeltaXYWHBoxCoder
+from libra.box_head import select_class_deltas
+from libra.losses.basic import CrossEntropyLoss, L1Loss
+from libra.max_iou_assigner import MaxIoUAssigner
+from libra.ops import batched_nms
+from libra.roi_extractor import MultiLevelRoIExtractor
+from libra.rpn import Proposals, clip_to_image_sizes
+from libra.samplers import sample_pos_neg
+
+
+def _boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
+    """Per-image ``[K_i, 4]`` boxes -> ``[sum K_i, 5]`` rows ``(image_index, x1, y1, x2, y2)``."""
+    rois = []
+    for index, image_boxes in enumerate(boxes):
+        column = torch.full((image_boxes.shape[0], 1), float(index), dtype=image_boxes.dtype, device=image_boxes.device)
+        rois.append(torch.cat([column, image_boxes], dim=1))
+    return torch.cat(rois, dim=0)
+
+
+class RoIHead(nn.Module):
+    """Box branch of Faster R-CNN / Libra R-CNN.
+
+    Args:
+        box_head: maps ``[K, C_feat, 7, 7]`` to ``(cls_logits [K, C+1], box_deltas [K, 4C])``
+            (``Shared2FCBoxHead`` or ``Shared4Conv1FCBoxHead``); background is column C.
+        num_classes: C, the number of foreground classes.
+        roi_extractor: default ``MultiLevelRoIExtractor(7, (4, 8, 16, 32), sampling_ratio=0)``.
+        pos_iou_thr, neg_iou_thr: assigner thresholds (0.5, 0.5).
+        ignore_iof_thr: candidates covered by more than this fraction by an ignore box are not
+            sampled (unless positive).
+        batch_size_per_image: RoIs sampled per image (512).
+        positive_fraction: at most this fraction positive (0.25).
+        pos_sampler: ``'random'``, ``'instance_balanced'`` or ``'class_balanced'``.
+        neg_sampler: ``'random'`` or ``'iou_balanced'``.
+        neg_sampler_kwargs: extra arguments of the negative sampler, e.g. ``num_bins=3,
+            floor_thr=0.0, floor_fraction=0.0`` for the IoU-balanced one (MMDetection's
+            steady state, SPEC.md section 2).
+        cls_loss: ``forward(logits, labels, weight, avg_factor)``; default softmax CE.
+        box_loss: ``forward(pred, target, weight, avg_factor)``; default L1 (MMDetection's
+            Faster R-CNN baseline).
+        box_coder_stds: R-CNN delta stds (0.1, 0.1, 0.2, 0.2).
+        score_thresh: test-time minimum class score (strictly greater, 0.05).
+        nms_thresh: test-time per-class NMS IoU (0.5).
+        detections_per_img: test-time detections kept per image (100).
+        generator: optional RNG for the samplers.
+    """
+
+    def __init__(
+        self,
+        box_head: nn.Module,
+        num_classes: int,
+        roi_extractor: MultiLevelRoIExtractor | None = None,
+        *,
+        pos_iou_thr: float = 0.5,
+        neg_iou_thr: float = 0.5,
+        ignore_iof_thr: float = 0.5,
+        batch_size_per_image: int = 512,
+        positive_fraction: float = 0.25,
+        pos_sampler: str = "random",
+        neg_sampler: str = "random",
+        neg_sampler_kwargs: dict | None = None,
+        cls_loss: nn.Module | None = None,
+        box_loss: nn.Module | None = None,
+        box_coder_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
+        score_thresh: float = 0.05,
+        nms_thresh: float = 0.5,
+        detections_per_img: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (foreground classes), got {num_classes}")
+        head_classes = getattr(box_head, "num_classes", num_classes)
+        if head_classes != num_classes:
+            raise ValueError(f"box_head predicts {head_classes} classes but num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.box_head = box_head
+        self.roi_extractor = roi_extractor if roi_extractor is not None else MultiLevelRoIExtractor()
+        self.box_coder = DeltaXYWHBoxCoder(stds=tuple(box_coder_stds))
+        # No low-quality matches in the second stage (a gt is always its own positive).
+        self.assigner = MaxIoUAssigner(
+            pos_iou_thr, neg_iou_thr, min_pos_iou=pos_iou_thr, match_low_quality=False, ignore_iof_thr=ignore_iof_thr
+        )
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.pos_sampler = pos_sampler
+        self.neg_sampler = neg_sampler
+        self.neg_sampler_kwargs = dict(neg_sampler_kwargs or {})
+        self.cls_loss = cls_loss if cls_loss is not None else CrossEntropyLoss()
+        self.box_loss = box_loss if box_loss is not None else L1Loss()
+        self.score_thresh = score_thresh
+        self.nms_thresh = nms_thresh
+        self.detections_per_img = detections_per_img
+        self.generator = generator
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        proposals: Proposals,
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """Losses in training (with targets), detections otherwise.
+
+        Args:
+            features: pyramid levels ``[B, C, H_l, W_l]`` (P2..P5 used, finer first).
+            proposals: :class:`Proposals` of the RPN (``[B, P, 4]`` boxes + validity).
+            image_sizes: ``(h, w)`` per image before padding.
+            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
+            original_sizes: ``(h0, w0)`` per image to rescale detections to (test only).
+
+        Returns:
+            training: ``{"loss_cls", "loss_bbox", "acc"}``; test: per image
+            ``{"boxes": [D, 4], "scores": [D], "labels": [D]}``.
+        """
+        if self.training and targets is not None:
+            return self.loss(features, proposals, targets)
+        return self.predict(features, proposals, image_sizes, original_sizes)
+
+    # ------------------------------------------------------------------ training
+    def sample(
+        self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Assign and sample a fixed number of RoIs per image.
+
+        Returns:
+            ``rois [R, 5]`` (image index + box), ``labels [R]`` (gt class, or C for background),
+            ``delta_targets [R, 4]`` (zero for non-positives), ``sampled [R]`` float weight (1 for
+            a sampled RoI, 0 for an unused slot), ``positive [R]`` float weight.
+        """
+        rois, labels, delta_targets, sampled_weights, positive_weights = [], [], [], [], []
+        for index, target in enumerate(targets):
+            gt_boxes = target["boxes"].to(proposals.boxes.dtype)
+            gt_labels = target["labels"]
+            num_gts = gt_boxes.shape[0]
+            device = gt_boxes.device
+            candidates = torch.cat([gt_boxes, proposals.boxes[index]], dim=0)  # [G + P, 4]
+            usable = torch.cat(
+                [torch.ones(num_gts, dtype=torch.bool, device=device), proposals.valid[index]]
+            )
+            assignment = self.assigner.assign(
+                candidates, gt_boxes, gt_labels, target.get("ignore_boxes"), validate=False
+            )  # FasterRCNN validated the targets once per batch
+            gt_inds, max_overlaps, assigned_labels = assignment
+            if num_gts > 0:
+                # A gt box is always a positive of itself, even next to an ignore region or a
+                # duplicate gt (MMDetection assigns the proposals first and then adds the gts).
+                own = torch.arange(1, num_gts + 1, dtype=gt_inds.dtype, device=device)
+                gt_inds = torch.cat([own, gt_inds[num_gts:]])
+                max_overlaps = torch.cat([max_overlaps.new_ones(num_gts), max_overlaps[num_gts:]])
+                assigned_labels = torch.cat([gt_labels.to(assigned_labels.dtype), assigned_labels[num_gts:]])
+            # Proposal slots that hold no proposal are ignored (-1): never sampled.
+            gt_inds = torch.where(usable, gt_inds, torch.full_like(gt_inds, -1))
+
+            positive, negative = sample_pos_neg(
+                gt_inds,
+                max_overlaps,
+                num=self.batch_size_per_image,
+                pos_fraction=self.positive_fraction,
+                pos_sampler=self.pos_sampler,
+                neg_sampler=self.neg_sampler,
+                labels=assigned_labels,
+                generator=self.generator,
+                **self.neg_sampler_kwargs,
+            )
+            # Masks -> a fixed number of slots: positives first, then negatives, then unused
+            # candidates (weight 0). topk with a static k needs no host sync.
+            num_slots = min(self.batch_size_per_image, candidates.shape[0])
+            priority = positive.to(torch.float32) * 2.0 + negative.to(torch.float32)
+            _, slots = priority.topk(num_slots)
+            slot_positive = positive[slots]
+            slot_sampled = slot_positive | negative[slots]
+            slot_boxes = candidates[slots]
+
+            if num_gts > 0:
+                matched = gt_boxes[(gt_inds[slots] - 1).clamp(min=0)]
+                encoded = self.box_coder.encode(slot_boxes, matched)
+                encoded = torch.where(slot_positive[:, None], encoded, torch.zeros_like(encoded))
+            else:
+                encoded = torch.zeros_like(slot_boxes)
+            background = torch.full_like(assigned_labels[slots], self.num_classes)
+            rois.append(slot_boxes)
+            labels.append(torch.where(slot_positive, assigned_labels[slots], background))
+            delta_targets.append(encoded)
+            sampled_weights.append(slot_sampled.to(slot_boxes.dtype))
+            positive_weights.append(slot_positive.to(slot_boxes.dtype))
+        return (
+            _boxes_to_rois(rois),
+            torch.cat(labels),
+            torch.cat(delta_targets),
+            torch.cat(sampled_weights),
+            torch.cat(positive_weights),
+        )
+
+    def loss(
+        self, features: Sequence[Tensor], proposals: Proposals, targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """Classification + box losses on the sampled RoIs (see module docstring).
+
+        Returns:
+            ``{"loss_cls": scalar, "loss_bbox": scalar, "acc": scalar}`` (``acc`` in percent,
+            over sampled RoIs, no gradient).
+        """
+        rois, labels, delta_targets, sampled, positive = self.sample(proposals, targets)
+        cls_logits, box_deltas = self.box_head(self.roi_extractor(list(features), rois))
+        # Both losses are divided by the number of sampled RoIs in the batch (>= 1).
+        num_sampled = sampled.sum().clamp(min=1.0)
+        loss_cls = self.cls_loss(cls_logits, labels, sampled, num_sampled)
+        # Deltas of the gt class; background rows are clamped to a real class and weighted 0,
+        # so without positives the loss is exactly 0 and still part of the graph.
+        pred_deltas = select_class_deltas(box_deltas, labels)
+        loss_bbox = self.box_loss(pred_deltas, delta_targets, positive[:, None].expand(-1, 4), num_sampled)
+        with torch.no_grad():
+            correct = (cls_logits.argmax(dim=1) == labels).to(sampled.dtype)
+            accuracy = (correct * sampled).sum() / num_sampled * 100.0
+        return {"loss_cls": loss_cls, "loss_bbox": loss_bbox, "acc": accuracy}
+
+    # ------------------------------------------------------------------ test
+    @torch.no_grad()
+    def predict(
+        self,
+        features: Sequence[Tensor],
+        proposals: Proposals,
+        image_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+    ) -> list[dict[str, Tensor]]:
+        """Score, decode, clip, rescale and NMS the proposals of every image.
+
+        Args:
+            features: pyramid levels ``[B, C, H_l, W_l]``.
+            proposals: ``[B, P, 4]`` boxes with ``[B, P]`` validity.
+            image_sizes: ``(h, w)`` per image (boxes are clipped to it).
+            original_sizes: ``(h0, w0)`` per image; boxes are scaled by ``w0 / w`` and ``h0 / h``.
+
+        Returns:
+            Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}``, ``D <= detections_per_img``,
+            sorted by decreasing score.
+        """
+        batch, num_proposals = proposals.valid.shape
+        rois = _boxes_to_rois(list(proposals.boxes.unbind(0)))
+        cls_logits, box_deltas = self.box_head(self.roi_extractor(list(features), rois))
+        cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # autocast: score and decode in fp32
+        num_classes = self.num_classes
+        # Drop the background column (last); proposals that are not real give score 0.
+        scores = cls_logits.softmax(dim=1)[:, :num_classes].view(batch, num_proposals, num_classes)
+        scores = scores * proposals.valid[..., None].to(scores.dtype)
+        boxes = self.box_coder.decode(
+            proposals.boxes[:, :, None, :], box_deltas.view(batch, num_proposals, num_classes, 4)
+        )  # [B, P, C, 4]
+        boxes = clip_to_image_sizes(boxes, image_sizes)
+        if original_sizes is not None:
+            boxes = rescale_boxes(boxes, image_sizes, original_sizes)
+
+        detections = []
+        class_ids = torch.arange(num_classes, device=scores.device).expand(num_proposals, num_classes)
+        for index in range(batch):
+            keep_mask = scores[index] > self.score_thresh  # [P, C]
+            image_boxes = boxes[index][keep_mask]
+            image_scores = scores[index][keep_mask]
+            image_labels = class_ids[keep_mask]
+            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)
+            keep = keep[: self.detections_per_img]
+            detections.append(
+                {"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]}
+            )
+        return detections
+
+
+def rescale_boxes(
+    boxes: Tensor, image_sizes: Sequence[tuple[int, int]], original_sizes: Sequence[tuple[int, int]]
+) -> Tensor:
+    """Map ``[B, ..., 4]`` boxes from resized image coordinates to original ones (per axis).
+
+    Args:
+        boxes: ``[B, ..., 4]`` in the coordinates of ``image_sizes``.
+        image_sizes: ``(h, w)`` per image (resized).
+        original_sizes: ``(h0, w0)`` per image.
+    """
+    scaled = []
+    for image_boxes, (h, w), (h0, w0) in zip(boxes, image_sizes, original_sizes):
+        # Python-scalar factors: no host-to-device copy.
+        x1, y1, x2, y2 = image_boxes.unbind(-1)
+        sx, sy = w0 / w, h0 / h
+        scaled.append(torch.stack((x1 * sx, y1 * sy, x2 * sx, y2 * sy), dim=-1))
+    return torch.stack(scaled)

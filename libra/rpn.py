@@ -1,0 +1,348 @@
+"""Region Proposal Network (SPEC.md section 1, "RPN"; Faster R-CNN's first stage).
+
+Two pieces:
+
+- :class:`RPNHead`: a shared 3x3 conv + ReLU followed by two 1x1 convs that predict, for
+  each of the ``A`` anchors of every feature cell, one objectness logit (sigmoid) and four
+  box deltas. The same head runs on every pyramid level P2..P6.
+- :class:`RegionProposalNetwork`: anchors, training targets (max-IoU assignment + random
+  sampling, optionally with Libra's cap on negatives ``neg_pos_ub``), the loss, and the
+  proposals handed to the R-CNN stage.
+
+Everything that runs per training step stays on the device: no ``.item()``, no boolean
+indexing and no ``nonzero()``. In particular the number of proposals is fixed per batch
+(``min(post_nms_top_n, #candidates)``): slots that NMS suppressed, or whose box is empty,
+are returned with ``valid = False`` instead of being cut away, which would need the host
+to know how many survived. The R-CNN stage ignores invalid slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from libra.anchor_generator import AnchorGenerator
+from libra.box_coder import DeltaXYWHBoxCoder
+from libra.boxes import clip_boxes
+from libra.losses.basic import binary_cross_entropy_with_logits, l1_loss, weighted_sum
+from libra.max_iou_assigner import MaxIoUAssigner
+from libra.ops import batched_nms
+from libra.samplers import sample_pos_neg
+
+
+@dataclass
+class Proposals:
+    """Proposals of a batch, padded to a fixed number ``P`` per image.
+
+    Attributes:
+        boxes: ``[B, P, 4]`` boxes in the resized (unpadded) image coordinates, detached.
+        scores: ``[B, P]`` objectness probabilities (0 where ``valid`` is False).
+        valid: ``[B, P]`` bool; False for slots that hold no proposal (suppressed by NMS
+            or an empty box), which happens when fewer than ``P`` candidates survive.
+    """
+
+    boxes: Tensor
+    scores: Tensor
+    valid: Tensor
+
+    def per_image(self, index: int) -> tuple[Tensor, Tensor]:
+        """``([Pi, 4], [Pi])`` valid proposals and scores of one image (boolean indexing: a host sync)."""
+        keep = self.valid[index]
+        return self.boxes[index][keep], self.scores[index][keep]
+
+
+class RPNHead(nn.Module):
+    """Objectness and box-delta predictor shared by all pyramid levels.
+
+    Args:
+        in_channels: channels of the pyramid features (256 for FPN).
+        num_anchors: anchors per feature cell ``A`` (3: ratios 0.5, 1, 2 at one scale).
+        feat_channels: channels of the shared 3x3 conv.
+
+    Submodules (names match MMDetection's ``rpn_head.*`` keys): ``rpn_conv`` (3x3),
+    ``rpn_cls`` (1x1, ``A`` outputs), ``rpn_reg`` (1x1, ``4A`` outputs laid out as
+    ``a * 4 + (dx, dy, dw, dh)``). All initialised N(0, 0.01), bias 0.
+    """
+
+    def __init__(self, in_channels: int = 256, num_anchors: int = 3, feat_channels: int = 256) -> None:
+        super().__init__()
+        self.num_anchors = num_anchors
+        self.rpn_conv = nn.Conv2d(in_channels, feat_channels, kernel_size=3, padding=1)
+        self.rpn_cls = nn.Conv2d(feat_channels, num_anchors, kernel_size=1)
+        self.rpn_reg = nn.Conv2d(feat_channels, num_anchors * 4, kernel_size=1)
+        for conv in (self.rpn_conv, self.rpn_cls, self.rpn_reg):
+            nn.init.normal_(conv.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """Run the head on every level.
+
+        Args:
+            features: per level ``[B, C, H_l, W_l]``.
+
+        Returns:
+            ``(objectness, deltas)``: per level ``[B, A, H_l, W_l]`` logits and
+            ``[B, 4A, H_l, W_l]`` deltas.
+        """
+        objectness, deltas = [], []
+        for feature in features:
+            hidden = torch.relu(self.rpn_conv(feature))
+            objectness.append(self.rpn_cls(hidden))
+            deltas.append(self.rpn_reg(hidden))
+        return objectness, deltas
+
+
+def _flatten_level(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
+    """``[B, A, H, W]``, ``[B, 4A, H, W]`` -> ``[B, H*W*A]``, ``[B, H*W*A, 4]`` in anchor order ``(y*W + x)*A + a``."""
+    batch = objectness.shape[0]
+    logits = objectness.permute(0, 2, 3, 1).reshape(batch, -1)
+    boxes = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4)
+    return logits, boxes
+
+
+def clip_to_image_sizes(boxes: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+    """Clip ``[B, ..., 4]`` boxes to each image's ``(h, w)``.
+
+    A loop over the (few) images with Python-scalar bounds: building a bounds tensor from
+    host values would be a host-to-device copy, which blocks on CUDA.
+    """
+    return torch.stack([clip_boxes(image_boxes, size) for image_boxes, size in zip(boxes, image_sizes)])
+
+
+class RegionProposalNetwork(nn.Module):
+    """Anchors + :class:`RPNHead` + training targets + loss + proposals.
+
+    Args:
+        head: the predictor; default ``RPNHead(in_channels, anchor_generator.num_anchors)``.
+        anchor_generator: default strides (4, 8, 16, 32, 64), ratios (0.5, 1, 2), scale 8.
+        in_channels: pyramid channels, used only when ``head`` is None.
+        pos_iou_thr, neg_iou_thr, min_pos_iou: assigner thresholds (0.7, 0.3, 0.3; each gt also
+            takes its best anchors when that IoU >= min_pos_iou).
+        ignore_iof_thr: anchors covered by more than this fraction by an ignore (crowd) box are
+            neither positive nor negative.
+        batch_size_per_image: anchors sampled per image for the loss (256).
+        positive_fraction: at most this fraction of them positive (0.5).
+        neg_pos_ub: Libra caps negatives at ``neg_pos_ub * max(1, #pos)`` (5); -1 means no cap.
+        pre_nms_top_n_train / _test: per level, candidates kept by score before NMS (2000 / 1000).
+        post_nms_top_n_train / _test: proposals kept per image after NMS (1000 / 1000).
+        nms_thresh: IoU of the per-level NMS (0.7).
+        generator: optional RNG for the sampler (None: the global one).
+
+    Anchors crossing the image border are kept (MMDetection's ``allowed_border=-1``).
+    """
+
+    def __init__(
+        self,
+        head: RPNHead | None = None,
+        anchor_generator: AnchorGenerator | None = None,
+        *,
+        in_channels: int = 256,
+        pos_iou_thr: float = 0.7,
+        neg_iou_thr: float = 0.3,
+        min_pos_iou: float = 0.3,
+        ignore_iof_thr: float = 0.5,
+        batch_size_per_image: int = 256,
+        positive_fraction: float = 0.5,
+        neg_pos_ub: float = -1.0,
+        pre_nms_top_n_train: int = 2000,
+        pre_nms_top_n_test: int = 1000,
+        post_nms_top_n_train: int = 1000,
+        post_nms_top_n_test: int = 1000,
+        nms_thresh: float = 0.7,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.anchor_generator = anchor_generator if anchor_generator is not None else AnchorGenerator()
+        self.head = head if head is not None else RPNHead(in_channels, self.anchor_generator.num_anchors)
+        if self.head.num_anchors != self.anchor_generator.num_anchors:
+            raise ValueError(
+                f"RPN head predicts {self.head.num_anchors} anchors per cell but the anchor generator "
+                f"makes {self.anchor_generator.num_anchors}; build both with the same ratios/scales"
+            )
+        # RPN deltas are not normalised (means 0, stds 1).
+        self.box_coder = DeltaXYWHBoxCoder()
+        self.assigner = MaxIoUAssigner(
+            pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=True, ignore_iof_thr=ignore_iof_thr
+        )
+        self.batch_size_per_image = batch_size_per_image
+        self.positive_fraction = positive_fraction
+        self.neg_pos_ub = neg_pos_ub
+        self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
+        self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
+        self.nms_thresh = nms_thresh
+        self.generator = generator
+        self._anchor_cache: dict[tuple, list[Tensor]] = {}
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict[str, Tensor]] | None = None,
+    ) -> tuple[Proposals, dict[str, Tensor]]:
+        """Proposals for every image, and the RPN losses when training with targets.
+
+        Args:
+            features: pyramid levels ``[B, C, H_l, W_l]``, one per anchor stride (P2..P6).
+            image_sizes: ``(h, w)`` of each image before padding.
+            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
+
+        Returns:
+            ``(proposals, losses)``; ``losses`` is ``{"loss_rpn_cls", "loss_rpn_bbox"}`` (scalars)
+            in training with targets, else empty.
+        """
+        objectness, deltas = self.head(features)
+        anchors = self.anchors([tuple(f.shape[-2:]) for f in features], features[0].device)
+        # Boxes are decoded in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
+        flat = [_flatten_level(o.float(), d.float()) for o, d in zip(objectness, deltas)]
+        logits_per_level = [f[0] for f in flat]
+        deltas_per_level = [f[1] for f in flat]
+
+        proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes)
+        losses: dict[str, Tensor] = {}
+        if self.training and targets is not None:
+            losses = self.loss(
+                torch.cat(anchors, dim=0),
+                torch.cat(logits_per_level, dim=1),
+                torch.cat(deltas_per_level, dim=1),
+                targets,
+            )
+        return proposals, losses
+
+    def anchors(self, feature_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[Tensor]:
+        """Float32 anchors per level, ``[H_l * W_l * A, 4]``, memoised per (sizes, device).
+
+        The cache is a pure memo (same inputs, same anchors): it saves rebuilding them, and the
+        small host-to-device copy that building needs, on every step.
+        """
+        key = (tuple(tuple(int(v) for v in size) for size in feature_sizes), str(device))
+        anchors = self._anchor_cache.get(key)
+        if anchors is None:
+            if len(self._anchor_cache) >= 64:  # multi-scale training: bound the memo
+                self._anchor_cache.clear()
+            anchors = self.anchor_generator(list(key[0]), device=device, dtype=torch.float32)
+            self._anchor_cache[key] = anchors
+        return anchors
+
+    # ------------------------------------------------------------------ proposals
+    @torch.no_grad()
+    def propose(
+        self,
+        anchors: Sequence[Tensor],
+        logits: Sequence[Tensor],
+        deltas: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+    ) -> Proposals:
+        """Top-k per level, decode, clip, per-level NMS, top-k per image (all images at once).
+
+        Args:
+            anchors: per level ``[N_l, 4]``.
+            logits: per level ``[B, N_l]`` objectness logits.
+            deltas: per level ``[B, N_l, 4]``.
+            image_sizes: ``(h, w)`` per image.
+
+        Returns:
+            :class:`Proposals` with ``P = min(post_nms_top_n, sum_l min(pre_nms_top_n, N_l))``.
+        """
+        mode = "train" if self.training else "test"
+        pre_nms_top_n, post_nms_top_n = self.pre_nms_top_n[mode], self.post_nms_top_n[mode]
+        batch = logits[0].shape[0]
+        num_levels = len(anchors)
+        device = logits[0].device
+
+        level_scores, level_boxes, level_ids = [], [], []
+        for level, (level_anchors, level_logits, level_deltas) in enumerate(zip(anchors, logits, deltas)):
+            k = min(pre_nms_top_n, level_logits.shape[1])  # static: no host sync
+            top_logits, top_index = level_logits.detach().topk(k, dim=1)  # [B, k], sorted
+            top_deltas = level_deltas.detach().gather(1, top_index[..., None].expand(-1, -1, 4))
+            level_boxes.append(self.box_coder.decode(level_anchors[top_index], top_deltas))  # [B, k, 4]
+            level_scores.append(top_logits.sigmoid())
+            level_ids.append(torch.full((k,), level, dtype=torch.int64, device=device))
+        scores = torch.cat(level_scores, dim=1)  # [B, K]
+        boxes = clip_to_image_sizes(torch.cat(level_boxes, dim=1), image_sizes)  # [B, K, 4]
+        num_candidates = scores.shape[1]
+
+        # Empty boxes (w <= 0 or h <= 0 after clipping) are not removed, which would need a
+        # host sync; they get score -inf so that they can never be kept below.
+        nonempty = (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+        nms_scores = torch.where(nonempty, scores, torch.full_like(scores, float("-inf")))
+
+        # One NMS for the whole batch: group = image * num_levels + level, so boxes of different
+        # images or levels never suppress each other (SPEC: "NMS 0.7 per level").
+        image_ids = torch.arange(batch, device=device)[:, None] * num_levels
+        groups = (image_ids + torch.cat(level_ids)[None, :]).reshape(-1)
+        keep = batched_nms(boxes.reshape(-1, 4), nms_scores.reshape(-1), groups, self.nms_thresh)
+        kept = torch.zeros(batch * num_candidates, dtype=torch.bool, device=device)
+        kept[keep] = True
+        kept = kept.view(batch, num_candidates) & nonempty
+
+        # Top proposals per image by score; slots past the survivors come out as -inf.
+        ranked = torch.where(kept, scores, torch.full_like(scores, float("-inf")))
+        num_proposals = min(post_nms_top_n, num_candidates)
+        top_scores, top_index = ranked.topk(num_proposals, dim=1)  # [B, P]
+        valid = torch.isfinite(top_scores)
+        proposal_boxes = boxes.gather(1, top_index[..., None].expand(-1, -1, 4))
+        proposal_scores = torch.where(valid, top_scores, torch.zeros_like(top_scores))
+        return Proposals(proposal_boxes, proposal_scores, valid)
+
+    # ------------------------------------------------------------------ loss
+    def loss(
+        self,
+        anchors: Tensor,
+        logits: Tensor,
+        deltas: Tensor,
+        targets: Sequence[dict[str, Tensor]],
+    ) -> dict[str, Tensor]:
+        """BCE on sampled anchors + L1 on positive deltas, both over the sampled count.
+
+        Args:
+            anchors: ``[N, 4]`` anchors of all levels (same for every image).
+            logits: ``[B, N]`` objectness logits.
+            deltas: ``[B, N, 4]`` predicted deltas.
+            targets: per image dicts with ``boxes`` ``[G, 4]``, ``labels`` ``[G]``, optional ``ignore_boxes``.
+
+        Returns:
+            ``{"loss_rpn_cls": scalar, "loss_rpn_bbox": scalar}``.
+        """
+        objectness_targets, sampled_masks, positive_masks, delta_targets, avg_factors = [], [], [], [], []
+        for target in targets:
+            gt_boxes = target["boxes"]
+            assignment = self.assigner.assign(
+                anchors, gt_boxes, target["labels"], target.get("ignore_boxes"), validate=False
+            )  # FasterRCNN validated the targets once per batch
+            positive, negative = sample_pos_neg(
+                assignment.gt_inds,
+                assignment.max_overlaps,
+                num=self.batch_size_per_image,
+                pos_fraction=self.positive_fraction,
+                pos_sampler="random",
+                neg_sampler="random",
+                neg_pos_ub=self.neg_pos_ub,
+                generator=self.generator,
+            )
+            if gt_boxes.shape[0] > 0:
+                matched = gt_boxes[(assignment.gt_inds - 1).clamp(min=0)]  # [N, 4]
+                encoded = self.box_coder.encode(anchors, matched)
+                # Non-positive rows may pair an anchor with an unrelated gt; zero them so that a
+                # 0 weight never meets an inf.
+                encoded = torch.where(positive[:, None], encoded, torch.zeros_like(encoded))
+            else:
+                encoded = torch.zeros_like(anchors)
+            objectness_targets.append(positive.to(logits.dtype))
+            sampled_masks.append((positive | negative).to(logits.dtype))
+            positive_masks.append(positive.to(logits.dtype))
+            delta_targets.append(encoded)
+            # MMDetection counts at least one positive and one negative per image.
+            avg_factors.append(positive.sum().clamp(min=1) + negative.sum().clamp(min=1))
+
+        avg_factor = torch.stack(avg_factors).sum().to(logits.dtype)
+        loss_cls = binary_cross_entropy_with_logits(
+            logits, torch.stack(objectness_targets), torch.stack(sampled_masks), avg_factor
+        )
+        loss_bbox = weighted_sum(
+            l1_loss(deltas, torch.stack(delta_targets)), torch.stack(positive_masks), avg_factor
+        )
+        return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}
