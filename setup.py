@@ -19,13 +19,23 @@ def build_with_cuda() -> bool:
     return CUDA_HOME is not None and (torch.cuda.is_available() or forced)
 
 
+def cuda_library_dirs() -> list[str]:
+    # torch links -lcudart from CUDA_HOME/lib64; some installs (e.g. CUDA_HOME found as
+    # /usr/local through a bin/nvcc wrapper) keep it in lib/ or cuda/lib64/ instead.
+    subdirs = ("lib64", "lib", os.path.join("cuda", "lib64"), os.path.join("cuda", "lib"))
+    candidates = [os.path.join(CUDA_HOME, sub) for sub in subdirs]
+    return [d for d in candidates if os.path.exists(os.path.join(d, "libcudart.so"))]
+
+
 def extension():
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    extra_compile_args = {"cxx": ["-O3"]}  # torch adds -std=c++20 (required by ATen)
     if build_with_cuda():
         sources += sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
-        extra_compile_args["nvcc"] = ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]
-        return CUDAExtension("libra._C", sources, extra_compile_args=extra_compile_args)
+        extra_compile_args["nvcc"] = ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]
+        return CUDAExtension(
+            "libra._C", sources, extra_compile_args=extra_compile_args, library_dirs=cuda_library_dirs()
+        )
     if os.environ.get("FORCE_CUDA", "0") == "1":
         raise RuntimeError("FORCE_CUDA=1 but CUDA_HOME is not set: install the CUDA toolkit or unset FORCE_CUDA.")
     return CppExtension("libra._C", sources, extra_compile_args=extra_compile_args)
