@@ -1,0 +1,265 @@
+"""Evaluate a libra or MMDetection checkpoint: COCO box AP, VOC mAP@0.5, LVIS AP, proposal recall, speed.
+
+    python eval.py --checkpoint work_dirs/libra_faster_rcnn_r50_fpn_synthetic/epoch_12.pth
+    python eval.py --dataset coco --data-root /data/coco --checkpoint libra_faster_rcnn_r50_fpn_1x_coco_20200130-3afee3a9.pth --gpus 8
+    python eval.py --dataset coco --data-root /data/coco --checkpoint ... --proposals   # AR@100/300/1000
+    python eval.py ... --fps                                                            # images/s, batch 1
+    python eval.py ... --show 10                                                        # 10 PNGs with boxes
+
+A libra checkpoint (written by train.py) carries its model name, class count and the training
+command line, so the same detector (and the synthetic data settings) are rebuilt from it;
+flags given here win. An MMDetection checkpoint (``state_dict`` with ``rpn_head.*`` /
+``roi_head.bbox_head.*`` keys) is loaded with ``libra.mmdet_checkpoint.load_mmdet_checkpoint``
+into ``--model`` (default ``libra_faster_rcnn_r50_fpn``).
+
+Outputs (rank 0, written atomically, so an interrupted run can simply be re-run): the
+detections JSON (COCO results format) and a metrics JSON in ``--work-dir`` (default: a folder
+``eval_<checkpoint name>`` beside the checkpoint).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import train as train_script
+from libra.engine.builders import DATASETS, DataError, build_dataset, build_eval_loader
+from libra.engine.checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    check_model_identity,
+    is_libra_checkpoint,
+    load_checkpoint_file,
+    load_model_state,
+)
+from libra.engine.distributed import DistributedContext, launch
+from libra.engine.evaluator_loop import evaluate_model
+from libra.engine.trainer import autocast_context
+
+EXIT_BAD_INPUT = 1
+
+# Training-time settings that define the model / data and are taken from a libra checkpoint
+# unless given on this command line.
+_FROM_CHECKPOINT = (
+    "dataset", "model", "sampler", "neck", "box_loss", "cls_loss", "box_head", "frozen_stages", "backbone_norm",
+    "width_per_group", "stage_blocks", "min_size", "max_size", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size",
+    "data_root",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Evaluate a libra / MMDetection checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="libra or MMDetection .pth (required unless --fps)")
+    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else synthetic")
+    parser.add_argument("--data-root", default=None)
+    parser.add_argument("--model", default=None, help="preset (default: the checkpoint's, else libra_faster_rcnn_r50_fpn)")
+    parser.add_argument("--sampler", choices=("random", "iou_balanced"), default=None)
+    parser.add_argument("--neck", choices=("fpn", "bfp", "pafpn", "bpafpn"), default=None)
+    parser.add_argument("--box-loss", choices=("smooth_l1", "l1", "balanced_l1", "lgr_l1"), default=None)
+    parser.add_argument("--cls-loss", choices=("ce", "lgr_ce"), default=None)
+    parser.add_argument("--box-head", choices=("shared2fc", "4conv1fc"), default=None)
+    parser.add_argument("--frozen-stages", type=int, default=None)
+    parser.add_argument("--backbone-norm", choices=("frozen", "bn"), default=None)
+    parser.add_argument("--width-per-group", type=int, default=None)
+    parser.add_argument("--stage-blocks", type=int, nargs=4, default=None)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other preset overrides")
+    parser.add_argument("--min-size", type=int, default=None)
+    parser.add_argument("--max-size", type=int, default=None)
+    parser.add_argument("--synthetic-num-train", type=int, default=None)
+    parser.add_argument("--synthetic-num-val", type=int, default=None)
+    parser.add_argument("--synthetic-image-size", type=int, default=None)
+    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
+    parser.add_argument("--fps", action="store_true", help="measure inference images/s (batch 1, after warm-up)")
+    parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
+    parser.add_argument("--show-score-thr", type=float, default=0.3)
+    parser.add_argument("--batch-size", type=int, default=1, help="images per process")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def read_checkpoint(path: str) -> tuple[str, dict]:
+    """('libra' | 'mmdet', checkpoint dict)."""
+    checkpoint = load_checkpoint_file(path, map_location="cpu")
+    if is_libra_checkpoint(checkpoint):
+        return "libra", checkpoint
+    state = checkpoint.get("state_dict", checkpoint)
+    if isinstance(state, dict) and any(k.startswith(("rpn_head.", "roi_head.bbox_head.")) for k in state):
+        return "mmdet", checkpoint
+    raise CheckpointError(
+        f"{path} is neither a libra checkpoint (train.py) nor an MMDetection detector checkpoint "
+        "(state_dict with rpn_head.* / roi_head.bbox_head.* keys)"
+    )
+
+
+def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, dict | None]:
+    kind, checkpoint = (None, None)
+    if args.checkpoint:
+        kind, checkpoint = read_checkpoint(args.checkpoint)
+    elif not args.fps:
+        raise CheckpointError("--checkpoint is required (only --fps runs without one, on random weights)")
+    saved = checkpoint.get("args", {}) if kind == "libra" else {}
+    for key in _FROM_CHECKPOINT:
+        if getattr(args, key, None) is None and saved.get(key) is not None:
+            setattr(args, key, saved[key])
+    if kind == "libra" and saved.get("set") and not args.set:
+        args.set = list(saved["set"])
+    args.dataset = args.dataset or "synthetic"
+    args.model = args.model or "libra_faster_rcnn_r50_fpn"
+    # Reuse train.py's defaults for everything else (sizes, synthetic settings, overrides).
+    train_args = train_script.build_parser().parse_args([])
+    for key, value in vars(args).items():
+        setattr(train_args, key, value)
+    train_args.gpus = args.gpus
+    train_args.epochs, train_args.lr_steps, train_args.lr = None, None, 0.0
+    train_args.log_interval = train_args.warmup_iters = train_args.batch_size = None
+    train_args.multi_scale = False
+    train_args.schedule = "1x"
+    train_args.max_iters = None
+    train_args.resume = None
+    train_args.work_dir = args.work_dir or "unused"
+    workers = args.workers
+    train_args = train_script.resolve_args(train_args)
+    train_args.workers = workers
+    train_args.batch_size = args.batch_size
+    if args.work_dir is None:
+        if args.checkpoint:
+            train_args.work_dir = str(Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}")
+        else:
+            train_args.work_dir = str(Path("work_dirs") / f"eval_{train_args.model}_{train_args.dataset}")
+    return train_args, kind, checkpoint
+
+
+def load_weights(model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int) -> None:
+    if kind == "libra":
+        check_model_identity(checkpoint, args.model, num_classes, args.checkpoint)
+        load_model_state(model, checkpoint["model"], args.checkpoint)
+    elif kind == "mmdet":
+        from libra.mmdet_checkpoint import load_mmdet_checkpoint
+
+        state = checkpoint.get("state_dict", checkpoint)
+        fc_cls = state.get("roi_head.bbox_head.fc_cls.weight")
+        if fc_cls is not None and fc_cls.shape[0] != num_classes + 1:
+            raise CheckpointError(
+                f"{args.checkpoint} classifies {fc_cls.shape[0] - 1} classes but the {args.dataset} dataset has {num_classes}"
+            )
+        try:
+            load_mmdet_checkpoint(model, checkpoint)
+        except ValueError as error:
+            raise CheckpointError(f"{args.checkpoint} does not fit --model {args.model}: {train_script.one_line(error)}") from None
+
+
+@torch.no_grad()
+def measure_fps(model: torch.nn.Module, dataset, ctx: DistributedContext, num_images: int, amp: bool) -> float:
+    """Images per second at batch 1 (5 warm-up images, then ``num_images`` timed with device syncs)."""
+    from libra.data.transforms import collate
+
+    model.eval()
+    count = min(len(dataset), num_images + 5)
+    times = []
+    for index in range(count):
+        images, targets = collate([dataset[index % len(dataset)]])
+        images = images.to(ctx.device)
+        sizes = [tuple(targets[0]["img_shape"])]
+        originals = [tuple(targets[0]["ori_shape"])]
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        start = time.perf_counter()
+        with autocast_context(ctx.device, amp):
+            model(images, sizes, original_sizes=originals)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        if index >= 5 or count <= 5:
+            times.append(time.perf_counter() - start)
+    return len(times) / sum(times) if times else float("nan")
+
+
+def eval_worker(ctx: DistributedContext, payload) -> int:
+    args, kind, checkpoint = payload
+    try:
+        return _evaluate(ctx, args, kind, checkpoint)
+    except (DataError, CheckpointError, FileNotFoundError, ValueError) as error:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        if ctx.is_main:
+            print(f"error: {train_script.one_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict | None) -> int:
+    if ctx.device.type == "cpu":
+        torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world_size))
+    settings = train_script.data_settings(args)
+    dataset = build_dataset(settings, train=False)
+    model = train_script.build_detector(args, dataset.num_classes)
+    load_weights(model, kind, checkpoint, args, dataset.num_classes)
+    model.to(ctx.device).eval()
+    work_dir = Path(args.work_dir)
+    if ctx.is_main:
+        source = args.checkpoint or "random weights"
+        print(f"evaluating {args.model} ({source}) on {args.dataset}: {len(dataset)} images, "
+              f"{ctx.world_size} process(es) on {ctx.device}; outputs in {work_dir}", flush=True)
+
+    if args.fps:
+        if ctx.is_main:
+            fps = measure_fps(model, dataset, ctx, args.fps_images, args.amp)
+            print(f"inference speed: {fps:.2f} images/s (batch 1, {ctx.device}, {'AMP' if args.amp else 'fp32'})", flush=True)
+            atomic_write_text(json.dumps({"fps": fps, "device": str(ctx.device), "amp": args.amp}) + "\n", work_dir / "fps.json")
+        if not args.checkpoint:
+            return 0
+
+    to_show = {"left": args.show if ctx.is_main else 0}
+
+    def on_batch(images, targets, outputs):
+        if to_show["left"] <= 0:
+            return
+        from libra.data.visualize import draw_detections
+
+        for target, output in zip(targets, outputs):
+            if to_show["left"] <= 0:
+                break
+            record = next((r for r in dataset.records if r.image_id == target["image_id"]), None)
+            if record is None:
+                continue
+            draw_detections(
+                record.file_path, output["boxes"], output["labels"], output["scores"], dataset.class_names,
+                work_dir / "show" / f"{target['image_id']}.png", score_threshold=args.show_score_thr,
+            )
+            to_show["left"] -= 1
+
+    loader = build_eval_loader(dataset, args.batch_size, args.workers, ctx.rank, ctx.world_size)
+    tag = "proposals_" if args.proposals else ""
+    metrics = evaluate_model(
+        model, dataset, loader, ctx, work_dir=work_dir, amp=args.amp, proposals=args.proposals,
+        progress=True, tag=tag, on_batch=on_batch if args.show and not args.proposals else None,
+    )
+    if ctx.is_main:
+        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f" and {work_dir / 'detections.json'}"), flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        resolved, kind, checkpoint = resolve(args)
+        return launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint))
+    except (DataError, CheckpointError, ValueError) as error:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print(f"error: {train_script.one_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,157 @@
+"""Datasets, data loaders and detectors from command-line settings (shared by train.py and eval.py).
+
+Dataset names and their on-disk layouts (see each loader's docstring in ``libra.data``):
+- ``synthetic``: generated on first use under ``data_root`` (coloured shapes, 4 classes);
+- ``coco``: ``data_root/annotations/instances_{train,val}2017.json``, ``data_root/{train,val}2017/``;
+- ``voc``: ``data_root/VOC2007``, ``data_root/VOC2012`` (train = 07+12 trainval, test = 07 test);
+- ``lvis``: ``data_root/lvis_v1_{train,val}.json`` and the COCO image folders under ``data_root``.
+
+Every failure caused by the input (missing folder, missing image file, malformed annotation
+file) is raised as ``DataError`` (a ValueError) with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from libra.data.samplers import GroupedBatchSampler, InfiniteOrEpochDistributedSampler, RepeatFactorSampler, compute_repeat_factors
+from libra.data.transforms import collate
+
+DATASETS = ("synthetic", "coco", "voc", "lvis")
+
+
+class DataError(ValueError):
+    """The dataset on disk cannot be used as given."""
+
+
+@dataclass
+class DataSettings:
+    """What the dataset builders need from the command line."""
+
+    dataset: str
+    data_root: str | None
+    min_size: int
+    max_size: int
+    multiscale_min_sizes: tuple[int, int] | None = None
+    seed: int = 0
+    synthetic_num_train: int = 256
+    synthetic_num_val: int = 64
+    synthetic_image_size: int = 256
+
+
+def default_data_root(settings: DataSettings) -> Path:
+    if settings.data_root:
+        return Path(settings.data_root)
+    if settings.dataset == "synthetic":
+        return Path("work_dirs") / "synthetic_data"  # work_dirs/ is git-ignored
+    raise DataError(f"--data-root is required for --dataset {settings.dataset}")
+
+
+def build_dataset(settings: DataSettings, train: bool, check_files: bool = True):
+    """The training (``train=True``) or evaluation split of ``settings.dataset``.
+
+    Checks that every image file exists (one ``stat`` per image), so a missing file is
+    reported before any training starts instead of inside a data-loader worker.
+    """
+    name = settings.dataset
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    root = default_data_root(settings)
+    common: dict[str, Any] = dict(
+        min_size=settings.min_size,
+        max_size=settings.max_size,
+        multiscale_min_sizes=settings.multiscale_min_sizes if train else None,
+        seed=settings.seed,
+    )
+    try:
+        if name == "synthetic":
+            from libra.data.coco import CocoDetection
+            from libra.data.synthetic import ensure_synthetic_dataset
+
+            size = int(settings.synthetic_image_size)
+            paths = ensure_synthetic_dataset(
+                root, settings.synthetic_num_train, settings.synthetic_num_val, (size, size), seed=0
+            )
+            split = "train" if train else "val"
+            dataset = CocoDetection(paths[f"{split}_images"], paths[f"{split}_ann"], train=train, **common)
+        elif name == "coco":
+            from libra.data.coco import CocoDetection, build_coco_paths
+
+            image_dir, ann_file = build_coco_paths(root, "train" if train else "val")
+            dataset = CocoDetection(image_dir, ann_file, train=train, **common)
+        elif name == "voc":
+            from libra.data.voc import VOCDetection, voc_split_parts
+
+            # Evaluation on VOC2007 test (the paper's); a VOC2012-only root evaluates on its val split.
+            split = "train" if train else ("test" if (root / "VOC2007").is_dir() else "val")
+            dataset = VOCDetection(voc_split_parts(root, split), train=train, **common)
+        else:
+            from libra.data.lvis import LVISDetection, build_lvis_paths
+
+            image_root, ann_file = build_lvis_paths(root, "train" if train else "val")
+            dataset = LVISDetection(image_root, ann_file, train=train, **common)
+    except DataError:
+        raise
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise DataError(str(error).splitlines()[0]) from None
+    except json.JSONDecodeError as error:
+        raise DataError(f"malformed annotation file under {root}: {error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        text = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"cannot read the {name} annotations under {root}: {text}") from None
+    if len(dataset) == 0:
+        raise DataError(f"the {name} {'training' if train else 'evaluation'} split under {root} has no usable images")
+    if check_files:
+        missing = [r.file_path for r in dataset.records if not Path(r.file_path).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            raise DataError(f"image file not found: {missing[0]}{more}")
+    return dataset
+
+
+def build_train_loader(
+    dataset,
+    batch_size: int,
+    workers: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    repeat_factor_sampling: bool = False,
+    repeat_threshold: float = 0.001,
+) -> tuple[DataLoader, GroupedBatchSampler]:
+    """Shuffled, rank-sharded, aspect-ratio-grouped batches of ``batch_size`` images.
+
+    The sampler's order is a function of (seed, epoch) only: call ``batch_sampler.set_epoch(e)``
+    before iterating epoch ``e``. The tail of an epoch is merged into mixed batches so every rank
+    runs the same number of iterations (DDP needs that).
+    """
+    if repeat_factor_sampling:
+        factors, _ = compute_repeat_factors(dataset.image_labels(), dataset.num_classes, repeat_threshold)
+        sampler = RepeatFactorSampler(factors, num_replicas=world_size, rank=rank, seed=seed, with_epoch=True)
+    else:
+        sampler = InfiniteOrEpochDistributedSampler(
+            len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, with_epoch=True
+        )
+    batch_sampler = GroupedBatchSampler(sampler, dataset.aspect_ratio_flags, batch_size, merge_tail=True)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batch_sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        persistent_workers=False,
+        pin_memory=torch.cuda.is_available(),
+    )
+    return loader, batch_sampler
+
+
+def build_eval_loader(dataset, batch_size: int, workers: int, rank: int, world_size: int) -> DataLoader:
+    """Rank ``r`` of ``R`` evaluates images r, r + R, r + 2R, ... in order: every image exactly once
+    over all ranks (no padding, so no duplicates to remove after gathering)."""
+    indices = list(range(rank, len(dataset), world_size))
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate, num_workers=workers)

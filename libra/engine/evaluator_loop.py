@@ -1,0 +1,133 @@
+"""Inference over an evaluation split, sharded across processes, evaluated on rank 0.
+
+Each process runs the detector on its share of the images (``build_eval_loader``: rank r
+takes images r, r + R, ...), feeds its own evaluator, and the evaluators' plain-list states
+are gathered to rank 0, merged and evaluated there (``COCOEvaluator`` etc. from
+``libra.evaluation`` through ``dataset.make_evaluator``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from .checkpoint import atomic_write_text
+from .distributed import DistributedContext, all_gather_object, synchronize
+from .trainer import autocast_context
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The detector inside DistributedDataParallel (inference needs no gradient sync)."""
+    return model.module if hasattr(model, "module") else model
+
+
+@torch.no_grad()
+def run_inference(
+    model: torch.nn.Module,
+    loader,
+    evaluator,
+    ctx: DistributedContext,
+    amp: bool = False,
+    proposals: bool = False,
+    progress: bool = True,
+    on_batch: Callable[[torch.Tensor, list[dict], list[dict]], None] | None = None,
+) -> None:
+    """Run the model over ``loader`` and ``evaluator.update`` with detections in original coordinates.
+
+    With ``proposals`` the evaluator receives the RPN proposals (``{"boxes", "scores"}``) instead
+    of the final detections (proposal recall, AR@100/300/1000).
+    """
+    detector = unwrap(model)
+    was_training = detector.training
+    detector.eval()
+    iterator = loader
+    if progress and ctx.is_main:
+        from tqdm import tqdm
+
+        iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
+    try:
+        for images, targets in iterator:
+            images = images.to(ctx.device, non_blocking=True)
+            image_sizes = [tuple(int(v) for v in t["img_shape"]) for t in targets]
+            original_sizes = [tuple(int(v) for v in t["ori_shape"]) for t in targets]
+            with autocast_context(ctx.device, amp):
+                if proposals:
+                    outputs = detector.predict_proposals(images, image_sizes, original_sizes)
+                    outputs = [{"boxes": o["proposals"], "scores": o["proposal_scores"]} for o in outputs]
+                else:
+                    outputs = detector(images, image_sizes, original_sizes=original_sizes)
+            # fp32 on the host (AMP outputs may be half precision; labels stay int64).
+            outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()} for o in outputs]
+            evaluator.update([int(t["image_id"]) for t in targets], outputs)
+            if on_batch is not None:
+                on_batch(images, targets, outputs)
+    finally:
+        detector.train(was_training)
+
+
+def gather_evaluator(evaluator, ctx: DistributedContext):
+    """Merge every rank's evaluator state into rank 0's evaluator (returns it on rank 0, None elsewhere)."""
+    if ctx.world_size < 2:
+        return evaluator
+    states = all_gather_object(evaluator.state_dict())
+    if not ctx.is_main:
+        return None
+    evaluator.reset()
+    for state in states:
+        evaluator.merge(state)
+    return evaluator
+
+
+def format_metrics_table(metrics: dict[str, Any], title: str = "") -> str:
+    """A two-row plain-text table: metric names, values in percent (2 decimals)."""
+    names = [k for k, v in metrics.items() if isinstance(v, (int, float))]
+    if not names:
+        return title
+    width = max(8, *(len(n) + 2 for n in names))
+    header = "".join(n.rjust(width) for n in names)
+    row = "".join((f"{100.0 * float(metrics[n]):.2f}" if float(metrics[n]) >= 0 else "n/a").rjust(width) for n in names)
+    rule = "-" * len(header)
+    return "\n".join([t for t in (title,) if t] + [rule, header, row, rule])
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    dataset,
+    loader,
+    ctx: DistributedContext,
+    work_dir: Path | None = None,
+    amp: bool = False,
+    proposals: bool = False,
+    progress: bool = True,
+    tag: str = "",
+    on_batch=None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``dataset`` (all ranks call this); rank 0 returns the metrics and
+    writes ``{tag}detections.json`` / ``{tag}metrics.json`` into ``work_dir`` atomically; other ranks return {}."""
+    start = time.perf_counter()
+    if ctx.world_size > 1:
+        # Trainable BN statistics are updated by every rank's last forward pass; evaluate with
+        # rank 0's (the ones its checkpoint holds) on every rank.
+        for buffer in unwrap(model).buffers():
+            torch.distributed.broadcast(buffer, src=0)
+    if proposals:
+        evaluator = dataset.make_proposal_evaluator()
+    else:
+        evaluator = dataset.make_evaluator(verbose=ctx.is_main)
+    run_inference(model, loader, evaluator, ctx, amp=amp, proposals=proposals, progress=progress, on_batch=on_batch)
+    evaluator = gather_evaluator(evaluator, ctx)
+    metrics: dict[str, float] = {}
+    if ctx.is_main:
+        metrics = {k: float(v) for k, v in evaluator.evaluate().items()}
+        elapsed = time.perf_counter() - start
+        if work_dir is not None:
+            work_dir = Path(work_dir)
+            if hasattr(evaluator, "results") and not proposals:
+                atomic_write_text(json.dumps(evaluator.results()), work_dir / f"{tag}detections.json")
+            atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", work_dir / f"{tag}metrics.json")
+        print(format_metrics_table(metrics, f"{'proposal recall' if proposals else 'box metrics'} on {len(dataset)} images ({elapsed:.1f}s)"))
+    synchronize()
+    return metrics

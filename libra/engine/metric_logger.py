@@ -1,0 +1,220 @@
+"""Training-progress bookkeeping: smoothed values, ETA, a JSON-lines log and a loss plot.
+
+Only rank 0 writes (the caller decides); values are plain floats, already reduced
+over processes by ``libra.engine.distributed.all_reduce_dict``.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import resource
+import sys
+import time
+from collections import deque
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+
+class SmoothedValue:
+    """A series of floats with its median / mean over the last ``window`` values and its global mean."""
+
+    def __init__(self, window: int = 20) -> None:
+        self.values: deque[float] = deque(maxlen=window)
+        self.total = 0.0
+        self.count = 0
+
+    def update(self, value: float, n: int = 1) -> None:
+        self.values.append(float(value))
+        self.total += float(value) * n
+        self.count += n
+
+    @property
+    def median(self) -> float:
+        if not self.values:
+            return float("nan")
+        ordered = sorted(self.values)
+        middle = len(ordered) // 2
+        return ordered[middle] if len(ordered) % 2 else 0.5 * (ordered[middle - 1] + ordered[middle])
+
+    @property
+    def avg(self) -> float:
+        return sum(self.values) / len(self.values) if self.values else float("nan")
+
+    @property
+    def global_avg(self) -> float:
+        return self.total / self.count if self.count else float("nan")
+
+    @property
+    def latest(self) -> float:
+        return self.values[-1] if self.values else float("nan")
+
+
+def format_duration(seconds: float) -> str:
+    """``3725.2 -> '1:02:05'``; '?' when unknown."""
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    return str(datetime.timedelta(seconds=int(round(seconds))))
+
+
+def estimate_eta(seconds_per_iter: float, iteration: int, max_iters: int) -> float:
+    """Seconds left when ``iteration`` of ``max_iters`` iterations are done at ``seconds_per_iter`` each."""
+    return max(0, max_iters - iteration) * seconds_per_iter
+
+
+def max_memory_mb(device: torch.device) -> float:
+    """Peak memory in MiB: CUDA ``max_memory_allocated`` on a GPU, peak resident set size on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # Linux reports KiB, macOS bytes.
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+
+
+class MetricLogger:
+    """Collects per-iteration values and formats a log line with ETA.
+
+    ``update(**values)`` adds smoothed series (losses, lr, times); ``format_line`` prints
+    the window medians of the losses (robust to a spike) and the averages of the times.
+    """
+
+    def __init__(self, max_iters: int, window: int = 20) -> None:
+        self.max_iters = int(max_iters)
+        self.window = window
+        self.meters: dict[str, SmoothedValue] = {}
+
+    def update(self, **values: float) -> None:
+        for name, value in values.items():
+            self.meters.setdefault(name, SmoothedValue(self.window)).update(float(value))
+
+    def eta_seconds(self, iteration: int) -> float:
+        """ETA from the smoothed iteration time (``iteration`` = iterations completed)."""
+        meter = self.meters.get("time")
+        if meter is None or not meter.values:
+            return float("nan")
+        return estimate_eta(meter.avg, iteration, self.max_iters)
+
+    def summary(self) -> dict[str, float]:
+        """Window median of every series except times / lr (averaged / latest)."""
+        result = {}
+        for name, meter in self.meters.items():
+            if name in ("time", "data_time"):
+                result[name] = meter.avg
+            elif name == "lr":
+                result[name] = meter.latest
+            else:
+                result[name] = meter.median
+        return result
+
+    def format_line(self, epoch: int, num_epochs: int, iteration: int, memory_mb: float) -> str:
+        values = self.summary()
+        losses = "  ".join(
+            f"{name}: {value:.4f}" for name, value in values.items() if name not in ("time", "data_time", "lr")
+        )
+        return (
+            f"epoch {epoch + 1}/{num_epochs}  iter {iteration}/{self.max_iters}  "
+            f"eta {format_duration(self.eta_seconds(iteration))}  lr {values.get('lr', float('nan')):.6f}  "
+            f"{losses}  time {values.get('time', float('nan')):.3f}s  data {values.get('data_time', float('nan')):.3f}s  "
+            f"mem {memory_mb:.0f}MB"
+        )
+
+
+class JSONLinesLog:
+    """Appends one JSON object per line (flushed at once, so a crash keeps everything logged)."""
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def read(self) -> list[dict]:
+        if not self.path.is_file():
+            return []
+        records = []
+        with open(self.path) as handle:
+            for line in handle:
+                line = line.strip()
+                if line:
+                    records.append(json.loads(line))
+        return records
+
+
+_PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def plot_losses(records: Iterable[dict], path: str | os.PathLike, width: int = 800, height: int = 480) -> Path | None:
+    """Draw every ``loss*`` series of the training records against the iteration into a PNG (PIL only).
+
+    Returns the path written, or None when there is nothing to plot.
+    """
+    from PIL import Image, ImageDraw  # Pillow comes with torchvision
+
+    records = [r for r in records if r.get("mode", "train") == "train" and "iter" in r]
+    names = sorted({k for r in records for k in r if k.startswith("loss")})
+    if not records or not names:
+        return None
+    xs = [float(r["iter"]) for r in records]
+    finite = [float(r[n]) for r in records for n in names if n in r and math.isfinite(float(r[n]))]
+    if not finite:
+        return None
+    y_min, y_max = 0.0, max(finite) * 1.05 or 1.0
+    x_min, x_max = min(xs), max(xs)
+    if x_max == x_min:
+        x_max = x_min + 1.0
+    left, right, top, bottom = 60, width - 170, 20, height - 40
+
+    def to_pixel(x: float, y: float) -> tuple[float, float]:
+        px = left + (x - x_min) / (x_max - x_min) * (right - left)
+        py = bottom - (y - y_min) / (y_max - y_min) * (bottom - top)
+        return px, py
+
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
+    for tick in range(5):  # y grid with labels
+        y = y_min + (y_max - y_min) * tick / 4
+        _, py = to_pixel(x_min, y)
+        draw.line([left, py, right, py], fill=(220, 220, 220))
+        draw.text((5, py - 6), f"{y:.3g}", fill=(0, 0, 0))
+    draw.text((left, bottom + 8), f"iter {int(x_min)}", fill=(0, 0, 0))
+    draw.text((right - 60, bottom + 8), f"iter {int(x_max)}", fill=(0, 0, 0))
+    for index, name in enumerate(names):
+        colour = _PLOT_COLOURS[index % len(_PLOT_COLOURS)]
+        points = [to_pixel(x, float(r[name])) for x, r in zip(xs, records) if name in r and math.isfinite(float(r[name]))]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        elif points:
+            x, y = points[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        draw.line([right + 10, top + 10 + 16 * index, right + 30, top + 10 + 16 * index], fill=colour, width=2)
+        draw.text((right + 35, top + 4 + 16 * index), name, fill=(0, 0, 0))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    image.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+class Timer:
+    """Wall-clock timer that synchronises CUDA first (so GPU time is measured, not launch time)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.start = self.now()
+
+    def now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def lap(self) -> float:
+        current = self.now()
+        elapsed = current - self.start
+        self.start = current
+        return elapsed
