@@ -284,37 +284,13 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
 
 def build_detector(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
     """The preset ``args.model`` with the command line's overrides (backbone knobs included)."""
-    from libra.backbone import ResNet, load_pretrained
-    from libra.presets import build_model, preset_config
+    from libra.presets import build_model
 
     overrides = dict(args.overrides)
-    config = preset_config(args.model, **overrides)
-    custom_backbone = args.backbone_norm == "bn" or args.width_per_group not in (None, 64) or args.stage_blocks
-    if args.frozen_stages is not None:
-        overrides["frozen_stages"] = args.frozen_stages
-    if custom_backbone and isinstance(config["backbone"], str):
-        # The preset builds frozen-BN ResNets; trainable BN or other widths need our own instance.
-        depth, groups, width = {"resnet50": (50, 1, 64), "resnet101": (101, 1, 64), "resnext101_64x4d": (101, 64, 4)}[
-            config["backbone"]
-        ]
-        backbone = ResNet(
-            depth,
-            groups=groups,
-            width_per_group=args.width_per_group or width,
-            frozen_stages=overrides.get("frozen_stages", config["frozen_stages"]),
-            norm_eval=args.backbone_norm != "bn",
-        )
-        if args.pretrained:
-            load_pretrained(backbone, args.pretrained)
-        if args.stage_blocks:
-            # A shallower ResNet: the first N bottlenecks of each stage (names stay layerK.i.*).
-            for stage, keep in enumerate(args.stage_blocks, start=1):
-                blocks = getattr(backbone, f"layer{stage}")
-                if not 1 <= keep <= len(blocks):
-                    raise ValueError(f"--stage-blocks: stage {stage} has {len(blocks)} blocks, cannot keep {keep}")
-                setattr(backbone, f"layer{stage}", blocks[:keep])
-        overrides["backbone"] = backbone
-        return build_model(args.model, num_classes, **overrides)
+    for key in ("frozen_stages", "backbone_norm", "width_per_group", "stage_blocks"):
+        value = getattr(args, key)
+        if value is not None:
+            overrides[key] = tuple(value) if key == "stage_blocks" else value
     return build_model(args.model, num_classes, pretrained=args.pretrained, **overrides)
 
 

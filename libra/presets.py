@@ -29,7 +29,9 @@ Overrides (any key of a preset dict):
 - ``box_loss``: ``'smooth_l1' | 'l1' | 'balanced_l1' | 'lgr_l1'``; ``cls_loss``: ``'ce' | 'lgr_ce'``;
   ``lgr_ce_alpha``, ``lgr_ce_gamma``.
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
-- ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``, ``frozen_stages``, ``ignore_iof_thr``
+- backbone: ``frozen_stages``, ``backbone_norm`` (``'frozen' | 'bn'``), ``width_per_group``,
+  ``stage_blocks`` (e.g. ``(1, 1, 1, 1)``), all for the named ResNets.
+- ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``, ``ignore_iof_thr``
   (-1 disables ignore regions, as MMDetection's configs do).
 - test settings: ``score_thr``, ``nms_thr``, ``max_per_img``, ``rpn_pre_nms_top_n_train``,
   ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_train``, ``rpn_post_nms_top_n_test``, ``rpn_nms_thr``.
@@ -53,6 +55,11 @@ from libra.rpn import RegionProposalNetwork, RPNHead
 _BASELINE: dict[str, Any] = {
     "backbone": "resnet50",
     "frozen_stages": 1,
+    # "frozen": BN statistics fixed (the ImageNet-pretrained recipe of SPEC.md); "bn": trainable
+    # statistics, which a backbone trained from scratch needs (train.py's synthetic default).
+    "backbone_norm": "frozen",
+    "width_per_group": None,  # None: the named backbone's (64 for ResNet, 4 for ResNeXt 64x4d)
+    "stage_blocks": None,  # None: the depth's, e.g. (3, 4, 6, 3); (1, 1, 1, 1) for a shallow net
     "neck": "fpn",
     "fpn_channels": 256,
     "refine_type": "non_local",
@@ -117,6 +124,7 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 ]
 
 _CHOICES = {
+    "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "pos_sampler": (None, "random", "instance_balanced", "class_balanced"),
     "neg_sampler": (None, "random", "iou_balanced"),
@@ -166,7 +174,13 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
 
     backbone = config["backbone"]
     if isinstance(backbone, str):
-        backbone = build_resnet(backbone, frozen_stages=config["frozen_stages"])
+        backbone = build_resnet(
+            backbone,
+            frozen_stages=config["frozen_stages"],
+            norm_eval=config["backbone_norm"] == "frozen",
+            width_per_group=config["width_per_group"],
+            stage_blocks=config["stage_blocks"],
+        )
         if pretrained is not None:
             load_pretrained(backbone, pretrained)
     elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "out_channels"):

@@ -207,3 +207,34 @@ def test_load_pretrained_wrong_key_and_shape_raise_value_error(tmp_path) -> None
     torch.save(state, path)
     with pytest.raises(ValueError, match=r"layer2\.0\.conv2\.weight.*\(128, 128, 1, 1\)"):
         load_pretrained(model, path)
+
+
+def test_stage_blocks_and_width_give_a_shallow_net_with_the_same_names() -> None:
+    full = build_resnet("resnet50")
+    shallow = build_resnet("resnet50", width_per_group=8, stage_blocks=(1, 1, 1, 1))
+    assert [len(getattr(shallow, f"layer{k}")) for k in range(1, 5)] == [1, 1, 1, 1]
+    # Same names as the first block of each full stage; widths follow width_per_group.
+    assert set(shallow.state_dict()) < set(full.state_dict())
+    assert shallow.layer1[0].conv2.out_channels == 8 and full.layer1[0].conv2.out_channels == 64
+    outputs = shallow(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outputs] == shallow.out_channels == [256, 512, 1024, 2048]
+    with pytest.raises(ValueError, match="stage_blocks"):
+        build_resnet("resnet50", stage_blocks=(1, 1, 0, 1))
+    with pytest.raises(ValueError, match="stage_blocks"):
+        build_resnet("resnet50", stage_blocks=(1, 1, 1))
+
+
+def test_presets_expose_backbone_norm_and_stage_blocks() -> None:
+    from libra.presets import build_model
+
+    model = build_model(
+        "libra_faster_rcnn_r50_fpn", 3, backbone_norm="bn", frozen_stages=-1, stage_blocks=(1, 2, 1, 1)
+    )
+    norms = [m for m in model.backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    assert norms and all(type(m) is nn.BatchNorm2d for m in norms)
+    assert len(model.backbone.layer2) == 2
+    assert all(p.requires_grad for p in model.backbone.parameters())
+    default = build_model("faster_rcnn_r50_fpn", 3)
+    assert all(type(m) is FrozenBatchNorm2d for m in default.backbone.modules() if "BatchNorm" in type(m).__name__)
+    with pytest.raises(ValueError, match="backbone_norm"):
+        build_model("faster_rcnn_r50_fpn", 3, backbone_norm="sync")

@@ -26,7 +26,7 @@ Depends on torch only (``FrozenBatchNorm2d`` lives beside this file).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +109,9 @@ class ResNet(nn.Module):
             Frozen parameters get ``requires_grad=False`` and frozen modules stay in eval mode.
         norm_eval: True (default) uses ``FrozenBatchNorm2d`` everywhere, so running statistics never
             change; False uses ``nn.BatchNorm2d`` whose statistics train in the unfrozen stages.
+        stage_blocks: bottlenecks per stage; default the depth's (``(3, 4, 6, 3)`` for 50). Fewer
+            blocks give a shallower network with the same widths, strides and parameter names
+            (``layerK.0`` ...), e.g. ``(1, 1, 1, 1)`` for quick training from scratch.
 
     Attributes:
         out_channels: ``[256, 512, 1024, 2048]``, channels of C2..C5.
@@ -126,6 +129,7 @@ class ResNet(nn.Module):
         width_per_group: int = 64,
         frozen_stages: int = 1,
         norm_eval: bool = True,
+        stage_blocks: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if depth not in _STAGE_BLOCKS:
@@ -148,7 +152,9 @@ class ResNet(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
 
-        blocks = _STAGE_BLOCKS[depth]
+        blocks = _STAGE_BLOCKS[depth] if stage_blocks is None else tuple(int(n) for n in stage_blocks)
+        if len(blocks) != 4 or min(blocks) < 1:
+            raise ValueError(f"stage_blocks must be 4 positive block counts, got {stage_blocks}")
         in_channels = 64
         self.out_channels: list[int] = []
         self.out_strides: list[int] = [4, 8, 16, 32]
@@ -232,18 +238,37 @@ def resnext101_64x4d(frozen_stages: int = 1, norm_eval: bool = True) -> ResNet:
     return ResNet(101, groups=64, width_per_group=4, frozen_stages=frozen_stages, norm_eval=norm_eval)
 
 
-_FACTORIES = {
-    "resnet50": resnet50,
-    "resnet101": resnet101,
-    "resnext101_64x4d": resnext101_64x4d,
+
+
+_ARCHITECTURES = {  # name -> (depth, groups, width_per_group)
+    "resnet50": (50, 1, 64),
+    "resnet101": (101, 1, 64),
+    "resnext101_64x4d": (101, 64, 4),
 }
 
 
-def build_resnet(name: str, frozen_stages: int = 1, norm_eval: bool = True) -> ResNet:
-    """Build a backbone by name: ``'resnet50'``, ``'resnet101'`` or ``'resnext101_64x4d'``."""
-    if name not in _FACTORIES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_FACTORIES)}")
-    return _FACTORIES[name](frozen_stages=frozen_stages, norm_eval=norm_eval)
+def build_resnet(
+    name: str,
+    frozen_stages: int = 1,
+    norm_eval: bool = True,
+    width_per_group: int | None = None,
+    stage_blocks: Sequence[int] | None = None,
+) -> ResNet:
+    """Build a backbone by name: ``'resnet50'``, ``'resnet101'`` or ``'resnext101_64x4d'``.
+
+    ``width_per_group`` and ``stage_blocks`` (see :class:`ResNet`) default to the named network's.
+    """
+    if name not in _ARCHITECTURES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_ARCHITECTURES)}")
+    depth, groups, width = _ARCHITECTURES[name]
+    return ResNet(
+        depth,
+        groups=groups,
+        width_per_group=width if width_per_group is None else width_per_group,
+        frozen_stages=frozen_stages,
+        norm_eval=norm_eval,
+        stage_blocks=stage_blocks,
+    )
 
 
 def _format_keys(keys: list[str], limit: int = 10) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from libra import data
 from libra.data.samplers import GroupedBatchSampler, InfiniteOrEpochDistributedSampler, RepeatFactorSampler, compute_repeat_factors
 from libra.data.transforms import collate
 
@@ -68,33 +69,17 @@ def build_dataset(settings: DataSettings, train: bool, check_files: bool = True)
         multiscale_min_sizes=settings.multiscale_min_sizes if train else None,
         seed=settings.seed,
     )
+    if name == "voc":
+        # Evaluation on VOC2007 test (the paper's); a VOC2012-only root evaluates on its val split.
+        split = "train" if train else ("test" if (root / "VOC2007").is_dir() else "val")
+    else:
+        split = "train" if train else "val"
+    size = int(settings.synthetic_image_size)
+    synthetic_kwargs = dict(
+        num_train=settings.synthetic_num_train, num_val=settings.synthetic_num_val, image_size=(size, size), seed=0
+    )
     try:
-        if name == "synthetic":
-            from libra.data.coco import CocoDetection
-            from libra.data.synthetic import ensure_synthetic_dataset
-
-            size = int(settings.synthetic_image_size)
-            paths = ensure_synthetic_dataset(
-                root, settings.synthetic_num_train, settings.synthetic_num_val, (size, size), seed=0
-            )
-            split = "train" if train else "val"
-            dataset = CocoDetection(paths[f"{split}_images"], paths[f"{split}_ann"], train=train, **common)
-        elif name == "coco":
-            from libra.data.coco import CocoDetection, build_coco_paths
-
-            image_dir, ann_file = build_coco_paths(root, "train" if train else "val")
-            dataset = CocoDetection(image_dir, ann_file, train=train, **common)
-        elif name == "voc":
-            from libra.data.voc import VOCDetection, voc_split_parts
-
-            # Evaluation on VOC2007 test (the paper's); a VOC2012-only root evaluates on its val split.
-            split = "train" if train else ("test" if (root / "VOC2007").is_dir() else "val")
-            dataset = VOCDetection(voc_split_parts(root, split), train=train, **common)
-        else:
-            from libra.data.lvis import LVISDetection, build_lvis_paths
-
-            image_root, ann_file = build_lvis_paths(root, "train" if train else "val")
-            dataset = LVISDetection(image_root, ann_file, train=train, **common)
+        dataset = data.build_dataset(name, root, split, train=train, synthetic_kwargs=synthetic_kwargs, **common)
     except DataError:
         raise
     except (FileNotFoundError, NotADirectoryError) as error:
