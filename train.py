@@ -92,8 +92,8 @@ VOC_DEFAULTS: dict[str, Any] = {
 #   scratch here (gradient explosions, then a collapse to "all background"), and AdamW reaches
 #   a useful detector in far fewer iterations; the warmup/step schedule is the paper's shape;
 # - 12 epochs of 384 images, batch 4 (1152 iterations), lr x 0.1 after epochs 8 and 11.
-# Measured (2 shared CPU cores, torch 2.x): box AP 0.538, AP50 0.795 on the 64 val images;
-# ~7.5 min on idle cores, 11 min while other jobs shared them. SGD at lr 0.005-0.03 reached
+# Measured (2 CPU cores, torch 2.14): box AP 0.556, AP50 0.821 on the 64 val images in 7.4 min;
+# 8.5-11 min while other jobs shared the cores. SGD at lr 0.005-0.03 reached
 # rpn_cls ~0.3 after 200 iterations where AdamW reached ~0.2 (and lr 0.02-0.03 collapsed).
 SYNTHETIC_DEFAULTS: dict[str, Any] = {
     "synthetic_num_train": 384,
