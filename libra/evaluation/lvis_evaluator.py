@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .coco_evaluator import detections_to_coco_results
+from .coco_evaluator import COCOEvaluator, detections_to_coco_results
 
 LVIS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
@@ -52,8 +52,12 @@ class FederatedCOCOeval(COCOeval):
         return result
 
 
-class LVISEvaluator:
+class LVISEvaluator(COCOEvaluator):
     """Federated LVIS box AP (AP, AP50, AP75, APs, APm, APl, APr, APc, APf).
+
+    Collects results like `COCOEvaluator` (``reset``, ``state_dict``, ``merge``, ``results``
+    are inherited); ``update`` keeps the top ``max_dets_per_image`` per image and ``evaluate``
+    applies the federated rules.
 
     Args:
         lvis_gt: LVIS ground truth (a ``COCO`` made by `libra.data.lvis.load_lvis_api`, a JSON
@@ -92,9 +96,6 @@ class LVISEvaluator:
             int(i): set(int(c) for c in info.get("not_exhaustive_category_ids", [])) for i, info in self.lvis_gt.imgs.items()
         }
 
-    def reset(self) -> None:
-        self.image_ids, self.detections, self.coco_eval = [], [], None
-
     def update(self, image_ids: Iterable[int], detections: Sequence[Mapping]) -> None:
         image_ids = [int(i) for i in image_ids]
         if len(image_ids) != len(detections):
@@ -106,17 +107,6 @@ class LVISEvaluator:
             results.sort(key=lambda r: -r["score"])
             self.image_ids.append(image_id)
             self.detections.extend(results[: self.max_dets_per_image])
-
-    def state_dict(self) -> dict:
-        return {"image_ids": list(self.image_ids), "detections": list(self.detections)}
-
-    def merge(self, other: "LVISEvaluator | Mapping") -> None:
-        state = other.state_dict() if hasattr(other, "state_dict") else other
-        self.image_ids.extend(int(i) for i in state["image_ids"])
-        self.detections.extend(state["detections"])
-
-    def results(self) -> list[dict]:
-        return list(self.detections)
 
     def federated_detections(self) -> list[dict]:
         """Detections whose category is in the image's positive or negative set (step 2)."""
