@@ -18,6 +18,8 @@ from typing import Iterable
 
 import torch
 
+from libra.engine.checkpoint import atomic_write
+
 
 class SmoothedValue:
     """A series of floats with its median / mean over the last ``window`` values and its global mean."""
@@ -194,11 +196,7 @@ def plot_losses(records: Iterable[dict], path: str | os.PathLike, width: int = 8
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
         draw.line([right + 10, top + 10 + 16 * index, right + 30, top + 10 + 16 * index], fill=colour, width=2)
         draw.text((right + 35, top + 4 + 16 * index), name, fill=(0, 0, 0))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    image.save(tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 class Timer:
