@@ -50,17 +50,20 @@ class AnchorGenerator(nn.Module):
         self.ratios = tuple(float(r) for r in ratios)
         self.scales = tuple(float(s) for s in scales)
         self.num_anchors = len(self.ratios) * len(self.scales)
-        # Cell anchors (centred at 0) per level, as Python floats: [A] of (x1, y1, x2, y2).
-        self._cell_anchors = [self._make_cell_anchors(stride) for stride in self.strides]
+        # Cell anchors (centred at 0) per level, [A, 4] (x1, y1, x2, y2) in float64. Buffers, so
+        # they move with the model and building anchors needs no host-to-device copy;
+        # non-persistent, so they are not in the state_dict.
+        for level, stride in enumerate(self.strides):
+            self.register_buffer(f"cell_anchors_{level}", self._make_cell_anchors(stride), persistent=False)
 
-    def _make_cell_anchors(self, stride: int) -> list[tuple[float, float, float, float]]:
+    def _make_cell_anchors(self, stride: int) -> Tensor:
         anchors = []
         for ratio in self.ratios:
             for scale in self.scales:
                 height = stride * scale * math.sqrt(ratio)
                 width = stride * scale / math.sqrt(ratio)
                 anchors.append((-width / 2, -height / 2, width / 2, height / 2))
-        return anchors
+        return torch.tensor(anchors, dtype=torch.float64)
 
     def forward(
         self,
@@ -72,7 +75,7 @@ class AnchorGenerator(nn.Module):
 
         Args:
             feature_sizes: ``(H, W)`` of each level's feature map, one per stride.
-            device: where to create the anchors.
+            device: where to create the anchors (None: where this module is).
             dtype: floating dtype of the anchors.
 
         Returns:
@@ -84,20 +87,21 @@ class AnchorGenerator(nn.Module):
                 "pass one (H, W) per pyramid level"
             )
         return [
-            self._level_anchors(tuple(size), stride, cell, device, dtype)
-            for size, stride, cell in zip(feature_sizes, self.strides, self._cell_anchors)
+            self._level_anchors(tuple(size), stride, getattr(self, f"cell_anchors_{level}"), device, dtype)
+            for level, (size, stride) in enumerate(zip(feature_sizes, self.strides))
         ]
 
     @staticmethod
     def _level_anchors(
         size: tuple[int, int],
         stride: int,
-        cell_anchors: list[tuple[float, float, float, float]],
+        cell_anchors: Tensor,
         device: torch.device | str | None,
         dtype: torch.dtype,
     ) -> Tensor:
         height, width = int(size[0]), int(size[1])
-        cell = torch.tensor(cell_anchors, dtype=dtype, device=device)  # [A, 4]
+        device = cell_anchors.device if device is None else device
+        cell = cell_anchors.to(device=device, dtype=dtype)  # [A, 4]; no copy when already there
         shift_x = torch.arange(width, dtype=dtype, device=device) * stride  # [W]
         shift_y = torch.arange(height, dtype=dtype, device=device) * stride  # [H]
         # x varies fastest so that cell (y, x) is row y * W + x.

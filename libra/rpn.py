@@ -174,7 +174,6 @@ class RegionProposalNetwork(nn.Module):
         self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
         self.nms_thresh = nms_thresh
         self.generator = generator
-        self._anchor_cache: dict[tuple, list[Tensor]] = {}
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -195,7 +194,9 @@ class RegionProposalNetwork(nn.Module):
             in training with targets, else empty.
         """
         objectness, deltas = self.head(features)
-        anchors = self.anchors([tuple(f.shape[-2:]) for f in features], features[0].device)
+        anchors = self.anchor_generator(
+            [tuple(f.shape[-2:]) for f in features], device=features[0].device, dtype=torch.float32
+        )
         # Boxes are decoded in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
         flat = [_flatten_level(o.float(), d.float()) for o, d in zip(objectness, deltas)]
         logits_per_level = [f[0] for f in flat]
@@ -211,21 +212,6 @@ class RegionProposalNetwork(nn.Module):
                 targets,
             )
         return proposals, losses
-
-    def anchors(self, feature_sizes: Sequence[tuple[int, int]], device: torch.device) -> list[Tensor]:
-        """Float32 anchors per level, ``[H_l * W_l * A, 4]``, memoised per (sizes, device).
-
-        The cache is a pure memo (same inputs, same anchors): it saves rebuilding them, and the
-        small host-to-device copy that building needs, on every step.
-        """
-        key = (tuple(tuple(int(v) for v in size) for size in feature_sizes), str(device))
-        anchors = self._anchor_cache.get(key)
-        if anchors is None:
-            if len(self._anchor_cache) >= 64:  # multi-scale training: bound the memo
-                self._anchor_cache.clear()
-            anchors = self.anchor_generator(list(key[0]), device=device, dtype=torch.float32)
-            self._anchor_cache[key] = anchors
-        return anchors
 
     # ------------------------------------------------------------------ proposals
     @torch.no_grad()
