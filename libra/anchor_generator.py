@@ -1,4 +1,6 @@
-"""Dense anchors for every level of a feature pyramid (SPEC.md section 1, "Anchors").
+"""Dense anchors for every level of a feature pyramid (defaults: MMDetection config
+``faster-rcnn_r50_fpn_1x_coco``, ``rpn_head.anchor_generator``: scales [8], ratios [0.5, 1, 2],
+strides [4, 8, 16, 32, 64]).
 
 Per level the base size equals the stride. For each ratio ``r`` (height/width)
 and scale ``s`` an anchor has
@@ -109,6 +111,45 @@ class AnchorGenerator(nn.Module):
         grid_x, grid_y = grid_x.reshape(-1), grid_y.reshape(-1)
         shifts = torch.stack((grid_x, grid_y, grid_x, grid_y), dim=1)  # [H*W, 4]
         return (shifts[:, None, :] + cell[None, :, :]).reshape(-1, 4)  # [H*W*A, 4]
+
+    def valid_flags(
+        self,
+        feature_sizes: Sequence[tuple[int, int]],
+        image_sizes: Sequence[tuple[int, int]],
+        device: torch.device | str | None = None,
+        size_divisor: int = 32,
+    ) -> Tensor:
+        """Which anchors lie inside each image's own padded extent (MMDetection's ``valid_flags``).
+
+        In a batch of differently sized images, the cells of the batch's padding beyond an image's
+        own padded size (its size rounded up to ``size_divisor``) see no part of that image; their
+        anchors are excluded from assignment, sampling and the loss of that image.
+
+        Args:
+            feature_sizes: ``(H, W)`` of each level.
+            image_sizes: ``(h, w)`` of each image before padding.
+            device: where to build the flags (None: where this module is).
+            size_divisor: the per-image padding multiple (32, the coarsest backbone stride).
+
+        Returns:
+            ``[B, N]`` bool over the anchors of all levels, in the order of :meth:`forward`.
+            Built from host integers with ``arange`` comparisons: no host-device copy.
+        """
+        device = getattr(self, "cell_anchors_0").device if device is None else device
+        flags = []
+        for height, width in image_sizes:
+            padded_h = math.ceil(int(height) / size_divisor) * size_divisor
+            padded_w = math.ceil(int(width) / size_divisor) * size_divisor
+            levels = []
+            for (feat_h, feat_w), stride in zip(feature_sizes, self.strides):
+                valid_h = min(math.ceil(padded_h / stride), int(feat_h))
+                valid_w = min(math.ceil(padded_w / stride), int(feat_w))
+                rows = torch.arange(int(feat_h), device=device) < valid_h  # [H]
+                cols = torch.arange(int(feat_w), device=device) < valid_w  # [W]
+                cells = (rows[:, None] & cols[None, :]).reshape(-1)  # [H*W], cell y*W + x
+                levels.append(cells[:, None].expand(-1, self.num_anchors).reshape(-1))  # [H*W*A]
+            flags.append(torch.cat(levels))
+        return torch.stack(flags)
 
     def extra_repr(self) -> str:
         return f"strides={self.strides}, ratios={self.ratios}, scales={self.scales}"

@@ -1,4 +1,5 @@
-"""Delta (dx, dy, dw, dh) box coding, SPEC.md section 1 ("Delta coder").
+"""Delta (dx, dy, dw, dh) box coding (R-CNN / Faster R-CNN parameterisation; MMDetection's
+``DeltaXYWHBBoxCoder``).
 
 For a reference box p (anchor or proposal) and a target box g, with centres
 ``(x1 + x2) / 2`` and sizes ``x2 - x1`` (no +1):
@@ -6,9 +7,13 @@ For a reference box p (anchor or proposal) and a target box g, with centres
     dx = (gx - px) / pw,  dy = (gy - py) / ph,  dw = ln(gw / pw),  dh = ln(gh / ph),
 
 then each delta is normalised as ``(d - mean) / std``. The RPN uses mean 0 and
-std 1; the R-CNN head std ``(0.1, 0.1, 0.2, 0.2)``. Decoding inverts this,
-clamping dw and dh to ``+-max_ratio`` (ln(1000 / 16) = 4.135) so that exp()
-cannot blow up, and optionally clips the result to the image.
+std 1; the R-CNN head std ``(0.1, 0.1, 0.2, 0.2)`` (MMDetection
+`configs/_base_/models/faster-rcnn_r50_fpn.py`: `model.rpn_head.bbox_coder
+target_stds=[1.0, 1.0, 1.0, 1.0]`, `model.roi_head.bbox_head.bbox_coder
+target_stds=[0.1, 0.1, 0.2, 0.2]`). Decoding inverts this,
+clamping dw and dh to ``+-max_ratio`` (ln(1000 / 16) = 4.135, the coder's default
+``wh_ratio_clip=16 / 1000``) so that exp() cannot blow up, and optionally clips the
+result to the image.
 """
 
 from __future__ import annotations

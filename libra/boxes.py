@@ -1,12 +1,14 @@
 """Box geometry on ``[x1, y1, x2, y2]`` tensors.
 
-Convention (SPEC.md section 1): continuous coordinates, width = x2 - x1 and
+Convention (MMDetection v2+ and Detectron2): continuous coordinates, width = x2 - x1 and
 height = y2 - y1, with no "+1" anywhere. Every function here is vectorised and
 stays on the device of its inputs, except :func:`check_boxes`, which has to
 read a flag back to the host to raise its error.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -113,3 +115,12 @@ def check_boxes(boxes: Tensor, name: str) -> None:
             f"{name} row {row} = {boxes[row].tolist()} has {reason}; boxes must be finite "
             f"[x1, y1, x2, y2] with x2 >= x1 and y2 >= y1 (fix or drop such boxes in the data loader)"
         )
+
+
+def clip_boxes_per_image(boxes: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
+    """Clip ``[B, ..., 4]`` boxes to each image's own ``(h, w)``.
+
+    A loop over the (few) images with Python-scalar bounds: building a bounds tensor from
+    host values would be a host-to-device copy, which blocks on CUDA.
+    """
+    return torch.stack([clip_boxes(image_boxes, size) for image_boxes, size in zip(boxes, image_sizes)])

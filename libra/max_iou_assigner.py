@@ -86,6 +86,7 @@ class MaxIoUAssigner:
         gt_labels: Tensor,
         ignore_boxes: Tensor | None = None,
         validate: bool = True,
+        valid: Tensor | None = None,
     ) -> AssignResult:
         """Assign ``boxes`` to ``gt_boxes``.
 
@@ -97,6 +98,9 @@ class MaxIoUAssigner:
             validate: check that ``gt_boxes`` are finite with x2 >= x1, y2 >= y1 and that
                 ``gt_labels`` are non-negative. A debug/safety check: it reads a flag back
                 from the device (host sync); the data loader already validates on the CPU.
+            valid: ``[N]`` bool or None. Invalid boxes (e.g. anchors in another image's padding)
+                take no part at all: they are ignored (-1) and never a gt's best match, as if
+                they were not passed (MMDetection assigns only the anchors inside ``valid_flags``).
 
         Returns:
             :class:`AssignResult` with ``[N]`` tensors.
@@ -118,9 +122,14 @@ class MaxIoUAssigner:
             max_overlaps = boxes.new_zeros(num_boxes)
             labels = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
             gt_inds = self._apply_ignore(gt_inds, boxes, ignore_boxes)
+            if valid is not None:
+                gt_inds = torch.where(valid, gt_inds, torch.full_like(gt_inds, -1))
             return AssignResult(gt_inds, max_overlaps, labels)
 
         overlaps = box_iou(gt_boxes.to(boxes.dtype), boxes)  # [G, N]
+        if valid is not None:
+            # -1 is below every real IoU, so an invalid box is never a gt's best match.
+            overlaps = torch.where(valid[None, :], overlaps, torch.full_like(overlaps, -1.0))
         max_overlaps, argmax_gt = overlaps.max(dim=0)  # [N] each
 
         gt_inds = torch.full((num_boxes,), -1, dtype=torch.long, device=device)
@@ -131,6 +140,9 @@ class MaxIoUAssigner:
             gt_inds = self._match_low_quality(overlaps, gt_inds)
 
         gt_inds = self._apply_ignore(gt_inds, boxes, ignore_boxes)
+        if valid is not None:
+            gt_inds = torch.where(valid, gt_inds, torch.full_like(gt_inds, -1))
+            max_overlaps = max_overlaps.clamp(min=0.0)
         positive = gt_inds > 0
         # Gather with a clamped index (no boolean-mask indexing), then blank non-positives.
         matched_labels = gt_labels.to(torch.long)[(gt_inds - 1).clamp(min=0)]

@@ -1,14 +1,16 @@
 """Named detector configurations as plain dicts, and ``build_model`` to assemble them.
 
-Presets (MMDetection v2 / paper numbers in SPEC.md section 4):
+Presets (each default cites the MMDetection config it comes from; expected COCO numbers and
+their protocols are in the README):
 
-- ``faster_rcnn_r50_fpn``: the baseline. Random samplers, FPN, L1 box loss, softmax CE.
-- ``libra_faster_rcnn_r50_fpn``: MMDetection's Libra R-CNN (the conference version, 38.3 AP):
-  IoU-balanced negatives + instance-balanced positives (Sec. 3.1), FPN + balanced feature
-  pyramid with a non-local refiner at P4 (Sec. 3.2), balanced L1 loss (Sec. 3.3.1), and the
-  RPN negatives capped at 5 x #positives.
+- ``faster_rcnn_r50_fpn``: the baseline, MMDetection ``faster-rcnn_r50_fpn_1x_coco`` (37.4 box AP
+  end to end): random samplers, FPN, L1 box loss, softmax CE.
+- ``libra_faster_rcnn_r50_fpn``: MMDetection ``libra-faster-rcnn_r50_fpn_1x_coco`` (the conference
+  version, 38.3 AP): IoU-balanced negatives + instance-balanced positives (paper Sec. 3.1), FPN +
+  balanced feature pyramid with a non-local refiner at P4 (Sec. 3.2), balanced L1 loss
+  (Sec. 3.3.1), and the RPN negatives capped at 5 x #positives (``train_cfg.rpn.sampler.neg_pos_ub=5``).
 - ``libra_faster_rcnn_r50_fpn_lgr``: the journal version: LGR-L1 (Eq. 11-14) and LGR-CE
-  (Eq. 15-19, alpha 0.8, gamma 1.0) instead of balanced L1 and CE.
+  (Eq. 15-19, alpha 0.8, gamma 1.0, Table 7) instead of balanced L1 and CE.
 - ``faster_rcnn_r101_fpn``, ``libra_faster_rcnn_r101_fpn``, ``libra_faster_rcnn_x101_64x4d_fpn``.
 
 Every component is a keyword override of :func:`build_model`, so the paper's ablation
@@ -24,15 +26,22 @@ Overrides (any key of a preset dict):
   positives, as in MMDetection's Libra config); ``pos_sampler`` / ``neg_sampler`` override each
   half (``'random' | 'instance_balanced' | 'class_balanced'`` and ``'random' | 'iou_balanced'``);
   ``num_bins``, ``floor_thr``, ``floor_fraction`` configure the IoU-balanced sampler.
+  ``rpn_sampler`` is the same switch for the RPN's anchors (``'random'`` in every paper config).
 - ``neck``: ``'fpn' | 'bfp' | 'pafpn' | 'bpafpn'``; ``refine_type``: ``'non_local' | 'conv' | None``;
-  ``refine_level``; ``fpn_channels``.
-- ``box_loss``: ``'smooth_l1' | 'l1' | 'balanced_l1' | 'lgr_l1'``; ``cls_loss``: ``'ce' | 'lgr_ce'``;
-  ``lgr_ce_alpha``, ``lgr_ce_gamma``.
+  ``refine_level``; ``fpn_channels``; ``fpn_start_level`` (0: from C2), ``fpn_num_outs`` (5),
+  ``fpn_extra_levels`` (``'max_pool' | 'on_input' | 'on_output'``, see :mod:`libra.necks.fpn`).
+- ``box_loss``: ``'smooth_l1' | 'l1' | 'balanced_l1' | 'lgr_l1'`` with ``box_loss_alpha``,
+  ``box_loss_gamma``, ``box_loss_beta`` and ``box_loss_weight`` (paper Table 6; alpha and gamma
+  apply to balanced L1 / LGR-L1, beta to all but L1); ``rpn_box_loss`` and ``rpn_box_loss_beta``
+  for the RPN (``'l1'`` in every paper config).
+- ``cls_loss``: ``'ce' | 'lgr_ce' | 'sigmoid_ce'`` with ``lgr_ce_alpha``, ``lgr_ce_gamma``; a sigmoid
+  loss makes the test-time scores per-class sigmoids (paper Sec. 3.3.3).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
 - backbone: ``frozen_stages``, ``backbone_norm`` (``'frozen' | 'bn'``), ``width_per_group``,
   ``stage_blocks`` (e.g. ``(1, 1, 1, 1)``), all for the named ResNets.
-- ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``, ``ignore_iof_thr``
-  (-1 disables ignore regions, as MMDetection's configs do).
+- ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``.
+- ``ignore_iof_thr``: -1 (MMDetection's ``train_cfg.{rpn,rcnn}.assigner.ignore_iof_thr=-1``: crowd /
+  difficult boxes are left out of training); a value such as 0.5 makes them ignore regions.
 - test settings: ``score_thr``, ``nms_thr``, ``max_per_img``, ``rpn_pre_nms_top_n_train``,
   ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_train``, ``rpn_post_nms_top_n_test``, ``rpn_nms_thr``.
 """
@@ -44,38 +53,50 @@ from typing import Any
 from torch import nn
 
 from libra.backbone import build_resnet, load_pretrained
-from libra.box_head import Shared2FCBoxHead, Shared4Conv1FCBoxHead
-from libra.faster_rcnn import FasterRCNN
-from libra.losses import BalancedL1Loss, CrossEntropyLoss, L1Loss, LGRCrossEntropyLoss, LGRL1Loss, SmoothL1Loss
+from libra.dense_heads import RegionProposalNetwork, RPNHead
+from libra.detectors import FasterRCNN
+from libra.losses import (
+    BalancedL1Loss,
+    CrossEntropyLoss,
+    L1Loss,
+    LGRCrossEntropyLoss,
+    LGRL1Loss,
+    SigmoidCrossEntropyLoss,
+    SmoothL1Loss,
+)
 from libra.necks import FPN, PAFPN, BalancedFeaturePyramid
-from libra.roi_extractor import MultiLevelRoIExtractor
-from libra.roi_head import RoIHead
-from libra.rpn import RegionProposalNetwork, RPNHead
+from libra.roi_heads import MultiLevelRoIExtractor, RoIHead, Shared2FCBoxHead, Shared4Conv1FCBoxHead
 
 _BASELINE: dict[str, Any] = {
     "backbone": "resnet50",
-    "frozen_stages": 1,
-    # "frozen": BN statistics fixed (the ImageNet-pretrained recipe of SPEC.md); "bn": trainable
-    # statistics, which a backbone trained from scratch needs (train.py's synthetic default).
+    "frozen_stages": 1,  # model.backbone.frozen_stages=1: stem and layer1
+    # "frozen": BN statistics fixed (model.backbone.norm_eval=True, the ImageNet-pretrained recipe);
+    # "bn": trainable statistics, which a backbone trained from scratch needs (the synthetic recipe).
     "backbone_norm": "frozen",
     "width_per_group": None,  # None: the named backbone's (64 for ResNet, 4 for ResNeXt 64x4d)
     "stage_blocks": None,  # None: the depth's, e.g. (3, 4, 6, 3); (1, 1, 1, 1) for a shallow net
     "neck": "fpn",
     "fpn_channels": 256,
+    "fpn_start_level": 0,
+    "fpn_num_outs": 5,
+    "fpn_extra_levels": "max_pool",
     "refine_type": "non_local",
     "refine_level": 2,
-    # Crowd / difficult boxes: candidates covered more than this by one are neither positive nor
-    # negative (both stages; SPEC.md section 1). MMDetection's configs use -1 (ignore boxes unused).
-    "ignore_iof_thr": 0.5,
-    # RPN
+    # Crowd / difficult boxes: with a threshold in (0, 1], candidates covered more than this by one
+    # are neither positive nor negative (both stages); -1 leaves them out, as MMDetection does.
+    "ignore_iof_thr": -1.0,
+    # RPN (model.rpn_head, train_cfg.rpn, test_cfg.rpn)
     "rpn_batch_size": 256,
+    "rpn_sampler": "random",
     "rpn_neg_pos_ub": -1,
+    "rpn_box_loss": "l1",
+    "rpn_box_loss_beta": 1.0,
     "rpn_pre_nms_top_n_train": 2000,
     "rpn_pre_nms_top_n_test": 1000,
     "rpn_post_nms_top_n_train": 1000,
     "rpn_post_nms_top_n_test": 1000,
     "rpn_nms_thr": 0.7,
-    # R-CNN
+    # R-CNN (model.roi_head, train_cfg.rcnn, test_cfg.rcnn)
     "roi_batch_size": 512,
     "sampler": "random",
     "pos_sampler": None,  # None: follow ``sampler``
@@ -86,6 +107,10 @@ _BASELINE: dict[str, Any] = {
     "box_head": "shared2fc",
     "fc_channels": 1024,
     "box_loss": "l1",
+    "box_loss_alpha": 0.5,
+    "box_loss_gamma": 1.5,
+    "box_loss_beta": 1.0,
+    "box_loss_weight": 1.0,
     "cls_loss": "ce",
     "lgr_ce_alpha": 0.8,
     "lgr_ce_gamma": 1.0,
@@ -126,12 +151,15 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 _CHOICES = {
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
+    "rpn_sampler": ("random", "iou_balanced"),
     "pos_sampler": (None, "random", "instance_balanced", "class_balanced"),
     "neg_sampler": (None, "random", "iou_balanced"),
     "neck": ("fpn", "bfp", "pafpn", "bpafpn"),
+    "fpn_extra_levels": ("max_pool", "on_input", "on_output"),
     "refine_type": ("non_local", "conv", None),
     "box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
-    "cls_loss": ("ce", "lgr_ce"),
+    "rpn_box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
+    "cls_loss": ("ce", "lgr_ce", "sigmoid_ce"),
     "box_head": ("shared2fc", "4conv1fc"),
 }
 
@@ -190,10 +218,15 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
 
     channels = config["fpn_channels"]
     neck = _build_neck(config, list(backbone.out_channels), channels)
+    rpn_pos, rpn_neg, rpn_neg_kwargs = _samplers(config, config["rpn_sampler"], None, None)
     rpn = RegionProposalNetwork(
         RPNHead(channels, num_anchors=3),
         batch_size_per_image=config["rpn_batch_size"],
+        pos_sampler=rpn_pos,
+        neg_sampler=rpn_neg,
+        neg_sampler_kwargs=rpn_neg_kwargs,
         neg_pos_ub=config["rpn_neg_pos_ub"],
+        box_loss=_box_loss(config["rpn_box_loss"], beta=config["rpn_box_loss_beta"]),
         pre_nms_top_n_train=config["rpn_pre_nms_top_n_train"],
         pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
         post_nms_top_n_train=config["rpn_post_nms_top_n_train"],
@@ -207,15 +240,51 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
 
 def _build_neck(config: dict[str, Any], in_channels: list[int], channels: int) -> nn.Sequential:
     kind = config["neck"]
-    pyramid = PAFPN if kind in ("pafpn", "bpafpn") else FPN
-    modules: list[nn.Module] = [pyramid(in_channels, channels, num_outs=5)]
+    num_outs = config["fpn_num_outs"]
+    if kind in ("pafpn", "bpafpn"):
+        if config["fpn_start_level"] != 0 or config["fpn_extra_levels"] != "max_pool":
+            raise ValueError("the PAFPN neck supports only fpn_start_level=0 and fpn_extra_levels='max_pool'")
+        pyramid: nn.Module = PAFPN(in_channels, channels, num_outs=num_outs)
+    else:
+        pyramid = FPN(
+            in_channels,
+            channels,
+            num_outs=num_outs,
+            start_level=config["fpn_start_level"],
+            extra_levels=config["fpn_extra_levels"],
+        )
+    modules: list[nn.Module] = [pyramid]
     if kind in ("bfp", "bpafpn"):
         modules.append(
             BalancedFeaturePyramid(
-                channels, num_levels=5, refine_level=config["refine_level"], refine_type=config["refine_type"]
+                channels, num_levels=num_outs, refine_level=config["refine_level"], refine_type=config["refine_type"]
             )
         )
     return nn.Sequential(*modules)
+
+
+def _box_loss(kind: str, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0, loss_weight: float = 1.0) -> nn.Module:
+    """The box regression loss ``kind`` with the paper's Table 6 parameters."""
+    if kind == "l1":
+        return L1Loss(loss_weight=loss_weight)
+    if kind == "smooth_l1":
+        return SmoothL1Loss(beta=beta, loss_weight=loss_weight)
+    if kind == "balanced_l1":
+        return BalancedL1Loss(alpha=alpha, gamma=gamma, beta=beta, loss_weight=loss_weight)
+    return LGRL1Loss(alpha=alpha, gamma=gamma, beta=beta, loss_weight=loss_weight)
+
+
+def _samplers(
+    config: dict[str, Any], sampler: str, pos_sampler: str | None, neg_sampler: str | None
+) -> tuple[str, str, dict[str, Any]]:
+    """(positive sampler, negative sampler, negative sampler kwargs) from the ``sampler`` switch."""
+    balanced = sampler == "iou_balanced"
+    pos = pos_sampler or ("instance_balanced" if balanced else "random")
+    neg = neg_sampler or ("iou_balanced" if balanced else "random")
+    kwargs: dict[str, Any] = {}
+    if neg == "iou_balanced":
+        kwargs = {"num_bins": config["num_bins"], "floor_thr": config["floor_thr"], "floor_fraction": config["floor_fraction"]}
+    return pos, neg, kwargs
 
 
 def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int) -> RoIHead:
@@ -225,27 +294,21 @@ def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int) -> 
         box_head = Shared4Conv1FCBoxHead(
             channels, 7, conv_channels=channels, fc_channels=config["fc_channels"], num_classes=num_classes
         )
-    box_loss = {
-        "l1": L1Loss,
-        "smooth_l1": SmoothL1Loss,  # beta 1.0
-        "balanced_l1": BalancedL1Loss,  # alpha 0.5, gamma 1.5, beta 1.0
-        "lgr_l1": LGRL1Loss,  # same alpha, gamma, beta
-    }[config["box_loss"]]()
+    box_loss = _box_loss(
+        config["box_loss"],
+        alpha=config["box_loss_alpha"],
+        gamma=config["box_loss_gamma"],
+        beta=config["box_loss_beta"],
+        loss_weight=config["box_loss_weight"],
+    )
     if config["cls_loss"] == "ce":
         cls_loss: nn.Module = CrossEntropyLoss()
+    elif config["cls_loss"] == "sigmoid_ce":
+        cls_loss = SigmoidCrossEntropyLoss()
     else:
         cls_loss = LGRCrossEntropyLoss(alpha=config["lgr_ce_alpha"], gamma=config["lgr_ce_gamma"])
 
-    balanced = config["sampler"] == "iou_balanced"
-    pos_sampler = config["pos_sampler"] or ("instance_balanced" if balanced else "random")
-    neg_sampler = config["neg_sampler"] or ("iou_balanced" if balanced else "random")
-    neg_kwargs = {}
-    if neg_sampler == "iou_balanced":
-        neg_kwargs = {
-            "num_bins": config["num_bins"],
-            "floor_thr": config["floor_thr"],
-            "floor_fraction": config["floor_fraction"],
-        }
+    pos_sampler, neg_sampler, neg_kwargs = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
     return RoIHead(
         box_head,
         num_classes,

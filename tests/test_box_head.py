@@ -1,11 +1,11 @@
-"""Tests of libra.box_head: shapes, initialisation, key names, class-delta selection."""
+"""Tests of libra.roi_heads.box_head: shapes, initialisation, key names, class-delta selection."""
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from libra.box_head import Shared2FCBoxHead, Shared4Conv1FCBoxHead, select_class_deltas
+from libra.roi_heads.box_head import Shared2FCBoxHead, Shared4Conv1FCBoxHead, select_class_deltas
 
 
 def test_shared2fc_shapes_and_keys():

@@ -74,7 +74,8 @@ def _make_coco(tmp_path: Path, annotations: list[dict] | None = None, images: li
 
 # ---------------------------------------------------------------- resize / flip / normalise
 def test_resize_sizes_follow_the_spec_rule():
-    # s = min(1333 / long, 800 / short); new size = round(w s) x round(h s) (SPEC.md section 1).
+    # s = min(1333 / long, 800 / short); new size = round(w s) x round(h s) (MMDetection
+    # `coco_detection.py`: `Resize scale=(1333, 800) keep_ratio=True`, mmcv's half-up rounding).
     assert get_resize_size(375, 500) == (800, 1067)  # 500 * 800/375 = 1066.67 -> 1067
     assert get_resize_size(500, 375) == (1067, 800)
     assert get_resize_size(480, 640) == (800, 1067)

@@ -14,42 +14,15 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TinyBackbone
 from libra.boxes import box_iou
-from libra.faster_rcnn import FasterRCNN
+from libra.detectors import FasterRCNN
 from libra.presets import build_model
-from libra.rpn import Proposals
+from libra.structures import Proposals
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run single-threaded, restoring the setting afterwards. The shared CI cores are
-    oversubscribed: measured here, two intra-op threads made these tests 4-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_CLASSES = 3
-
-
-class TinyBackbone(nn.Module):
-    """Five stride-2 convs: C2..C5 at strides 4..32 with few channels (test stand-in for ResNet)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out_channels = [16, 32, 64, 128]
-        channels = [3, 16, 16, 32, 64, 128]
-        self.stages = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(channels[i], channels[i + 1], 3, stride=2, padding=1), nn.ReLU())
-            for i in range(5)
-        )
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outputs = []
-        for index, stage in enumerate(self.stages):
-            x = stage(x)
-            if index >= 1:
-                outputs.append(x)
-        return outputs
 
 
 def tiny_model(preset: str = "libra_faster_rcnn_r50_fpn", num_classes: int = NUM_CLASSES, **overrides) -> FasterRCNN:
@@ -313,8 +286,15 @@ def test_roi_sampling_fixed_slots():
     valid[:10] = False  # these would otherwise be positives
     proposals = Proposals(boxes[None], torch.rand(1, 1000), valid[None])
     targets = [{"boxes": gt, "labels": torch.tensor([1, 2])}]
-    rois, labels, delta_targets, sampled, positive = head.sample(proposals, targets)
+    samples = head.sample(proposals, targets)
+    rois, labels, delta_targets = samples.rois, samples.labels, samples.box_targets
+    sampled, positive, matched_gt = samples.sampled, samples.positive, samples.matched_gt
     assert rois.shape == (512, 5) and (rois[:, 0] == 0).all()
+    # matched_gt: the index of the best-IoU gt for positives (what mask targets need), -1 otherwise
+    assert ((matched_gt >= 0) == positive.bool()).all()
+    best_gt = box_iou(rois[:, 1:], gt).argmax(dim=1)
+    assert (matched_gt[positive.bool()] == best_gt[positive.bool()]).all()
+    assert (labels[positive.bool()] == targets[0]["labels"][matched_gt[positive.bool()]]).all()
     assert sampled.sum() == 512 and 2 <= positive.sum() <= 128
     assert ((labels == NUM_CLASSES) == (positive == 0)).all()
     positive_boxes = rois[positive.bool(), 1:]
@@ -337,7 +317,8 @@ def test_roi_sampling_with_few_candidates_keeps_weight_zero_slots():
     gt = torch.tensor([[10.0, 10.0, 60.0, 60.0]])
     boxes = torch.tensor([[12.0, 12.0, 58.0, 62.0], [100.0, 100.0, 120.0, 130.0], [0.0, 0.0, 5.0, 5.0]])
     proposals = Proposals(boxes[None], torch.ones(1, 3), torch.tensor([[True, True, False]]))
-    rois, labels, _, sampled, positive = head.sample(proposals, [{"boxes": gt, "labels": torch.tensor([0])}])
+    samples = head.sample(proposals, [{"boxes": gt, "labels": torch.tensor([0])}])
+    rois, labels, sampled, positive = samples.rois, samples.labels, samples.sampled, samples.positive
     assert rois.shape[0] == 4  # min(128, 1 gt + 3 proposals)
     assert sampled.tolist().count(1.0) == 3 and positive.sum() == 2  # gt + the overlapping proposal
     assert labels[sampled == 0].eq(NUM_CLASSES).all()
@@ -345,7 +326,7 @@ def test_roi_sampling_with_few_candidates_keeps_weight_zero_slots():
 
 def test_roi_sampling_never_uses_candidates_inside_ignore_regions():
     torch.manual_seed(0)
-    head = tiny_model().roi_head
+    head = tiny_model(ignore_iof_thr=0.5).roi_head  # the presets follow MMDetection: -1, no ignore regions
     gt = torch.tensor([[10.0, 10.0, 60.0, 60.0]])
     crowd = torch.tensor([[100.0, 100.0, 200.0, 200.0]])
     inside = torch.tensor([[110.0, 120.0, 150.0, 160.0], [150.0, 150.0, 190.0, 195.0]])
@@ -353,7 +334,8 @@ def test_roi_sampling_never_uses_candidates_inside_ignore_regions():
     boxes = torch.cat([inside, outside])
     proposals = Proposals(boxes[None], torch.ones(1, 4), torch.ones(1, 4, dtype=torch.bool))
     target = {"boxes": gt, "labels": torch.tensor([0]), "ignore_boxes": crowd}
-    rois, _, _, sampled, _ = head.sample(proposals, [target])
+    samples = head.sample(proposals, [target])
+    rois, sampled = samples.rois, samples.sampled
     used = rois[sampled.bool(), 1:]
     assert not (used[:, None, :] == inside[None]).all(dim=2).any()
     assert (used[:, None, :] == outside[None]).all(dim=2).any(dim=0).all()
@@ -377,3 +359,76 @@ def test_rpn_loss_normalisation_matches_definition():
     torch.testing.assert_close(losses["loss_rpn_cls"], expected_cls)
     assert losses["loss_rpn_bbox"].item() == 0.0  # perfect deltas for the exact anchor
     assert math.isfinite(losses["loss_rpn_bbox"].item())
+
+
+def test_presets_leave_crowd_boxes_out_like_mmdetection():
+    """MMDetection's configs set ignore_iof_thr=-1: a candidate inside a crowd box is an ordinary negative."""
+    torch.manual_seed(0)
+    head = tiny_model().roi_head
+    assert head.assigner.ignore_iof_thr == -1
+    gt = torch.tensor([[10.0, 10.0, 60.0, 60.0]])
+    inside = torch.tensor([[110.0, 120.0, 150.0, 160.0], [150.0, 150.0, 190.0, 195.0]])
+    proposals = Proposals(inside[None], torch.ones(1, 2), torch.ones(1, 2, dtype=torch.bool))
+    target = {"boxes": gt, "labels": torch.tensor([0]), "ignore_boxes": torch.tensor([[100.0, 100.0, 200.0, 200.0]])}
+    samples = head.sample(proposals, [target])
+    used = samples.rois[samples.sampled.bool(), 1:]
+    assert (used[:, None, :] == inside[None]).all(dim=2).any(dim=0).all()  # both sampled, as negatives
+
+
+def test_anchor_valid_flags_follow_each_images_own_padded_size():
+    """A 100 x 70 image padded to 128 x 96 (multiples of 32) inside a 128 x 160 batch."""
+    generator = tiny_model().rpn.anchor_generator
+    feature_sizes = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]  # strides 4..64 of 128 x 160
+    flags = generator.valid_flags(feature_sizes, [(128, 160), (100, 70)])
+    assert flags.shape == (2, sum(h * w * 3 for h, w in feature_sizes)) and flags[0].all()
+    # per level: ceil(128 / s) rows and ceil(96 / s) columns are valid, each with its 3 anchors
+    expected = sum(min(math.ceil(128 / s), h) * min(math.ceil(96 / s), w) * 3
+                   for (h, w), s in zip(feature_sizes, (4, 8, 16, 32, 64)))
+    assert int(flags[1].sum()) == expected
+    level0 = flags[1][: 32 * 40 * 3].view(32, 40, 3)
+    assert level0[:, :24].all() and not level0[:, 24:].any()
+
+
+def test_rpn_loss_of_a_mixed_size_batch_ignores_other_images_padding():
+    """An image's RPN loss terms are the same alone and inside a larger padded batch (MMDetection's
+    valid_flags): anchors in the batch padding beyond the image's own padded size are never used."""
+    torch.manual_seed(0)
+    # sample every usable anchor (no cap on negatives): a deterministic loss
+    rpn = tiny_model("faster_rcnn_r50_fpn", rpn_batch_size=10**6).rpn
+    gen = rpn.anchor_generator
+    targets = [
+        {"boxes": torch.tensor([[10.0, 20.0, 90.0, 110.0], [100.0, 30.0, 150.0, 90.0]]), "labels": torch.tensor([0, 1])},
+        {"boxes": torch.tensor([[5.0, 5.0, 60.0, 50.0]]), "labels": torch.tensor([2])},
+    ]
+    sizes = [(128, 160), (100, 70)]  # image 1 pads to 128 x 96 on its own
+    batch_features = [(32, 40), (16, 20), (8, 10), (4, 5), (2, 3)]
+    alone_features = [(32, 24), (16, 12), (8, 6), (4, 3), (2, 2)]
+    anchors = torch.cat(gen(batch_features))
+    valid = gen.valid_flags(batch_features, sizes)
+    logits = torch.randn(2, anchors.shape[0])
+    deltas = torch.randn(2, anchors.shape[0], 4) * 0.1
+
+    def loss_sums(anchor_rows, image_logits, image_deltas, image_targets, image_valid):
+        losses = rpn.loss(anchor_rows, image_logits, image_deltas, image_targets, image_valid)
+        # undo the averaging: the number of sampled anchors, as the loss counts it
+        assigned = rpn.assigner.assign(anchor_rows, image_targets[0]["boxes"], image_targets[0]["labels"],
+                                       valid=None if image_valid is None else image_valid[0])
+        count = (assigned.gt_inds > 0).sum().clamp(min=1) + (assigned.gt_inds == 0).sum().clamp(min=1)
+        return losses["loss_rpn_cls"] * count, losses["loss_rpn_bbox"] * count
+
+    alone_anchors = torch.cat(gen(alone_features))
+    assert int(valid[1].sum()) == alone_anchors.shape[0]
+    torch.testing.assert_close(anchors[valid[1]], alone_anchors)
+    mixed = rpn.loss(anchors, logits, deltas, targets, valid)
+    sum0 = loss_sums(anchors, logits[:1], deltas[:1], targets[:1], valid[:1])
+    sum1 = loss_sums(alone_anchors, logits[1:, valid[1]], deltas[1:, valid[1]], targets[1:], None)
+    count = 0
+    for index in range(2):
+        rows = anchors if index == 0 else alone_anchors
+        a = rpn.assigner.assign(rows, targets[index]["boxes"], targets[index]["labels"])
+        count += (a.gt_inds > 0).sum().clamp(min=1) + (a.gt_inds == 0).sum().clamp(min=1)
+    torch.testing.assert_close(mixed["loss_rpn_cls"] * count, sum0[0] + sum1[0])
+    torch.testing.assert_close(mixed["loss_rpn_bbox"] * count, sum0[1] + sum1[1])
+    # and without the flags the padding anchors of image 1 would count as negatives
+    unflagged = rpn.loss(anchors, logits, deltas, targets, None)
+    assert not torch.allclose(unflagged["loss_rpn_cls"], mixed["loss_rpn_cls"])

@@ -8,40 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from libra.box_head import Shared2FCBoxHead, Shared4Conv1FCBoxHead
+from conftest import TinyBackbone
 from libra.losses import BalancedL1Loss, CrossEntropyLoss, L1Loss, LGRCrossEntropyLoss, LGRL1Loss, SmoothL1Loss
 from libra.mmdet_checkpoint import load_mmdet_checkpoint
 from libra.necks import FPN, PAFPN, BalancedFeaturePyramid, ConvRefine, NonLocal2d
 from libra.presets import PRESETS, TABLE3_ABLATION, available_presets, build_model, preset_config
+from libra.roi_heads import Shared2FCBoxHead, Shared4Conv1FCBoxHead
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Run single-threaded, restoring the setting afterwards. The shared CI cores are
-    oversubscribed: measured here, two intra-op threads made these tests 4-10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-class TinyBackbone(nn.Module):
-    """Stand-in backbone (C2..C5, strides 4..32) so that builds are cheap."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out_channels = [8, 8, 8, 8]
-        self.convs = nn.ModuleList(nn.Conv2d(3 if i == 0 else 8, 8, 3, stride=4 if i == 0 else 2, padding=1) for i in range(4))
-
-    def forward(self, x):
-        outputs = []
-        for conv in self.convs:
-            x = conv(x)
-            outputs.append(x)
-        return outputs
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny(name: str = "faster_rcnn_r50_fpn", **overrides):
-    return build_model(name, 5, backbone=TinyBackbone(), fpn_channels=32, fc_channels=32, **overrides)
+    return build_model(name, 5, backbone=TinyBackbone((8, 8, 8, 8)), fpn_channels=32, fc_channels=32, **overrides)
 
 
 # --------------------------------------------------------------------------------- presets
@@ -177,7 +155,7 @@ def test_unknown_names_raise():
 
 # ------------------------------------------------------------------- mmdet checkpoint import
 def to_mmdet_key(key: str) -> str:
-    """This project's key -> MMDetection v2 key (SPEC.md section 5), written independently of the loader."""
+    """This project's key -> MMDetection v2 key (MMDetection v2/v3 released checkpoints), written independently of the loader."""
     key = re.sub(r"^rpn\.head\.", "rpn_head.", key)
     key = re.sub(r"^roi_head\.box_head\.", "roi_head.bbox_head.", key)
     key = re.sub(r"^(neck\.0\.(lateral_convs|fpn_convs)\.\d+)\.(weight|bias)$", r"\1.conv.\3", key)

@@ -1,8 +1,8 @@
-"""Tests of libra.roi_extractor: FPN level rule and per-level RoIAlign."""
+"""Tests of libra.roi_heads.roi_extractor: FPN level rule and per-level RoIAlign."""
 import pytest
 import torch
 
-from libra.roi_extractor import MultiLevelRoIExtractor, map_rois_to_levels
+from libra.roi_heads.roi_extractor import MultiLevelRoIExtractor, map_rois_to_levels
 
 torchvision_ops = pytest.importorskip("torchvision.ops")
 

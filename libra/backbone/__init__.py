@@ -1,4 +1,8 @@
-"""Backbones: bottleneck ResNet / ResNeXt with frozen BN statistics (SPEC.md section 1)."""
+"""Backbones: bottleneck ResNet / ResNeXt with frozen BN statistics.
+
+The settings are MMDetection's (`configs/_base_/models/faster-rcnn_r50_fpn.py`:
+`model.backbone` `frozen_stages=1, norm_eval=True, style='pytorch'`).
+"""
 
 from .frozen_batch_norm import FrozenBatchNorm2d
 from .resnet import (

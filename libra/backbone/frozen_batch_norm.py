@@ -2,8 +2,9 @@
 
 Detection trains with 2 images per GPU, far too few for reliable batch statistics, so
 the backbone keeps the ImageNet running mean / variance fixed for the whole training
-(SPEC.md section 1, "All BN layers use frozen statistics ... with affine parameters
-trainable in unfrozen stages"). This module is that layer: it always normalises with
+(MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`: `model.backbone.norm_eval=True`
+with `norm_cfg=dict(type='BN', requires_grad=True)`, i.e. frozen statistics, affine parameters
+trainable in unfrozen stages). This module is that layer: it always normalises with
 ``running_mean`` / ``running_var``, whatever ``train()`` / ``eval()`` says, so no mode
 switch anywhere can update or use batch statistics.
 

@@ -1,4 +1,4 @@
-"""ResNet / ResNeXt backbone for the detector (SPEC.md section 1, "Backbone").
+"""ResNet / ResNeXt backbone for the detector (He et al. 2016; Xie et al. 2017 for ResNeXt).
 
 What this file provides
 - ``ResNet(depth, groups, width_per_group, frozen_stages, norm_eval)``: the bottleneck ResNet
@@ -8,7 +8,8 @@ What this file provides
 - Factories ``resnet50()``, ``resnet101()``, ``resnext101_64x4d()`` and ``build_resnet(name)``.
 - ``load_pretrained(backbone, path)``: loads a torchvision-format ImageNet checkpoint.
 
-Training conventions (SPEC.md section 1)
+Training conventions (MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`, `model.backbone`:
+`frozen_stages=1, norm_eval=True, style='pytorch'`)
 - The stem (``conv1``, ``bn1``) and ``layer1`` are frozen (``frozen_stages=1``): their
   parameters have ``requires_grad=False``. Frozen stages are also kept in eval mode.
 - Every BN layer normalises with its frozen ImageNet statistics (``FrozenBatchNorm2d``,

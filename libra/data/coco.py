@@ -5,7 +5,8 @@ Expected layout for COCO 2017 (see `build_coco_paths`):
     data_root/annotations/instances_train2017.json   data_root/train2017/*.jpg
     data_root/annotations/instances_val2017.json     data_root/val2017/*.jpg
 
-Annotation rules (SPEC.md section 1): COCO boxes [x, y, w, h] become [x, y, x + w, y + h];
+Annotation rules (MMDetection's ``CocoDataset.parse_data_info``; ``filter_empty_gt=True`` of
+`configs/_base_/datasets/coco_detection.py`): COCO boxes [x, y, w, h] become [x, y, x + w, y + h];
 annotations with area <= 0, w < 1 or h < 1 are skipped; ``iscrowd`` boxes go to
 ``ignore_boxes``; category ids map to contiguous labels 0..C-1 in increasing id order
 (``label_to_cat_id[label]`` maps back). Training drops images without usable boxes;

@@ -1,5 +1,9 @@
 """Index samplers for detection training: distributed shuffling, aspect-ratio grouping,
-and LVIS repeat-factor sampling (SPEC.md sections 1 and 3).
+and LVIS repeat-factor sampling. Aspect-ratio grouping with 2 images per GPU is MMDetection's
+(`configs/_base_/datasets/coco_detection.py`: `train_dataloader.batch_size=2`,
+`batch_sampler=dict(type='AspectRatioBatchSampler')`); repeat-factor sampling is the LVIS
+paper's (Gupta et al. 2019), which the paper's LVIS experiments use (Sec. 4.2, Table 9; MMDetection
+`mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1`: `ClassBalancedDataset oversample_thr=1e-3`).
 
 All randomness is a pure function of ``(seed, epoch)``: no global RNG state, so every rank
 and every resumed run draws the same stream. Samplers yield ``(index, epoch, ...)`` tuples
@@ -172,7 +176,7 @@ class GroupedBatchSampler(Sampler):
         return full + len(rest)
 
 
-# ---- LVIS repeat-factor sampling (SPEC.md section 3) ------------------------------------------
+# ---- LVIS repeat-factor sampling (Gupta et al. 2019; paper Sec. 4.2, Table 9) -----------------
 
 def image_counts_per_class(image_labels: Sequence[Sequence[int]], num_classes: int) -> Tensor:
     """[C] int64: number of images that contain each class (a class counts once per image)."""

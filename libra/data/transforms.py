@@ -1,4 +1,7 @@
-"""Image and box transforms for detection (SPEC.md section 1, "Data").
+"""Image and box transforms for detection, following MMDetection's `faster-rcnn_r50_fpn_1x_coco`
+(`configs/_base_/datasets/coco_detection.py`: `train_pipeline` `Resize scale=(1333, 800)
+keep_ratio=True`, `RandomFlip prob=0.5`; `configs/_base_/models/faster-rcnn_r50_fpn.py`:
+`data_preprocessor` `pad_size_divisor=32`).
 
 Pipeline of one training sample (all on CPU, in the DataLoader worker):
 
@@ -26,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-# ImageNet statistics on RGB 0..255 (SPEC.md section 1).
+# ImageNet statistics on RGB 0..255 (MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`:
+# `data_preprocessor.mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True`).
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
 PIXEL_STD: tuple[float, float, float] = (58.395, 57.12, 57.375)
 SIZE_DIVISIBILITY: int = 32
@@ -49,7 +53,8 @@ def get_resize_size(height: int, width: int, min_size: int = 800, max_size: int 
     """Output ``(new_h, new_w)`` of the aspect-preserving resize.
 
     s = min(max_size / long side, min_size / short side); new size = round(h*s), round(w*s)
-    (SPEC.md section 1). Rounding is half-up, like mmcv's ``int(x + 0.5)``.
+    (mmcv's ``rescale_size`` for MMDetection's ``Resize scale=(1333, 800) keep_ratio=True``).
+    Rounding is half-up, like mmcv's ``int(x + 0.5)``.
     Example: (h, w) = (375, 500) -> (800, 1067).
     """
     if height <= 0 or width <= 0:
@@ -64,7 +69,7 @@ def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
     """Bilinear resize of ``image`` [3, h, w] (float) to ``size = (new_h, new_w)``.
 
     ``align_corners=False`` and no antialiasing, i.e. the plain bilinear sampling that
-    mmcv/cv2 use for detection (SPEC.md section 1).
+    mmcv/cv2 use for detection (mmcv ``imresize``'s default ``interpolation='bilinear'``).
     """
     if image.dim() != 3:
         raise ValueError(f"expected an image of shape [3, h, w], got {tuple(image.shape)}")

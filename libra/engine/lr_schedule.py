@@ -1,10 +1,12 @@
 """Learning-rate schedule of the paper's training recipe: linear warmup, then epoch steps.
 
-The paper (Sec. 4.1) trains "for 12 epochs with an initial learning rate of 0.02, and
+The paper (Sec. 4.1.2) trains "for 12 epochs with an initial learning rate of 0.02, and
 decrease it by 0.1 after 8 and 11 epochs"; the warmup follows mmdetection's defaults
-(SPEC.md section 1): over the first 500 iterations the lr rises linearly from
-0.001 x lr to lr. Steps happen at epoch boundaries (an epoch's length may vary, e.g. with
-LVIS repeat-factor sampling); the warmup counts iterations.
+(`configs/_base_/schedules/schedule_1x.py`: `param_scheduler` `LinearLR start_factor=0.001
+by_epoch=False end=500`; `MultiStepLR milestones=[8, 11] gamma=0.1`): over the first 500
+iterations the lr rises linearly from 0.001 x lr to lr. Steps happen at epoch boundaries
+(an epoch's length may vary, e.g. with LVIS repeat-factor sampling); the warmup counts
+iterations.
 
 The lr is a pure function of (iteration, epoch), so resuming from a checkpoint only needs
 those two counters: there is no hidden scheduler state to restore.

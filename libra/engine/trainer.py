@@ -2,7 +2,7 @@
 
 One ``Trainer`` runs in every process. Per iteration it
 1. sets the lr of this iteration (``WarmupMultiStepLR``, a pure function of the counter),
-2. runs the detector on the batch (it returns a dict of named losses, SPEC.md section 1),
+2. runs the detector on the batch (it returns a dict of named losses, e.g. ``loss_rpn_cls``),
 3. backpropagates the sum of the ``loss*`` entries (DDP averages the gradients),
 4. averages the loss dict over processes and stops every process if a loss is not finite,
 5. on rank 0: logs every ``log_interval`` iterations (console line + JSON line + PNG plot).
@@ -318,7 +318,8 @@ class Trainer:
             if not self.scaler.is_enabled():  # with AMP the scaler skips steps with inf gradients itself
                 self._check_gradients(epoch)
             if config.grad_clip > 0:
-                # Not part of the paper's recipe (SPEC.md: no clipping); used to train from scratch.
+                # Not part of the paper's recipe (MMDetection's `schedule_1x.py` sets no
+                # `optim_wrapper.clip_grad`); used to train from scratch.
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for group in self.optimizer.param_groups for p in group["params"]], config.grad_clip

@@ -9,6 +9,7 @@ from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
 from .basic import (
     CrossEntropyLoss,
     L1Loss,
+    SigmoidCrossEntropyLoss,
     SmoothL1Loss,
     binary_cross_entropy_with_logits,
     cross_entropy,
@@ -34,6 +35,7 @@ __all__ = [
     "SmoothL1Loss",
     "L1Loss",
     "CrossEntropyLoss",
+    "SigmoidCrossEntropyLoss",
     "smooth_l1_loss",
     "l1_loss",
     "cross_entropy",

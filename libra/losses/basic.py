@@ -175,3 +175,30 @@ class CrossEntropyLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return f"loss_weight={self.loss_weight}"
+
+
+class SigmoidCrossEntropyLoss(nn.Module):
+    """loss_weight * sigmoid cross-entropy over all C + 1 outputs (one-vs-all, summed per sample).
+
+    The classification loss that bucketed class re-weighting (paper Sec. 3.3.3, Eq. 20) re-weights;
+    with all class weights 1 the two are equal. ``use_sigmoid`` tells the R-CNN head to score
+    detections with per-class sigmoids instead of a softmax.
+    """
+
+    use_sigmoid = True
+
+    def __init__(self, loss_weight: float = 1.0):
+        super().__init__()
+        self.loss_weight = loss_weight
+
+    def forward(
+        self, logits: Tensor, labels: Tensor, weight: Tensor | None = None, avg_factor: float | Tensor | None = None
+    ) -> Tensor:
+        """logits: [N, C+1] (background last); labels: [N] int64 in [0, C]; weight: [N] or None."""
+        # scatter rather than F.one_hot: one_hot reads labels.max() on the host
+        targets = torch.zeros_like(logits).scatter_(1, labels.long()[:, None], 1.0)
+        per_sample = F.binary_cross_entropy_with_logits(logits, targets, reduction="none").sum(dim=1)
+        return self.loss_weight * weighted_sum(per_sample, weight, avg_factor)
+
+    def extra_repr(self) -> str:
+        return f"loss_weight={self.loss_weight}"

@@ -124,6 +124,8 @@ class BCRSigmoidCrossEntropyLoss(nn.Module):
     Build the weights once from the training set: ``bucketed_class_weights(image_counts)``.
     """
 
+    use_sigmoid = True  # test-time scores are per-class sigmoids (Sec. 3.3.3)
+
     def __init__(self, class_weights: Tensor, loss_weight: float = 1.0):
         super().__init__()
         if class_weights.dim() != 1:

@@ -1,4 +1,6 @@
-"""Balanced Feature Pyramid (paper Sec. 3.2, Fig. 4, Eq. 3-4; SPEC.md section 2).
+"""Balanced Feature Pyramid (paper Sec. 3.2, Fig. 4, Eq. 3-4; MMDetection
+`libra-faster-rcnn_r50_fpn_1x_coco`: `model.neck` BFP `num_levels=5 refine_level=2
+refine_type='non_local'`).
 
 Runs after the FPN on ``[P2, ..., P6]`` and strengthens every level with the SAME balanced
 semantic feature, in four steps:
@@ -94,7 +96,8 @@ class BalancedFeaturePyramid(nn.Module):
         self.refine_type = refine_type
         self.refine: nn.Module | None
         if refine_type == "non_local":
-            # Inter channels = in_channels, no 1/sqrt(C) scaling (SPEC.md section 2).
+            # Inter channels = in_channels, no 1/sqrt(C) scaling: MMDetection's BFP builds mmcv's
+            # `NonLocal2d(in_channels, reduction=1, use_scale=False)`.
             self.refine = NonLocal2d(in_channels, reduction=1)
         elif refine_type == "conv":
             self.refine = ConvRefine(in_channels)

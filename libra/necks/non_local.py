@@ -1,5 +1,5 @@
 """Embedded-Gaussian non-local block (Wang et al., 2018), the refiner of the Balanced
-Feature Pyramid (paper Sec. 3.2, Eq. 4; SPEC.md section 2).
+Feature Pyramid (paper Sec. 3.2, Eq. 4).
 
 For every position i of a map f (positions flattened to N = H*W):
 
@@ -9,7 +9,8 @@ theta, phi, g and W_out (``conv_out``) are 1x1 convs with bias. Eq. 4 as printed
 output projection; the released model (and this block) applies the 1x1 ``conv_out`` before
 the residual add, which is what lets the block start as the identity.
 
-Choices fixed by SPEC.md section 2 (the released Libra R-CNN configuration):
+Choices of the released Libra R-CNN configuration (MMDetection's BFP builds mmcv's
+``NonLocal2d(in_channels, reduction=1, use_scale=False)``, embedded-Gaussian mode):
 - inter channels = in_channels (``reduction=1``);
 - NO 1/sqrt(C) scaling of theta^T phi before the softmax;
 - no normalisation layer, no sub-sampling.

@@ -78,4 +78,4 @@ class PAFPN(FPN):
             inter[level + 1] = inter[level + 1] + reduced
 
         outs = [inter[0]] + [conv(feat) for conv, feat in zip(self.pafpn_convs, inter[1:])]
-        return self.add_extra_levels(outs)
+        return self.add_extra_levels(outs, feats)

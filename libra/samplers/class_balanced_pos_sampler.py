@@ -1,4 +1,5 @@
-"""Class-balanced sampling of positives, for long-tailed data such as LVIS (SPEC.md section 2).
+"""Class-balanced sampling of positives, for long-tailed data such as LVIS
+(paper Sec. 3.1, last paragraph: "first sample an equal number of positive samples for each class").
 
 The class-level version of instance-balanced sampling (paper Sec. 3.1): frequent
 classes own most positives, so first every class with positives gets the same

@@ -1,10 +1,12 @@
-"""Instance-balanced sampling of positives (paper Sec. 3.1, the complement of Eq. 2; SPEC.md section 2).
+"""Instance-balanced sampling of positives (paper Sec. 3.1, the complement of Eq. 2;
+MMDetection `libra-faster-rcnn_r50_fpn_1x_coco`: `train_cfg.rcnn.sampler.pos_sampler`
+`type='InstanceBalancedPosSampler'`).
 
 A large object overlaps many more proposals than a small one, so sampling
 positives at random (Eq. 1) over-represents big instances. Here every gt with
 positives gets the same quota
 
-    quota = round(N_pos / #gts_with_positives) + 1
+    quota = round(N_pos / #gts_with_positives) + 1      (MMDetection's ``num_per_gt``)
 
 of its positives, drawn uniformly; a shortfall (gts with fewer positives than
 their quota) is filled uniformly from the positives not yet chosen, and an

@@ -1,4 +1,6 @@
-"""IoU-balanced sampling of negatives (paper Sec. 3.1, Eq. 1-2; SPEC.md section 2).
+"""IoU-balanced sampling of negatives (paper Sec. 3.1, Eq. 1-2; MMDetection
+`libra-faster-rcnn_r50_fpn_1x_coco`: `train_cfg.rcnn.sampler.neg_sampler` `IoUBalancedNegSampler
+floor_thr=-1 floor_fraction=0 num_bins=3`).
 
 Random sampling picks each of M negative candidates with probability N / M
 (Eq. 1), so the few hard negatives (high IoU with a gt) are buried under the
@@ -12,7 +14,7 @@ where M_k is the number of candidates in bin k. A bin with fewer than N / K
 candidates gives all of them, and the shortfall is filled uniformly from the
 remaining candidates.
 
-Floor set and ``floor_thr`` (MMDetection's steady state, SPEC.md section 2).
+Floor set and ``floor_thr`` (the steady state of MMDetection's ``IoUBalancedNegSampler``).
 The released Libra R-CNN checkpoints were trained with negatives of IoU exactly
 0 kept out of the bins: they only fill what the bins could not. mmdet reaches
 that state by mutating its sampler on the first call (``floor_thr`` -1 -> 0);

@@ -1,4 +1,4 @@
-"""Sample the positives and negatives of one image for a loss (SPEC.md sections 1-2).
+"""Sample the positives and negatives of one image for a loss (balanced samplers: paper Sec. 3.1).
 
 MMDetection's sampler semantics, on masks:
 
@@ -6,7 +6,10 @@ MMDetection's sampler semantics, on masks:
     num_neg = num - num_pos                                  (sampled by neg_sampler)
     num_neg = min(num_neg, int(neg_pos_ub * max(1, num_pos)))  if neg_pos_ub >= 0
 
-(Libra R-CNN's RPN uses neg_pos_ub = 5; the R-CNN stage -1, i.e. no cap.)
+(Libra R-CNN's RPN uses neg_pos_ub = 5, the R-CNN stage -1, i.e. no cap: MMDetection
+`libra-faster-rcnn_r50_fpn_1x_coco`: `train_cfg.rpn.sampler.neg_pos_ub=5`; the base
+`faster-rcnn_r50_fpn.py` has `train_cfg.rpn.sampler num=256 pos_fraction=0.5` and
+`train_cfg.rcnn.sampler num=512 pos_fraction=0.25 neg_pos_ub=-1`.)
 Positives are boxes with gt index > 0, negatives those with 0; ignored (-1)
 boxes are never sampled. Counts stay tensors on the device: no host sync.
 Adding ground-truth boxes as proposals is the caller's job (do it before

@@ -17,8 +17,9 @@ size of ``--infer-batches``. Timing synchronises the device around the timed ite
 ``--warmup`` untimed ones. AMP (fp16 autocast + GradScaler) runs on CUDA only.
 
 Random weights give a different number of detections than trained ones; the relative numbers
-between models are what this measures (SPEC.md section 4 has the V100 anchors: Libra R50 19.0
-fps vs Faster R-CNN 21.4 fps at batch 1, fp32).
+between models are what this measures. Published V100 anchors at batch 1, fp32: Libra R50 19.0
+fps vs Faster R-CNN 21.4 fps (MMDetection model zoo, `configs/libra_rcnn/README.md` and
+`configs/faster_rcnn/README.md`, "Inf time (fps)"); the paper (Sec. 4.1.3) reports 19.5 vs 20.4 fps.
 """
 from __future__ import annotations
 

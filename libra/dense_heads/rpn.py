@@ -1,24 +1,29 @@
-"""Region Proposal Network (SPEC.md section 1, "RPN"; Faster R-CNN's first stage).
+"""Region Proposal Network, Faster R-CNN's first stage (Ren et al. 2015; defaults from the
+MMDetection config ``faster-rcnn_r50_fpn_1x_coco``, ``model.rpn_head`` / ``train_cfg.rpn`` /
+``test_cfg.rpn``).
 
 Two pieces:
 
 - :class:`RPNHead`: a shared 3x3 conv + ReLU followed by two 1x1 convs that predict, for
   each of the ``A`` anchors of every feature cell, one objectness logit (sigmoid) and four
   box deltas. The same head runs on every pyramid level P2..P6.
-- :class:`RegionProposalNetwork`: anchors, training targets (max-IoU assignment + random
-  sampling, optionally with Libra's cap on negatives ``neg_pos_ub``), the loss, and the
-  proposals handed to the R-CNN stage.
+- :class:`RegionProposalNetwork`: anchors, training targets (max-IoU assignment + sampling,
+  optionally with Libra's cap on negatives ``neg_pos_ub``), the loss, and the proposals handed
+  to the R-CNN stage (or returned by a standalone proposal model).
 
 Everything that runs per training step stays on the device: no ``.item()``, no boolean
 indexing and no ``nonzero()``. In particular the number of proposals is fixed per batch
 (``min(post_nms_top_n, #candidates)``): slots that NMS suppressed, or whose box is empty,
 are returned with ``valid = False`` instead of being cut away, which would need the host
 to know how many survived. The R-CNN stage ignores invalid slots.
+
+In a batch of differently sized images, the anchors that lie in the batch padding beyond an
+image's own padded size are invalid for that image: never assigned, sampled or counted
+(MMDetection's ``valid_flags``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -26,32 +31,12 @@ from torch import Tensor, nn
 
 from libra.anchor_generator import AnchorGenerator
 from libra.box_coder import DeltaXYWHBoxCoder
-from libra.boxes import clip_boxes
-from libra.losses.basic import binary_cross_entropy_with_logits, l1_loss, weighted_sum
+from libra.boxes import clip_boxes_per_image
+from libra.losses.basic import L1Loss, binary_cross_entropy_with_logits
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
 from libra.samplers import sample_pos_neg
-
-
-@dataclass
-class Proposals:
-    """Proposals of a batch, padded to a fixed number ``P`` per image.
-
-    Attributes:
-        boxes: ``[B, P, 4]`` boxes in the resized (unpadded) image coordinates, detached.
-        scores: ``[B, P]`` objectness probabilities (0 where ``valid`` is False).
-        valid: ``[B, P]`` bool; False for slots that hold no proposal (suppressed by NMS
-            or an empty box), which happens when fewer than ``P`` candidates survive.
-    """
-
-    boxes: Tensor
-    scores: Tensor
-    valid: Tensor
-
-    def per_image(self, index: int) -> tuple[Tensor, Tensor]:
-        """``([Pi, 4], [Pi])`` valid proposals and scores of one image (boolean indexing: a host sync)."""
-        keep = self.valid[index]
-        return self.boxes[index][keep], self.scores[index][keep]
+from libra.structures import Proposals
 
 
 class RPNHead(nn.Module):
@@ -103,15 +88,6 @@ def _flatten_level(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
     return logits, boxes
 
 
-def clip_to_image_sizes(boxes: Tensor, image_sizes: Sequence[tuple[int, int]]) -> Tensor:
-    """Clip ``[B, ..., 4]`` boxes to each image's ``(h, w)``.
-
-    A loop over the (few) images with Python-scalar bounds: building a bounds tensor from
-    host values would be a host-to-device copy, which blocks on CUDA.
-    """
-    return torch.stack([clip_boxes(image_boxes, size) for image_boxes, size in zip(boxes, image_sizes)])
-
-
 class RegionProposalNetwork(nn.Module):
     """Anchors + :class:`RPNHead` + training targets + loss + proposals.
 
@@ -125,7 +101,13 @@ class RegionProposalNetwork(nn.Module):
             neither positive nor negative.
         batch_size_per_image: anchors sampled per image for the loss (256).
         positive_fraction: at most this fraction of them positive (0.5).
-        neg_pos_ub: Libra caps negatives at ``neg_pos_ub * max(1, #pos)`` (5); -1 means no cap.
+        pos_sampler, neg_sampler: samplers of :func:`libra.samplers.sample_pos_neg` (``'random'``
+            both, MMDetection's ``train_cfg.rpn.sampler``); ``neg_sampler_kwargs`` configure the
+            negative one (e.g. ``num_bins`` of ``'iou_balanced'``).
+        neg_pos_ub: Libra caps negatives at ``neg_pos_ub * max(1, #pos)`` (5,
+            ``libra-faster-rcnn_r50_fpn_1x_coco: train_cfg.rpn.sampler.neg_pos_ub=5``); -1: no cap.
+        box_loss: ``forward(pred, target, weight, avg_factor)`` on the positive anchors' deltas;
+            default L1 (``loss_bbox=L1Loss``); balanced L1 (paper Sec. 3.3.1) plugs in here.
         pre_nms_top_n_train / _test: per level, candidates kept by score before NMS (2000 / 1000).
         post_nms_top_n_train / _test: proposals kept per image after NMS (1000 / 1000).
         nms_thresh: IoU of the per-level NMS (0.7).
@@ -146,7 +128,11 @@ class RegionProposalNetwork(nn.Module):
         ignore_iof_thr: float = 0.5,
         batch_size_per_image: int = 256,
         positive_fraction: float = 0.5,
+        pos_sampler: str = "random",
+        neg_sampler: str = "random",
+        neg_sampler_kwargs: dict | None = None,
         neg_pos_ub: float = -1.0,
+        box_loss: nn.Module | None = None,
         pre_nms_top_n_train: int = 2000,
         pre_nms_top_n_test: int = 1000,
         post_nms_top_n_train: int = 1000,
@@ -169,7 +155,11 @@ class RegionProposalNetwork(nn.Module):
         )
         self.batch_size_per_image = batch_size_per_image
         self.positive_fraction = positive_fraction
+        self.pos_sampler = pos_sampler
+        self.neg_sampler = neg_sampler
+        self.neg_sampler_kwargs = dict(neg_sampler_kwargs or {})
         self.neg_pos_ub = neg_pos_ub
+        self.box_loss = box_loss if box_loss is not None else L1Loss()
         self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
         self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
         self.nms_thresh = nms_thresh
@@ -205,11 +195,13 @@ class RegionProposalNetwork(nn.Module):
         proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes)
         losses: dict[str, Tensor] = {}
         if self.training and targets is not None:
+            feature_sizes = [tuple(f.shape[-2:]) for f in features]
             losses = self.loss(
                 torch.cat(anchors, dim=0),
                 torch.cat(logits_per_level, dim=1),
                 torch.cat(deltas_per_level, dim=1),
                 targets,
+                self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
             )
         return proposals, losses
 
@@ -248,7 +240,7 @@ class RegionProposalNetwork(nn.Module):
             level_scores.append(top_logits.sigmoid())
             level_ids.append(torch.full((k,), level, dtype=torch.int64, device=device))
         scores = torch.cat(level_scores, dim=1)  # [B, K]
-        boxes = clip_to_image_sizes(torch.cat(level_boxes, dim=1), image_sizes)  # [B, K, 4]
+        boxes = clip_boxes_per_image(torch.cat(level_boxes, dim=1), image_sizes)  # [B, K, 4]
         num_candidates = scores.shape[1]
 
         # Empty boxes (w <= 0 or h <= 0 after clipping) are not removed, which would need a
@@ -257,7 +249,8 @@ class RegionProposalNetwork(nn.Module):
         nms_scores = torch.where(nonempty, scores, torch.full_like(scores, float("-inf")))
 
         # One NMS for the whole batch: group = image * num_levels + level, so boxes of different
-        # images or levels never suppress each other (SPEC: "NMS 0.7 per level").
+        # images or levels never suppress each other (MMDetection RPNHead: batched NMS 0.7 with
+        # the level as the class, test_cfg.rpn.nms=dict(type="nms", iou_threshold=0.7)).
         image_ids = torch.arange(batch, device=device)[:, None] * num_levels
         groups = (image_ids + torch.cat(level_ids)[None, :]).reshape(-1)
         keep = batched_nms(boxes.reshape(-1, 4), nms_scores.reshape(-1), groups, self.nms_thresh)
@@ -281,33 +274,43 @@ class RegionProposalNetwork(nn.Module):
         logits: Tensor,
         deltas: Tensor,
         targets: Sequence[dict[str, Tensor]],
+        valid: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """BCE on sampled anchors + L1 on positive deltas, both over the sampled count.
+        """BCE on sampled anchors + the box loss on positive deltas, both over the sampled count.
 
         Args:
             anchors: ``[N, 4]`` anchors of all levels (same for every image).
             logits: ``[B, N]`` objectness logits.
             deltas: ``[B, N, 4]`` predicted deltas.
             targets: per image dicts with ``boxes`` ``[G, 4]``, ``labels`` ``[G]``, optional ``ignore_boxes``.
+            valid: ``[B, N]`` bool, anchors inside each image's own padded extent
+                (:meth:`AnchorGenerator.valid_flags`); None: all anchors are valid.
 
         Returns:
             ``{"loss_rpn_cls": scalar, "loss_rpn_bbox": scalar}``.
         """
         objectness_targets, sampled_masks, positive_masks, delta_targets, avg_factors = [], [], [], [], []
-        for target in targets:
+        for index, target in enumerate(targets):
             gt_boxes = target["boxes"]
             assignment = self.assigner.assign(
-                anchors, gt_boxes, target["labels"], target.get("ignore_boxes"), validate=False
-            )  # FasterRCNN validated the targets once per batch
+                anchors,
+                gt_boxes,
+                target["labels"],
+                target.get("ignore_boxes"),
+                validate=False,  # the detector validated the targets once per batch
+                valid=None if valid is None else valid[index],
+            )
             positive, negative = sample_pos_neg(
                 assignment.gt_inds,
                 assignment.max_overlaps,
                 num=self.batch_size_per_image,
                 pos_fraction=self.positive_fraction,
-                pos_sampler="random",
-                neg_sampler="random",
+                pos_sampler=self.pos_sampler,
+                neg_sampler=self.neg_sampler,
                 neg_pos_ub=self.neg_pos_ub,
+                labels=assignment.labels,
                 generator=self.generator,
+                **self.neg_sampler_kwargs,
             )
             if gt_boxes.shape[0] > 0:
                 matched = gt_boxes[(assignment.gt_inds - 1).clamp(min=0)]  # [N, 4]
@@ -328,7 +331,5 @@ class RegionProposalNetwork(nn.Module):
         loss_cls = binary_cross_entropy_with_logits(
             logits, torch.stack(objectness_targets), torch.stack(sampled_masks), avg_factor
         )
-        loss_bbox = weighted_sum(
-            l1_loss(deltas, torch.stack(delta_targets)), torch.stack(positive_masks), avg_factor
-        )
+        loss_bbox = self.box_loss(deltas, torch.stack(delta_targets), torch.stack(positive_masks), avg_factor)
         return {"loss_rpn_cls": loss_cls, "loss_rpn_bbox": loss_bbox}

@@ -36,7 +36,7 @@ def select_class_deltas(box_deltas: Tensor, labels: Tensor) -> Tensor:
 
 
 def _init_predictors(fc_cls: nn.Linear, fc_reg: nn.Linear) -> None:
-    # SPEC 1 (R-CNN stage): cls N(0, 0.01), reg N(0, 0.001), biases 0.
+    # MMDetection BBoxHead init: fc_cls N(0, 0.01), fc_reg N(0, 0.001), biases 0.
     nn.init.normal_(fc_cls.weight, std=0.01)
     nn.init.zeros_(fc_cls.bias)
     nn.init.normal_(fc_reg.weight, std=0.001)

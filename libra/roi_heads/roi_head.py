@@ -1,8 +1,10 @@
 """R-CNN stage: sample RoIs from the proposals, pool their features, classify and refine them.
 
-Training (SPEC.md section 1, "R-CNN stage"; Libra R-CNN Sec. 3.1 and 3.3):
+Training (defaults: MMDetection ``faster-rcnn_r50_fpn_1x_coco``, ``train_cfg.rcnn``; Libra
+R-CNN paper Sec. 3.1 and 3.3):
 
-1. the ground-truth boxes join the proposals as extra candidates (IoU 1 with their gt);
+1. the ground-truth boxes join the proposals as extra candidates (IoU 1 with their gt;
+   ``train_cfg.rcnn.sampler.add_gt_as_proposals=True``);
 2. max-IoU assignment (IoU >= 0.5 positive, < 0.5 negative, no low-quality matches);
 3. sampling of 512 RoIs per image with at most 25% positives: random (baseline) or
    instance-balanced positives + IoU-balanced negatives (Libra, Eq. 1-2);
@@ -11,11 +13,19 @@ Training (SPEC.md section 1, "R-CNN stage"; Libra R-CNN Sec. 3.1 and 3.3):
    balanced L1 Eq. 8-10, or LGR-L1 Eq. 11-14) on the positives' gt-class deltas, both divided
    by the number of sampled RoIs in the batch.
 
+:meth:`RoIHead.sample` (steps 1-3) and :meth:`RoIHead.loss` (steps 4-5) are separate: a
+detector samples once and feeds every branch (box, mask) from the same
+:class:`~libra.structures.SampledRoIs`.
+
 The sampler returns boolean masks over a variable number of candidates. Turning them into
 a fixed ``min(512, #candidates)`` RoIs per image with ``topk`` on a priority (positives,
 then negatives, then unused slots) keeps everything on the device; unused slots carry
 weight 0 in both losses. Test-time post-processing (score threshold, per-class NMS)
 produces variable-size outputs and reads shapes back to the host, as it must.
+
+Test-time scoring follows the classification loss: a softmax over C + 1 logits for CE and
+LGR-CE, independent per-class sigmoids for sigmoid losses (sigmoid CE, bucketed class
+re-weighting, paper Sec. 3.3.3), which mark themselves with ``use_sigmoid = True``.
 """
 
 from __future__ import annotations
@@ -26,22 +36,15 @@ import torch
 from torch import Tensor, nn
 
 from libra.box_coder import DeltaXYWHBoxCoder
-from libra.box_head import select_class_deltas
+from libra.boxes import clip_boxes_per_image
 from libra.losses.basic import CrossEntropyLoss, L1Loss
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
-from libra.roi_extractor import MultiLevelRoIExtractor
-from libra.rpn import Proposals, clip_to_image_sizes
 from libra.samplers import sample_pos_neg
+from libra.structures import Proposals, SampledRoIs, boxes_to_rois
 
-
-def _boxes_to_rois(boxes: Sequence[Tensor]) -> Tensor:
-    """Per-image ``[K_i, 4]`` boxes -> ``[sum K_i, 5]`` rows ``(image_index, x1, y1, x2, y2)``."""
-    rois = []
-    for index, image_boxes in enumerate(boxes):
-        column = torch.full((image_boxes.shape[0], 1), float(index), dtype=image_boxes.dtype, device=image_boxes.device)
-        rois.append(torch.cat([column, image_boxes], dim=1))
-    return torch.cat(rois, dim=0)
+from .box_head import select_class_deltas
+from .roi_extractor import MultiLevelRoIExtractor
 
 
 class RoIHead(nn.Module):
@@ -60,9 +63,10 @@ class RoIHead(nn.Module):
         pos_sampler: ``'random'``, ``'instance_balanced'`` or ``'class_balanced'``.
         neg_sampler: ``'random'`` or ``'iou_balanced'``.
         neg_sampler_kwargs: extra arguments of the negative sampler, e.g. ``num_bins=3,
-            floor_thr=0.0, floor_fraction=0.0`` for the IoU-balanced one (MMDetection's
-            steady state, SPEC.md section 2).
-        cls_loss: ``forward(logits, labels, weight, avg_factor)``; default softmax CE.
+            floor_thr=0.0, floor_fraction=0.0`` for the IoU-balanced one (the state MMDetection's
+            ``IoUBalancedNegSampler`` reaches after its first call, ``floor_thr=-1`` rewritten to 0).
+        cls_loss: ``forward(logits, labels, weight, avg_factor)``; default softmax CE. A loss with
+            ``use_sigmoid = True`` makes test-time scores per-class sigmoids instead of a softmax.
         box_loss: ``forward(pred, target, weight, avg_factor)``; default L1 (MMDetection's
             Faster R-CNN baseline).
         box_coder_stds: R-CNN delta stds (0.1, 0.1, 0.2, 0.2).
@@ -114,6 +118,7 @@ class RoIHead(nn.Module):
         self.neg_sampler = neg_sampler
         self.neg_sampler_kwargs = dict(neg_sampler_kwargs or {})
         self.cls_loss = cls_loss if cls_loss is not None else CrossEntropyLoss()
+        self.use_sigmoid = bool(getattr(self.cls_loss, "use_sigmoid", False))
         self.box_loss = box_loss if box_loss is not None else L1Loss()
         self.score_thresh = score_thresh
         self.nms_thresh = nms_thresh
@@ -127,7 +132,6 @@ class RoIHead(nn.Module):
         proposals: Proposals,
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
         """Losses in training (with targets), detections otherwise.
 
@@ -136,28 +140,28 @@ class RoIHead(nn.Module):
             proposals: :class:`Proposals` of the RPN (``[B, P, 4]`` boxes + validity).
             image_sizes: ``(h, w)`` per image before padding.
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
-            original_sizes: ``(h0, w0)`` per image to rescale detections to (test only).
 
         Returns:
             training: ``{"loss_cls", "loss_bbox", "acc"}``; test: per image
-            ``{"boxes": [D, 4], "scores": [D], "labels": [D]}``.
+            ``{"boxes": [D, 4], "scores": [D], "labels": [D]}`` in resized image coordinates.
         """
         if self.training and targets is not None:
-            return self.loss(features, proposals, targets)
-        return self.predict(features, proposals, image_sizes, original_sizes)
+            return self.loss(features, self.sample(proposals, targets))
+        return self.predict(features, proposals, image_sizes)
 
     # ------------------------------------------------------------------ training
-    def sample(
-        self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Assign and sample a fixed number of RoIs per image.
+    @torch.no_grad()
+    def sample(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
+        """Assign and sample a fixed number of RoIs per image (no gradient flows through sampling).
+
+        Args:
+            proposals: ``[B, P, 4]`` proposals with ``[B, P]`` validity.
+            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
 
         Returns:
-            ``rois [R, 5]`` (image index + box), ``labels [R]`` (gt class, or C for background),
-            ``delta_targets [R, 4]`` (zero for non-positives), ``sampled [R]`` float weight (1 for
-            a sampled RoI, 0 for an unused slot), ``positive [R]`` float weight.
+            :class:`SampledRoIs` with ``min(batch_size_per_image, G_i + P)`` rows per image.
         """
-        rois, labels, delta_targets, sampled_weights, positive_weights = [], [], [], [], []
+        rois, labels, matched_gts, delta_targets, sampled_weights, positive_weights = [], [], [], [], [], []
         for index, target in enumerate(targets):
             gt_boxes = target["boxes"].to(proposals.boxes.dtype)
             gt_labels = target["labels"]
@@ -201,8 +205,9 @@ class RoIHead(nn.Module):
             slot_sampled = slot_positive | negative[slots]
             slot_boxes = candidates[slots]
 
+            slot_gt = torch.where(slot_positive, gt_inds[slots] - 1, torch.full_like(gt_inds[slots], -1))
             if num_gts > 0:
-                matched = gt_boxes[(gt_inds[slots] - 1).clamp(min=0)]
+                matched = gt_boxes[slot_gt.clamp(min=0)]
                 encoded = self.box_coder.encode(slot_boxes, matched)
                 encoded = torch.where(slot_positive[:, None], encoded, torch.zeros_like(encoded))
             else:
@@ -210,30 +215,35 @@ class RoIHead(nn.Module):
             background = torch.full_like(assigned_labels[slots], self.num_classes)
             rois.append(slot_boxes)
             labels.append(torch.where(slot_positive, assigned_labels[slots], background))
+            matched_gts.append(slot_gt)
             delta_targets.append(encoded)
             sampled_weights.append(slot_sampled.to(slot_boxes.dtype))
             positive_weights.append(slot_positive.to(slot_boxes.dtype))
-        return (
-            _boxes_to_rois(rois),
-            torch.cat(labels),
-            torch.cat(delta_targets),
-            torch.cat(sampled_weights),
-            torch.cat(positive_weights),
+        return SampledRoIs(
+            rois=boxes_to_rois(rois),
+            labels=torch.cat(labels),
+            matched_gt=torch.cat(matched_gts),
+            box_targets=torch.cat(delta_targets),
+            sampled=torch.cat(sampled_weights),
+            positive=torch.cat(positive_weights),
         )
 
-    def loss(
-        self, features: Sequence[Tensor], proposals: Proposals, targets: Sequence[dict[str, Tensor]]
-    ) -> dict[str, Tensor]:
-        """Classification + box losses on the sampled RoIs (see module docstring).
+    def loss(self, features: Sequence[Tensor], samples: SampledRoIs) -> dict[str, Tensor]:
+        """Classification + box losses on RoIs sampled by :meth:`sample` (see module docstring).
+
+        Args:
+            features: pyramid levels ``[B, C, H_l, W_l]``.
+            samples: the batch's :class:`SampledRoIs` (``R`` rows).
 
         Returns:
             ``{"loss_cls": scalar, "loss_bbox": scalar, "acc": scalar}`` (``acc`` in percent,
             over sampled RoIs, no gradient).
         """
-        rois, labels, delta_targets, sampled, positive = self.sample(proposals, targets)
-        cls_logits, box_deltas = self.box_head(self.roi_extractor(list(features), rois))
+        labels, delta_targets = samples.labels, samples.box_targets
+        sampled, positive = samples.sampled, samples.positive
+        cls_logits, box_deltas = self.box_head(self.roi_extractor(list(features), samples.rois))
         # Both losses are divided by the number of sampled RoIs in the batch (>= 1).
-        num_sampled = sampled.sum().clamp(min=1.0)
+        num_sampled = samples.num_sampled
         loss_cls = self.cls_loss(cls_logits, labels, sampled, num_sampled)
         # Deltas of the gt class; background rows are clamped to a real class and weighted 0,
         # so without positives the loss is exactly 0 and still part of the graph.
@@ -251,34 +261,32 @@ class RoIHead(nn.Module):
         features: Sequence[Tensor],
         proposals: Proposals,
         image_sizes: Sequence[tuple[int, int]],
-        original_sizes: Sequence[tuple[int, int]] | None = None,
     ) -> list[dict[str, Tensor]]:
-        """Score, decode, clip, rescale and NMS the proposals of every image.
+        """Score, decode, clip and NMS the proposals of every image.
 
         Args:
             features: pyramid levels ``[B, C, H_l, W_l]``.
             proposals: ``[B, P, 4]`` boxes with ``[B, P]`` validity.
             image_sizes: ``(h, w)`` per image (boxes are clipped to it).
-            original_sizes: ``(h0, w0)`` per image; boxes are scaled by ``w0 / w`` and ``h0 / h``.
 
         Returns:
-            Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}``, ``D <= detections_per_img``,
-            sorted by decreasing score.
+            Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}`` in resized image
+            coordinates (the detector rescales them once), ``D <= detections_per_img``, sorted by
+            decreasing score.
         """
         batch, num_proposals = proposals.valid.shape
-        rois = _boxes_to_rois(list(proposals.boxes.unbind(0)))
+        rois = boxes_to_rois(list(proposals.boxes.unbind(0)))
         cls_logits, box_deltas = self.box_head(self.roi_extractor(list(features), rois))
         cls_logits, box_deltas = cls_logits.float(), box_deltas.float()  # autocast: score and decode in fp32
         num_classes = self.num_classes
         # Drop the background column (last); proposals that are not real give score 0.
-        scores = cls_logits.softmax(dim=1)[:, :num_classes].view(batch, num_proposals, num_classes)
+        probabilities = cls_logits.sigmoid() if self.use_sigmoid else cls_logits.softmax(dim=1)
+        scores = probabilities[:, :num_classes].view(batch, num_proposals, num_classes)
         scores = scores * proposals.valid[..., None].to(scores.dtype)
         boxes = self.box_coder.decode(
             proposals.boxes[:, :, None, :], box_deltas.view(batch, num_proposals, num_classes, 4)
         )  # [B, P, C, 4]
-        boxes = clip_to_image_sizes(boxes, image_sizes)
-        if original_sizes is not None:
-            boxes = rescale_boxes(boxes, image_sizes, original_sizes)
+        boxes = clip_boxes_per_image(boxes, image_sizes)
 
         detections = []
         class_ids = torch.arange(num_classes, device=scores.device).expand(num_proposals, num_classes)
@@ -294,21 +302,3 @@ class RoIHead(nn.Module):
             )
         return detections
 
-
-def rescale_boxes(
-    boxes: Tensor, image_sizes: Sequence[tuple[int, int]], original_sizes: Sequence[tuple[int, int]]
-) -> Tensor:
-    """Map ``[B, ..., 4]`` boxes from resized image coordinates to original ones (per axis).
-
-    Args:
-        boxes: ``[B, ..., 4]`` in the coordinates of ``image_sizes``.
-        image_sizes: ``(h, w)`` per image (resized).
-        original_sizes: ``(h0, w0)`` per image.
-    """
-    scaled = []
-    for image_boxes, (h, w), (h0, w0) in zip(boxes, image_sizes, original_sizes):
-        # Python-scalar factors: no host-to-device copy.
-        x1, y1, x2, y2 = image_boxes.unbind(-1)
-        sx, sy = w0 / w, h0 / h
-        scaled.append(torch.stack((x1 * sx, y1 * sy, x2 * sx, y2 * sy), dim=-1))
-    return torch.stack(scaled)

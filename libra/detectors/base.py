@@ -1,0 +1,228 @@
+"""What every detector shares: input checks, ground-truth validation, the final rescale.
+
+A detector (two-stage, one-stage, proposal-only) subclasses :class:`Detector` and composes its
+own backbone, neck and heads. Its ``forward`` calls :meth:`Detector.check_inputs` first and
+:meth:`Detector.postprocess` last, so the checks and the one rescale to the original image
+exist once, for every model (torchvision's ``GeneralizedRCNNTransform.postprocess`` plays the
+same role).
+
+Ground-truth validation (one host sync per batch):
+
+- boxes must be ``[G, 4]`` float, finite, with ``x2 >= x1`` and ``y2 >= y1``; otherwise ValueError;
+- boxes with zero width or height (``x2 == x1`` or ``y2 == y1``) are *dropped* (with their labels):
+  they cover no pixel, cannot be regressed to (``ln(0)``), and data loaders may legitimately
+  produce them after clipping; dropping them is the documented rule;
+- labels must be ``[G]`` integers in ``[0, C-1]`` (background C is not a gt label);
+- every image must be at least 32 px on each side (the coarsest backbone stage has stride 32).
+
+An image with no boxes trains normally: all its samples are negatives.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+MIN_IMAGE_SIDE = 32
+
+# Output keys that hold boxes (x1, y1, x2, y2) and are rescaled to the original image.
+BOX_KEYS = ("boxes", "proposals")
+
+
+class Detector(nn.Module):
+    """Base class of libra's detectors.
+
+    Attributes:
+        iou_types: what the evaluator should measure for this model's outputs: ``("bbox",)`` for
+            a detector, ``("proposal",)`` for a proposal model (later ``"segm"`` with masks).
+        validate_targets: check the ground truth (module docstring). Costs one host sync per
+            training batch; turn off only for inputs checked elsewhere.
+    """
+
+    iou_types: tuple[str, ...] = ("bbox",)
+
+    def __init__(self, num_classes: int, validate_targets: bool = True) -> None:
+        super().__init__()
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1 (foreground classes), got {num_classes}")
+        self.num_classes = num_classes
+        self.validate_targets = validate_targets
+
+    # ------------------------------------------------------------------ inputs
+    def check_inputs(
+        self,
+        images: Tensor,
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict[str, Tensor]] | None,
+        original_sizes: Sequence[tuple[int, int]] | None,
+    ) -> tuple[list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Check the batch; in training also validate the targets and move them to the images' device.
+
+        Returns:
+            ``(image_sizes as int pairs, targets or None)``.
+        """
+        sizes = check_images(images, image_sizes, original_sizes)
+        if not self.training:
+            return sizes, None
+        if targets is None:
+            raise ValueError("targets are required in training mode; call model.eval() to get detections")
+        if self.validate_targets:
+            targets = check_targets(targets, len(sizes), self.num_classes)
+        return sizes, [targets_to_device(target, images.device) for target in targets]
+
+    # ------------------------------------------------------------------ outputs
+    @staticmethod
+    def postprocess(
+        outputs: list[dict[str, Tensor]],
+        image_sizes: Sequence[tuple[int, int]],
+        original_sizes: Sequence[tuple[int, int]] | None,
+    ) -> list[dict[str, Tensor]]:
+        """Rescale every box output (``boxes``, ``proposals``) from the resized to the original image.
+
+        Args:
+            outputs: per image dicts in resized image coordinates.
+            image_sizes: ``(h, w)`` per image (resized).
+            original_sizes: ``(h0, w0)`` per image, or None to keep resized coordinates.
+        """
+        if original_sizes is None:
+            return outputs
+        for output, size, original in zip(outputs, image_sizes, original_sizes):
+            for key in BOX_KEYS:
+                if key in output:
+                    output[key] = rescale_boxes(output[key], size, original)
+        return outputs
+
+
+def rescale_boxes(boxes: Tensor, image_size: tuple[int, int], original_size: tuple[int, int]) -> Tensor:
+    """Map ``[..., 4]`` boxes of one image from resized to original coordinates (per axis).
+
+    Python-scalar factors ``w0 / w`` and ``h0 / h``: no host-to-device copy.
+    """
+    (h, w), (h0, w0) = image_size, original_size
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    sx, sy = w0 / w, h0 / h
+    return torch.stack((x1 * sx, y1 * sy, x2 * sx, y2 * sy), dim=-1)
+
+
+def check_images(
+    images: Tensor,
+    image_sizes: Sequence[tuple[int, int]],
+    original_sizes: Sequence[tuple[int, int]] | None,
+) -> list[tuple[int, int]]:
+    """Shape checks only (host-side values, no device sync)."""
+    if not isinstance(images, Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"images must be a [B, 3, H, W] tensor, got {tuple(getattr(images, 'shape', ())) or type(images).__name__}"
+        )
+    if not images.is_floating_point():
+        raise ValueError(f"images must be normalised floating point, got dtype {images.dtype}")
+    batch, _, height, width = images.shape
+    if len(image_sizes) != batch:
+        raise ValueError(f"got {len(image_sizes)} image_sizes for a batch of {batch} images; pass one (h, w) per image")
+    sizes = []
+    for index, size in enumerate(image_sizes):
+        h, w = (int(v) for v in size)
+        if h < MIN_IMAGE_SIDE or w < MIN_IMAGE_SIDE:
+            raise ValueError(
+                f"image {index} is {h}x{w} px; each side must be at least {MIN_IMAGE_SIDE} px "
+                "(the coarsest feature level has stride 32): resize it up"
+            )
+        if h > height or w > width:
+            raise ValueError(f"image_sizes[{index}] = {(h, w)} exceeds the padded batch size {(height, width)}")
+        sizes.append((h, w))
+    if original_sizes is not None:
+        if len(original_sizes) != batch:
+            raise ValueError(f"got {len(original_sizes)} original_sizes for a batch of {batch} images")
+        if any(int(h0) <= 0 or int(w0) <= 0 for h0, w0 in original_sizes):
+            raise ValueError(f"original_sizes must be positive (h, w) pairs, got {list(original_sizes)}")
+    return sizes
+
+
+def check_targets(targets: Sequence[dict[str, Tensor]], batch: int, num_classes: int) -> list[dict[str, Tensor]]:
+    """Validate the ground truth (one host sync for the whole batch); drop zero-area boxes."""
+    if len(targets) != batch:
+        raise ValueError(f"got {len(targets)} targets for a batch of {batch} images; pass one dict per image")
+    checked: list[dict[str, Tensor]] = []
+    flags = []  # per image: [bad box, label out of range, bad ignore box, zero-area box]
+    for index, target in enumerate(targets):
+        if not isinstance(target, dict) or "boxes" not in target or "labels" not in target:
+            raise ValueError(f"targets[{index}] must be a dict with 'boxes' [G, 4] and 'labels' [G]")
+        boxes, labels = target["boxes"], target["labels"]
+        if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4 or not boxes.is_floating_point():
+            raise ValueError(
+                f"targets[{index}]['boxes'] must be a float [G, 4] tensor (x1, y1, x2, y2), "
+                f"got {getattr(boxes, 'dtype', type(boxes).__name__)} {tuple(getattr(boxes, 'shape', ()))}"
+            )
+        if (
+            not isinstance(labels, Tensor)
+            or labels.dim() != 1
+            or labels.shape[0] != boxes.shape[0]
+            or labels.is_floating_point()
+            or labels.dtype == torch.bool
+        ):
+            raise ValueError(
+                f"targets[{index}]['labels'] must be an integer [G] tensor with G = {boxes.shape[0]}, "
+                f"got {getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}"
+            )
+        ignore = target.get("ignore_boxes")
+        if ignore is not None and (
+            not isinstance(ignore, Tensor) or ignore.dim() != 2 or ignore.shape[1] != 4 or not ignore.is_floating_point()
+        ):
+            raise ValueError(f"targets[{index}]['ignore_boxes'] must be a float [Gi, 4] tensor or absent")
+        flags.append(
+            torch.stack(
+                [
+                    _invalid_boxes(boxes).any(),
+                    ((labels < 0) | (labels >= num_classes)).any(),
+                    _invalid_boxes(ignore).any() if ignore is not None else boxes.new_zeros((), dtype=torch.bool),
+                    _zero_area(boxes).any(),
+                ]
+            )
+        )
+    flags_host = torch.stack(flags).tolist() if flags else []  # the one host sync
+    for index, (target, (bad_box, bad_label, bad_ignore, zero_area)) in enumerate(zip(targets, flags_host)):
+        boxes, labels = target["boxes"], target["labels"]
+        if bad_box:
+            row = int(_invalid_boxes(boxes).to(torch.uint8).argmax())
+            raise ValueError(
+                f"targets[{index}]['boxes'][{row}] = {boxes[row].tolist()} is not finite or has x2 < x1 / y2 < y1; "
+                "boxes must be finite [x1, y1, x2, y2] with x2 >= x1 and y2 >= y1"
+            )
+        if bad_label:
+            raise ValueError(
+                f"targets[{index}]['labels'] must lie in [0, {num_classes - 1}] (num_classes = "
+                f"{num_classes}; background is not a gt label), got min {int(labels.min())}, max {int(labels.max())}"
+            )
+        if bad_ignore:
+            raise ValueError(f"targets[{index}]['ignore_boxes'] has a non-finite or inverted box (x2 < x1 or y2 < y1)")
+        target = dict(target)
+        target["labels"] = labels.to(torch.int64)
+        if zero_area:
+            keep = ~_zero_area(boxes)
+            target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+        checked.append(target)
+    return checked
+
+
+def targets_to_device(target: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    """Move the tensors the detector reads (boxes, labels, ignore_boxes) to ``device``."""
+    moved = dict(target)
+    for key in ("boxes", "labels", "ignore_boxes"):
+        value = moved.get(key)
+        if isinstance(value, Tensor) and value.device != device:
+            moved[key] = value.to(device)
+    return moved
+
+
+def _invalid_boxes(boxes: Tensor) -> Tensor:
+    """``[N]`` bool: non-finite coordinates or x2 < x1 or y2 < y1."""
+    if boxes.numel() == 0:
+        return torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    return ~torch.isfinite(boxes).all(dim=1) | (boxes[:, 2] < boxes[:, 0]) | (boxes[:, 3] < boxes[:, 1])
+
+
+def _zero_area(boxes: Tensor) -> Tensor:
+    """``[N]`` bool: zero width or zero height (assumes the boxes are otherwise valid)."""
+    return (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])
