@@ -1,25 +1,54 @@
-"""Load released MMDetection v2/v3 Faster R-CNN / Libra R-CNN checkpoints (SPEC.md section 5).
+"""Load released MMDetection v2/v3 two-stage detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN.
 
-MMDetection key -> this project's key:
+Key layouts are those of the MMDetection v2/v3 released checkpoints of the configs
+``faster-rcnn_r50_fpn_1x_coco`` (v2: ``faster_rcnn_r50_fpn_1x_coco``),
+``pafpn/faster-rcnn_r50_pafpn_1x_coco``, ``libra-faster-rcnn_r50_fpn_1x_coco`` (v2:
+``libra_faster_rcnn_r50_fpn_1x_coco``, Libra R-CNN, Pang et al., CVPR 2019) and of the GN
+``Shared4Conv1FCBBoxHead`` (``norm_cfg=dict(type='GN', num_groups=32)``, as in
+``gn/mask-rcnn_r50_fpn_gn-all_2x_coco``; the paper's "4conv-fc head with GN", Sec. 4.1.3).
 
-- ``backbone.*``                                -> ``backbone.*`` (torchvision ResNet names in both)
-- ``neck.0.lateral_convs.{i}.conv.{w,b}``       -> ``neck.0.lateral_convs.{i}.{w,b}``
-- ``neck.0.fpn_convs.{i}.conv.{w,b}``           -> ``neck.0.fpn_convs.{i}.{w,b}``
-- ``neck.1.refine.{g,theta,phi,conv_out}.conv.*`` -> ``neck.1.refine.{g,theta,phi,conv_out}.*``
-- ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``      -> ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
-- ``roi_head.bbox_head.*``                      -> ``roi_head.box_head.*``
-  (``shared_fcs.{0,1}``, ``fc_cls`` ``[C+1, 1024]``, ``fc_reg`` ``[4C, 1024]``).
+This project always holds the neck as an ``nn.Sequential``: ``neck.0`` is the FPN or PAFPN,
+``neck.1`` the balanced feature pyramid (BFP) when there is one. MMDetection indexes its neck
+only when the config gives a LIST of necks (``neck=[FPN, BFP]``, Libra R-CNN, or
+``[PAFPN, BFP]``); a single neck (plain Faster R-CNN, PAFPN) has no index. The checkpoint's own
+keys decide which: any ``neck.<name>.*`` key (e.g. ``neck.lateral_convs.0.conv.weight``) makes
+it a single-neck checkpoint, otherwise ``neck.<i>.*`` keys are a list (a mix is refused).
 
-MMDetection wraps convs in a ``ConvModule`` (``X.conv.weight``); this project uses plain
-``nn.Conv2d`` where there is no norm layer, so ``.conv`` is dropped whenever the key
-without it is the model's (e.g. ``neck.1.refine.conv.weight`` of the 'conv' refiner and
-``shared_convs.{i}.conv.weight`` of the GN head keep it, because the model names them so).
-Both use background as the LAST class, so classifier rows need no reordering.
+MMDetection key -> this project's key (rules applied in this order):
+
+==============================================================  ==============================================
+MMDetection v2/v3 released checkpoint                           this project
+==============================================================  ==============================================
+``backbone.*`` (torchvision ResNet names)                       ``backbone.*`` (unchanged)
+single neck: ``neck.X``                                         ``neck.0.X``
+list of necks: ``neck.{0,1}.X``                                 ``neck.{0,1}.X``
+``neck.0.{lateral,fpn}_convs.{i}.conv.{weight,bias}``           ``neck.0.{lateral,fpn}_convs.{i}.{weight,bias}``
+``neck.0.{downsample,pafpn}_convs.{i}.conv.{weight,bias}``      ``neck.0.{downsample,pafpn}_convs.{i}.{weight,bias}``
+``neck.1.refine.{g,theta,phi,conv_out}.conv.{weight,bias}``     ``neck.1.refine.{g,theta,phi,conv_out}.{weight,bias}``
+``neck.1.refine.conv.{weight,bias}`` (``refine_type='conv'``)   unchanged
+``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``                       ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
+``roi_head.bbox_head.*``                                        ``roi_head.box_head.*``
+``roi_head.bbox_head.shared_convs.{i}.{conv,gn}.*`` (GN head)   ``roi_head.box_head.shared_convs.{i}.{conv,gn}.*``
+anything else                                                   unchanged, hence reported as not in the model
+==============================================================  ==============================================
+
+(``shared_fcs.{0,1}``, ``fc_cls`` ``[C+1, 1024]``, ``fc_reg`` ``[4C, 1024]``; the RPN has
+``rpn_cls`` ``[3, 256, 1, 1]``, ``rpn_reg`` ``[12, 256, 1, 1]``.)
+
+MMDetection wraps convs in a ``ConvModule`` (``X.conv.weight``). Only the wrappers listed
+above, which this project replaces by a plain ``nn.Conv2d`` (no norm layer), lose ``.conv``;
+the renaming uses the checkpoint's names only, never the target model's, so a key that no rule
+knows (e.g. a GN neck's ``neck.lateral_convs.0.gn.weight``, RetinaNet's ``bbox_head.*``,
+Mask R-CNN's ``roi_head.mask_head.*``) is kept as is and reported, never silently dropped.
+Both use background as the LAST class, so classifier rows need no reordering. A BFP without a
+refiner (``refine_type=None``) has no parameters, so its checkpoint cannot be told from a plain
+FPN one.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 import torch
@@ -30,6 +59,16 @@ _PREFIXES = (
     ("rpn_head.", "rpn.head."),
     ("roi_head.bbox_head.", "roi_head.box_head."),
 )
+
+# ConvModule wrappers that are plain nn.Conv2d here: drop their ``.conv`` level (after the neck
+# has been given its Sequential index).
+_PLAIN_CONVS = re.compile(
+    r"^(neck\.0\.(?:lateral_convs|fpn_convs|downsample_convs|pafpn_convs)\.\d+"
+    r"|neck\.1\.refine\.(?:g|theta|phi|conv_out))\.conv\.(weight|bias)$"
+)
+
+_SINGLE_NECK_KEY = re.compile(r"^neck\.(?!\d+\.)")  # neck.<name>.*: one neck, no Sequential index
+_LIST_NECK_KEY = re.compile(r"^neck\.\d+\.")
 
 
 def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> Mapping[str, Tensor]:
@@ -53,41 +92,84 @@ def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> Mapping
     return state_dict
 
 
-def convert_mmdet_state_dict(state_dict: Mapping[str, Tensor], model_keys: set[str]) -> dict[str, Tensor]:
-    """Rename MMDetection keys to this project's (see module docstring).
+def _convert_key(key: str, single_neck: bool) -> str:
+    if single_neck and key.startswith("neck."):
+        key = "neck.0." + key[len("neck."):]
+    for old, new in _PREFIXES:
+        if key.startswith(old):
+            key = new + key[len(old):]
+            break
+    return _PLAIN_CONVS.sub(r"\1.\2", key)
+
+
+def _convert(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Renamed state_dict and, for each new key, the checkpoint key it came from."""
+    single = sorted(key for key in state_dict if _SINGLE_NECK_KEY.match(key))
+    listed = sorted(key for key in state_dict if _LIST_NECK_KEY.match(key))
+    if single and listed:
+        raise ValueError(
+            f"the checkpoint mixes single-neck keys ({_head(single, 3)}) with list-of-necks keys "
+            f"({_head(listed, 3)}); an MMDetection checkpoint has one or the other"
+        )
+    converted: dict[str, Tensor] = {}
+    origin: dict[str, str] = {}
+    for key, value in state_dict.items():
+        new_key = _convert_key(key, single_neck=bool(single))
+        if new_key in origin:
+            raise ValueError(f"checkpoint keys {origin[new_key]!r} and {key!r} both map to {new_key!r}")
+        converted[new_key] = value
+        origin[new_key] = key
+    return converted, origin
+
+
+def convert_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Rename MMDetection keys to this project's (rules in the module docstring).
+
+    The renaming depends on the checkpoint's keys only (single neck or list of necks is read
+    from them), not on a target model.
 
     Args:
         state_dict: MMDetection ``state_dict`` (``backbone.*``, ``neck.*``, ``rpn_head.*``, ``roi_head.*``).
-        model_keys: keys of the target model's ``state_dict``, used to decide whether a
-            ConvModule's ``.conv`` level exists in the model.
 
     Returns:
-        A new dict with renamed keys (unknown keys are kept, renamed by prefix only, so that
-        the caller can report them).
+        A new dict with renamed keys. Keys no rule knows are kept unchanged, so that the caller
+        can report them.
+
+    Raises:
+        ValueError: when the checkpoint mixes ``neck.<name>.*`` and ``neck.<i>.*`` keys, or two
+            keys map to the same name.
     """
-    converted: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new_key = key
-        for old, new in _PREFIXES:
-            if new_key.startswith(old):
-                new_key = new + new_key[len(old):]
-                break
-        if new_key not in model_keys and ".conv." in new_key:
-            head, _, leaf = new_key.rpartition(".conv.")
-            if f"{head}.{leaf}" in model_keys:
-                new_key = f"{head}.{leaf}"
-        converted[new_key] = value
-    return converted
+    return _convert(state_dict)[0]
+
+
+def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:
+    """The preset overrides (``neck``, ``box_head``) that a set of this project's keys implies.
+
+    Only the parts the keys show are returned (no ``neck`` entry without ``neck.*`` keys).
+    """
+    layout = {}
+    if any(key.startswith("neck.") for key in keys):
+        bfp = any(key.startswith("neck.1.") for key in keys)
+        pafpn = any(key.startswith("neck.0.downsample_convs.") for key in keys)
+        layout["neck"] = {(False, False): "fpn", (True, False): "bfp", (False, True): "pafpn", (True, True): "bpafpn"}[
+            (bfp, pafpn)
+        ]
+    if any(key.startswith("roi_head.box_head.") for key in keys):
+        four_conv = any(key.startswith("roi_head.box_head.shared_convs.") for key in keys)
+        layout["box_head"] = "4conv1fc" if four_conv else "shared2fc"
+    return layout
 
 
 def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping) -> nn.Module:
-    """Load an MMDetection v2/v3 Faster R-CNN or Libra R-CNN checkpoint into ``model`` (in place).
+    """Load an MMDetection v2/v3 Faster R-CNN, PAFPN or Libra R-CNN checkpoint into ``model`` (in place).
 
     Args:
-        model: a :class:`libra.faster_rcnn.FasterRCNN` built with the same architecture (e.g.
-            ``build_model("libra_faster_rcnn_r50_fpn", num_classes=80)``).
+        model: a detector from :func:`libra.presets.build_model` with the same architecture (e.g.
+            ``build_model("libra_faster_rcnn_r50_fpn", num_classes=80)`` for
+            ``libra-faster-rcnn_r50_fpn_1x_coco``, ``build_model("faster_rcnn_r50_fpn", 80)`` for
+            ``faster-rcnn_r50_fpn_1x_coco``, ``neck="pafpn"`` for ``faster-rcnn_r50_pafpn_1x_coco``).
         path_or_state_dict: a ``.pth`` path, a dict with ``'state_dict'`` (MMDetection's format),
-            or a raw state_dict.
+            or a raw state_dict (a ``module.`` prefix on every key is stripped).
 
     Returns:
         ``model``.
@@ -95,17 +177,21 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
     Raises:
         ValueError: when a model key is missing from the checkpoint, a checkpoint key has no
             place in the model (e.g. a RetinaNet or Mask R-CNN checkpoint, or a BFP checkpoint into a
-            plain-FPN model), or a shape differs (e.g. another class count); the message names them.
+            plain-FPN model), or a shape differs (e.g. another class count); the message names them
+            (checkpoint keys by their MMDetection name) and the preset overrides that would fit.
     """
     expected = model.state_dict()
-    converted = convert_mmdet_state_dict(_read_state_dict(path_or_state_dict), set(expected))
+    converted, origin = _convert(_read_state_dict(path_or_state_dict))
 
     # BatchNorm's num_batches_tracked carries no information: allow it on either side.
     def optional(key: str) -> bool:
         return key.endswith("num_batches_tracked")
 
+    def named(key: str) -> str:
+        return key if origin[key] == key else f"{origin[key]} (as {key})"
+
     missing = sorted(k for k in expected if k not in converted and not optional(k))
-    unexpected = sorted(k for k in converted if k not in expected and not optional(k))
+    unexpected = sorted(named(k) for k in converted if k not in expected and not optional(k))
     mismatched = sorted(
         f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
         for k, v in converted.items()
@@ -126,6 +212,13 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
                 f" The checkpoint has {converted[cls_key].shape[0] - 1} classes, the model "
                 f"{expected[cls_key].shape[0] - 1}: build the model with num_classes={converted[cls_key].shape[0] - 1}."
             )
+        checkpoint_layout, model_layout = _layout(converted), _layout(expected)
+        differ = {k: v for k, v in checkpoint_layout.items() if model_layout.get(k, v) != v}
+        if differ:
+            hint += (
+                f" The checkpoint's layout is {_overrides(checkpoint_layout)}, the model's "
+                f"{_overrides(model_layout)}: build the model with {_overrides(differ)}."
+            )
         raise ValueError(
             "the checkpoint does not match the model: " + "; ".join(problems) + "." + hint
             + " Build the model with the preset the checkpoint was trained with."
@@ -137,6 +230,10 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             to_load[key] = expected[key]
     model.load_state_dict(to_load, strict=True)
     return model
+
+
+def _overrides(layout: Mapping[str, str]) -> str:
+    return ", ".join(f"{key}={value!r}" for key, value in layout.items())
 
 
 def _head(items: list[str], limit: int = 8) -> str:
