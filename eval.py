@@ -27,8 +27,7 @@ from pathlib import Path
 
 import torch
 
-import train as train_script
-from libra.engine.builders import DATASETS, DataError, build_dataset, build_eval_loader
+from libra.engine.builders import DataError, build_dataset, build_eval_loader
 from libra.engine.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -37,6 +36,7 @@ from libra.engine.checkpoint import (
     load_checkpoint_file,
     load_model_state,
 )
+from libra.engine.cli import add_data_arguments, add_model_arguments, apply_recipe, build_detector, data_settings, one_line
 from libra.engine.distributed import DistributedContext, launch
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.trainer import autocast_context
@@ -56,31 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Evaluate a libra / MMDetection checkpoint.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", default=None, help="libra or MMDetection .pth (required unless --fps)")
-    parser.add_argument("--dataset", choices=DATASETS, default=None, help="default: the checkpoint's, else synthetic")
-    parser.add_argument("--data-root", default=None)
-    parser.add_argument("--model", default=None, help="preset (default: the checkpoint's, else libra_faster_rcnn_r50_fpn)")
-    parser.add_argument("--sampler", choices=("random", "iou_balanced"), default=None)
-    parser.add_argument("--neck", choices=("fpn", "bfp", "pafpn", "bpafpn"), default=None)
-    parser.add_argument("--box-loss", choices=("smooth_l1", "l1", "balanced_l1", "lgr_l1"), default=None)
-    parser.add_argument("--cls-loss", choices=("ce", "lgr_ce"), default=None)
-    parser.add_argument("--box-head", choices=("shared2fc", "4conv1fc"), default=None)
-    parser.add_argument("--frozen-stages", type=int, default=None)
-    parser.add_argument("--backbone-norm", choices=("frozen", "bn"), default=None)
-    parser.add_argument("--width-per-group", type=int, default=None)
-    parser.add_argument("--stage-blocks", type=int, nargs=4, default=None)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="other preset overrides")
-    parser.add_argument("--min-size", type=int, default=None)
-    parser.add_argument("--max-size", type=int, default=None)
-    parser.add_argument("--synthetic-num-train", type=int, default=None)
-    parser.add_argument("--synthetic-num-val", type=int, default=None)
-    parser.add_argument("--synthetic-image-size", type=int, default=None)
+    data = add_data_arguments(parser, dataset_default=None)
+    data.add_argument("--workers", type=int, default=2)
+    add_model_arguments(parser, model_default=None)
     parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
     parser.add_argument("--fps", action="store_true", help="measure inference images/s (batch 1, after warm-up)")
     parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
     parser.add_argument("--show-score-thr", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=1, help="images per process")
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
@@ -117,28 +101,13 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, d
         args.set = list(saved["set"])
     args.dataset = args.dataset or "synthetic"
     args.model = args.model or "libra_faster_rcnn_r50_fpn"
-    # Reuse train.py's defaults for everything else (sizes, synthetic settings, overrides).
-    train_args = train_script.build_parser().parse_args([])
-    for key, value in vars(args).items():
-        setattr(train_args, key, value)
-    train_args.gpus = args.gpus
-    train_args.epochs, train_args.lr_steps, train_args.lr = None, None, 0.0
-    train_args.log_interval = train_args.warmup_iters = train_args.batch_size = None
-    train_args.multi_scale = False
-    train_args.schedule = "1x"
-    train_args.max_iters = None
-    train_args.resume = None
-    train_args.work_dir = args.work_dir or "unused"
-    workers = args.workers
-    train_args = train_script.resolve_args(train_args)
-    train_args.workers = workers
-    train_args.batch_size = args.batch_size
+    apply_recipe(args)  # sizes, synthetic settings, backbone knobs and overrides not given or saved
     if args.work_dir is None:
         if args.checkpoint:
-            train_args.work_dir = str(Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}")
+            args.work_dir = str(Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}")
         else:
-            train_args.work_dir = str(Path("work_dirs") / f"eval_{train_args.model}_{train_args.dataset}")
-    return train_args, kind, checkpoint
+            args.work_dir = str(Path("work_dirs") / f"eval_{args.model}_{args.dataset}")
+    return args, kind, checkpoint
 
 
 def load_weights(model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int) -> None:
@@ -157,7 +126,7 @@ def load_weights(model: torch.nn.Module, kind: str | None, checkpoint: dict | No
         try:
             load_mmdet_checkpoint(model, checkpoint)
         except ValueError as error:
-            raise CheckpointError(f"{args.checkpoint} does not fit --model {args.model}: {train_script.one_line(error)}") from None
+            raise CheckpointError(f"{args.checkpoint} does not fit --model {args.model}: {one_line(error)}") from None
 
 
 @torch.no_grad()
@@ -193,16 +162,16 @@ def eval_worker(ctx: DistributedContext, payload) -> int:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         if ctx.is_main:
-            print(f"error: {train_script.one_line(error)}", file=sys.stderr, flush=True)
+            print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 
 def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict | None) -> int:
     if ctx.device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world_size))
-    settings = train_script.data_settings(args)
+    settings = data_settings(args)
     dataset = build_dataset(settings, train=False)
-    model = train_script.build_detector(args, dataset.num_classes)
+    model = build_detector(args, dataset.num_classes)
     load_weights(model, kind, checkpoint, args, dataset.num_classes)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)
@@ -257,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, ValueError) as error:
         if os.environ.get("LIBRA_DEBUG"):
             raise
-        print(f"error: {train_script.one_line(error)}", file=sys.stderr, flush=True)
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
 
 

@@ -7,7 +7,8 @@
     python train.py --dataset coco --data-root /data/coco --gpus 8 --model faster_rcnn_r50_fpn \\
         --sampler iou_balanced --neck bfp                         # a row of the paper's Table 3
 
-Schedule (SPEC.md section 1, paper Sec. 4.1): SGD, lr 0.02 for a total batch of 16 images
+Recipes per dataset and detector live in ``libra.recipes``. COCO (paper Sec. 4.1.2, MMDetection
+``schedule_1x.py``): SGD, lr 0.02 for a total batch of 16 images
 (scaled linearly: lr = 0.02 x total batch / 16), momentum 0.9, weight decay 1e-4, linear
 warmup over 500 iterations from 0.001 x lr, lr x 0.1 after epochs 8 and 11 of 12 (1x) or 16
 and 22 of 24 (2x); 2 images per GPU. VOC follows the paper's Sec. 4.5: lr 0.01 per 16
@@ -28,11 +29,10 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import torch
 
-from libra.engine.builders import DATASETS, DataError, DataSettings, build_dataset, build_eval_loader, build_train_loader
+from libra.engine.builders import DataError, build_dataset, build_eval_loader, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -41,98 +41,11 @@ from libra.engine.checkpoint import (
     load_checkpoint_file,
     load_model_state,
 )
+from libra.engine.cli import add_data_arguments, add_model_arguments, apply_recipe, build_detector, data_settings, one_line
 from libra.engine.distributed import DistributedContext, launch
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.lr_schedule import WarmupMultiStepLR
 from libra.engine.trainer import NonFiniteLossError, SkipBatches, TrainConfig, Trainer, seed_everything
-
-# ---------------------------------------------------------------------------------------------
-# Defaults per dataset. Values given on the command line always win.
-# ---------------------------------------------------------------------------------------------
-
-# The paper's recipe (Sec. 4.1 / SPEC.md section 1) for COCO and LVIS.
-COCO_DEFAULTS: dict[str, Any] = {
-    "min_size": 800,
-    "max_size": 1333,
-    "multi_scale_range": (640, 800),  # paper 4.1.3, used with --multi-scale
-    "lr_per_16_images": 0.02,
-    "schedules": {"1x": (12, (8, 11)), "2x": (24, (16, 22))},
-    "warmup_iters": 500,
-    "grad_clip": 0.0,
-    "optimizer": "sgd",
-    "keep_checkpoints": 0,
-    "batch_size": 2,
-    "workers": 4,
-    "log_interval": 50,
-}
-
-# Paper Sec. 4.5 (VOC 07+12): short side 600, long side <= 1000, lr 0.01, step after epoch 9.
-VOC_DEFAULTS: dict[str, Any] = {
-    **COCO_DEFAULTS,
-    "min_size": 600,
-    "max_size": 1000,
-    "multi_scale_range": (480, 600),
-    "lr_per_16_images": 0.01,
-    "schedules": {"1x": (12, (9,)), "2x": (24, (18,))},
-}
-
-# The no-argument default: learn the synthetic shapes FROM SCRATCH (no pretrained weights are
-# available offline) on 2 CPU cores in about 10 minutes, to AP50 >= 0.7 on its val split.
-# The detector is still the Libra R-CNN preset (IoU-balanced sampling, balanced feature pyramid
-# with non-local refinement, balanced L1 loss, FPN, bottleneck ResNet); what differs, and why:
-# - small images: the shapes are rendered at 128 x 128 and used at that size (no resize); the
-#   objects keep their 16..128 px sizes, which the anchors (32 px and up) cover;
-# - a shallow backbone: the first bottleneck of each ResNet-50 stage (--stage-blocks 1 1 1 1;
-#   same widths, strides and parameter names), and 128-channel FPN, 256-d box-head fcs,
-#   128 RoIs per image, 600/300 RPN proposals: a training step of 4 images takes ~0.35 s;
-# - trainable batch-norm statistics and no frozen stage: frozen BN with random statistics (the
-#   ImageNet recipe of SPEC.md) normalises nothing, and a network trained from scratch needs
-#   normalisation; the stem and layer1 must learn too;
-# - AdamW (lr 3e-4) with gradient-norm clipping at 10: SGD at the paper's lr is unstable from
-#   scratch here (gradient explosions, then a collapse to "all background"), and AdamW reaches
-#   a useful detector in far fewer iterations; the warmup/step schedule is the paper's shape;
-# - 12 epochs of 384 images, batch 4 (1152 iterations), lr x 0.1 after epochs 8 and 11.
-# Measured (2 CPU cores, torch 2.14): box AP 0.556, AP50 0.821 on the 64 val images in 7.4 min;
-# 8.5-11 min while other jobs shared the cores. SGD at lr 0.005-0.03 reached
-# rpn_cls ~0.3 after 200 iterations where AdamW reached ~0.2 (and lr 0.02-0.03 collapsed).
-SYNTHETIC_DEFAULTS: dict[str, Any] = {
-    "synthetic_num_train": 384,
-    "synthetic_num_val": 64,
-    "synthetic_image_size": 128,
-    "min_size": 128,
-    "max_size": 128,
-    "multi_scale_range": (96, 128),
-    "optimizer": "adamw",
-    "lr": 3e-4,
-    "lr_per_16_images": None,  # the lr above is used as is (not scaled with the batch)
-    "schedules": {"1x": (12, (8, 11)), "2x": (24, (16, 22))},
-    "warmup_iters": 50,
-    "grad_clip": 10.0,
-    "keep_checkpoints": 2,  # the newest two (134 MB each)
-    "batch_size": 4,
-    "workers": 0,
-    "log_interval": 20,
-    "backbone_norm": "bn",
-    "frozen_stages": -1,
-    "width_per_group": 64,
-    "stage_blocks": (1, 1, 1, 1),
-    "overrides": {
-        "fpn_channels": 128,
-        "fc_channels": 256,
-        "roi_batch_size": 128,
-        "rpn_pre_nms_top_n_train": 600,
-        "rpn_post_nms_top_n_train": 300,
-        "rpn_pre_nms_top_n_test": 300,
-        "rpn_post_nms_top_n_test": 300,
-    },
-}
-
-DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "synthetic": SYNTHETIC_DEFAULTS,
-    "coco": COCO_DEFAULTS,
-    "lvis": COCO_DEFAULTS,
-    "voc": VOC_DEFAULTS,
-}
 
 EXIT_BAD_INPUT = 1
 EXIT_NON_FINITE = 3
@@ -143,40 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train Libra R-CNN / Faster R-CNN (libra presets).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    data = parser.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="synthetic")
-    data.add_argument("--data-root", default=None, help="dataset folder (synthetic: generated there; default work_dirs/synthetic_data)")
-    data.add_argument("--min-size", type=int, default=None, help="short side after resize (dataset default)")
-    data.add_argument("--max-size", type=int, default=None, help="cap on the long side (dataset default)")
+    data = add_data_arguments(parser, dataset_default="synthetic")
     data.add_argument("--multi-scale", action="store_true", help="short side drawn from [640, 800] (paper 4.1.3)")
     data.add_argument("--repeat-factor-sampling", action="store_true", help="LVIS repeat-factor sampling (thr 0.001)")
-    data.add_argument("--synthetic-num-train", type=int, default=None)
-    data.add_argument("--synthetic-num-val", type=int, default=None)
-    data.add_argument("--synthetic-image-size", type=int, default=None)
     data.add_argument("--workers", type=int, default=None, help="data-loader processes per GPU")
 
-    model = parser.add_argument_group("model")
-    model.add_argument("--model", default="libra_faster_rcnn_r50_fpn", help="a preset of libra.presets")
-    model.add_argument("--sampler", choices=("random", "iou_balanced"), default=None)
-    model.add_argument("--neck", choices=("fpn", "bfp", "pafpn", "bpafpn"), default=None)
-    model.add_argument("--box-loss", choices=("smooth_l1", "l1", "balanced_l1", "lgr_l1"), default=None)
-    model.add_argument("--cls-loss", choices=("ce", "lgr_ce"), default=None)
-    model.add_argument("--box-head", choices=("shared2fc", "4conv1fc"), default=None)
+    model = add_model_arguments(parser, model_default="libra_faster_rcnn_r50_fpn")
     model.add_argument("--pretrained", default=None, help="torchvision ImageNet ResNet weights (.pth)")
-    model.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 stem, k stem + layer1..k (preset: 1)")
-    model.add_argument(
-        "--backbone-norm", choices=("frozen", "bn"), default=None,
-        help="frozen: BN with fixed statistics (ImageNet recipe); bn: trainable statistics (from scratch)",
-    )
-    model.add_argument("--width-per-group", type=int, default=None, help="ResNet 3x3 width per group (64 = standard)")
-    model.add_argument(
-        "--stage-blocks", type=int, nargs=4, default=None, metavar="N",
-        help="keep only the first N blocks of each ResNet stage (e.g. 1 1 1 1; default: all, 3 4 6 3 for R-50)",
-    )
-    model.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="any other preset override, e.g. --set roi_batch_size=256 (value parsed as JSON when possible)",
-    )
 
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--schedule", choices=("1x", "2x"), default="1x")
@@ -211,36 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def parse_set_overrides(items: list[str]) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise DataError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            overrides[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = value
-    return overrides
-
-
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the dataset-dependent defaults and derived values (lr, steps, work dir) into ``args``."""
-    defaults = DATASET_DEFAULTS[args.dataset]
-    for key in (
-        "min_size", "max_size", "warmup_iters", "batch_size", "workers", "log_interval", "grad_clip", "optimizer",
-        "keep_checkpoints",
-    ):
+    """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
+    defaults = apply_recipe(args)
+    for key in ("warmup_iters", "batch_size", "workers", "log_interval", "grad_clip", "optimizer", "keep_checkpoints"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
-    for key in ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size"):
-        if getattr(args, key) is None:
-            setattr(args, key, SYNTHETIC_DEFAULTS[key])
-    for key in ("backbone_norm", "frozen_stages", "width_per_group", "stage_blocks"):
-        if getattr(args, key) is None:
-            setattr(args, key, defaults.get(key))
-    if args.device is None:
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else max(1, args.gpus)
     args.world_size = world_size
     args.total_batch = args.batch_size * world_size
@@ -255,43 +117,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.epochs = epochs
     args.lr_steps = tuple(args.lr_steps) if args.lr_steps is not None else tuple(steps)
     args.multi_scale_range = tuple(defaults["multi_scale_range"]) if args.multi_scale else None
-    overrides = dict(defaults.get("overrides", {}))
-    for key in ("sampler", "neck", "box_loss", "cls_loss", "box_head"):
-        if getattr(args, key) is not None:
-            overrides[key] = getattr(args, key)
-    overrides.update(parse_set_overrides(args.set))
-    args.overrides = overrides
     if args.work_dir is None:
         args.work_dir = str(Path("work_dirs") / f"{args.model}_{args.dataset}")
     if args.max_iters is None:
         args.max_iters = 1 << 62
     return args
-
-
-def data_settings(args: argparse.Namespace) -> DataSettings:
-    return DataSettings(
-        dataset=args.dataset,
-        data_root=args.data_root,
-        min_size=args.min_size,
-        max_size=args.max_size,
-        multiscale_min_sizes=args.multi_scale_range,
-        seed=args.seed,
-        synthetic_num_train=args.synthetic_num_train,
-        synthetic_num_val=args.synthetic_num_val,
-        synthetic_image_size=args.synthetic_image_size,
-    )
-
-
-def build_detector(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The preset ``args.model`` with the command line's overrides (backbone knobs included)."""
-    from libra.presets import build_model
-
-    overrides = dict(args.overrides)
-    for key in ("frozen_stages", "backbone_norm", "width_per_group", "stage_blocks"):
-        value = getattr(args, key)
-        if value is not None:
-            overrides[key] = tuple(value) if key == "stage_blocks" else value
-    return build_model(args.model, num_classes, pretrained=args.pretrained, **overrides)
 
 
 def find_resume_checkpoint(args: argparse.Namespace) -> Path:
@@ -324,15 +154,6 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
         if ctx.is_main:
             print(f"error: {error}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
-
-
-def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (data-loader workers wrap it in a traceback)."""
-    text = str(error).strip()
-    if "Original Traceback" in text:
-        lines = [line for line in text.splitlines() if line.strip()]
-        text = lines[-1] if lines else text
-    return " ".join(text.split()) or type(error).__name__
 
 
 def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """Assign each box (anchor or proposal) to a ground-truth box by maximum IoU.
 
-SPEC.md section 1 (RPN and R-CNN assigners), with MMDetection's MaxIoUAssigner
+Faster R-CNN / MMDetection ``MaxIoUAssigner`` (``faster-rcnn_r50_fpn_1x_coco``: ``train_cfg.rpn.assigner``
+pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3; ``train_cfg.rcnn.assigner`` 0.5 / 0.5 / 0.5), with MaxIoUAssigner
 semantics:
 
 * negative (gt index 0): max IoU over all gts in ``[0, neg_iou_thr)``;

@@ -68,6 +68,7 @@ from libra.necks import FPN, PAFPN, BalancedFeaturePyramid
 from libra.roi_heads import MultiLevelRoIExtractor, RoIHead, Shared2FCBoxHead, Shared4Conv1FCBoxHead
 
 _BASELINE: dict[str, Any] = {
+    "detector": "faster_rcnn",  # the composition build_model assembles (libra.detectors)
     "backbone": "resnet50",
     "frozen_stages": 1,  # model.backbone.frozen_stages=1: stem and layer1
     # "frozen": BN statistics fixed (model.backbone.norm_eval=True, the ImageNet-pretrained recipe);
@@ -149,6 +150,7 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 ]
 
 _CHOICES = {
+    "detector": ("faster_rcnn",),
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "rpn_sampler": ("random", "iou_balanced"),

@@ -237,3 +237,31 @@ def test_trainer_counts_epochs_logs_and_steps_lr(tmp_path):
     assert [r["lr"] for r in records] == pytest.approx([0.1, 0.1, 0.1, 0.01, 0.01, 0.01])
     assert load_checkpoint_file(tmp_path / "epoch_2.pth")["iteration"] == 6
     assert (tmp_path / "last_checkpoint").read_text().strip() == "epoch_2.pth"
+
+
+# ------------------------------------------------------------------------------ recipes and CLI
+def test_recipes_are_the_papers_and_a_detector_entry_changes_every_dataset(monkeypatch):
+    from libra import recipes
+
+    coco = recipes.recipe("coco")
+    assert coco["lr_per_16_images"] == 0.02 and coco["schedules"]["1x"] == (12, (8, 11)) and coco["warmup_iters"] == 500
+    assert recipes.recipe("voc")["lr_per_16_images"] == 0.01 and recipes.recipe("voc")["min_size"] == 600
+    assert recipes.recipe("synthetic")["optimizer"] == "adamw"
+    # a new detector's schedule is one entry
+    monkeypatch.setitem(recipes.DETECTOR_RECIPES, "retinanet", {"lr_per_16_images": 0.01, "overrides": {"x": 1}})
+    changed = recipes.recipe("coco", "retinanet")
+    assert changed["lr_per_16_images"] == 0.01 and changed["overrides"] == {"x": 1} and changed["max_size"] == 1333
+    assert recipes.recipe("synthetic", "retinanet")["overrides"]["fpn_channels"] == 128  # merged, not replaced
+    with pytest.raises(ValueError, match="detector"):
+        recipes.recipe("coco", "yolo")
+
+
+def test_eval_script_does_not_import_train_script():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    code = "import sys, eval; print('train' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root)
+    assert result.stdout.strip() == "False"

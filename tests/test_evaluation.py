@@ -14,7 +14,14 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from libra.data.coco import load_coco_api
-from libra.evaluation import COCOEvaluator, LVISEvaluator, ProposalRecallEvaluator, VOCEvaluator, average_precision
+from libra.evaluation import (
+    COCOEvaluator,
+    LVISEvaluator,
+    ProposalRecallEvaluator,
+    VOCEvaluator,
+    average_precision,
+    build_evaluator,
+)
 
 torch.set_num_threads(1)
 
@@ -167,6 +174,58 @@ def test_voc_map_hand_computed():
     assert metrics["mAP"] == pytest.approx((1 + 0.75 + 0.75) / 3)
     assert metrics["mAP_07"] == pytest.approx((4 + 7 * 0.75) / 11)
     assert evaluator.per_class["thing"]["num_gts"] == 3
+
+
+def test_voc_evaluator_from_a_coco_api_equals_the_ground_truth_dict_one():
+    """Evaluators take the ground truth as a COCO object: difficult VOC objects travel as iscrowd."""
+    gt = {
+        1: {"boxes": np.array([[0, 0, 10, 10], [20, 20, 40, 40], [50, 50, 60, 60]], np.float32),
+            "labels": np.array([0, 1, 0]), "difficult": np.array([False, False, True])},
+        2: {"boxes": np.array([[0, 0, 20, 20]], np.float32), "labels": np.array([1]), "difficult": np.array([False])},
+    }
+    coco_dict = {
+        "images": [{"id": 1, "width": 100, "height": 100}, {"id": 2, "width": 100, "height": 100}],
+        "categories": [{"id": 7, "name": "a"}, {"id": 9, "name": "b"}],
+        "annotations": [
+            {"id": k, "image_id": image_id, "category_id": (7, 9)[int(label)], "iscrowd": int(difficult),
+             "bbox": [float(b[0]), float(b[1]), float(b[2] - b[0]), float(b[3] - b[1])], "area": 1.0}
+            for k, (image_id, b, label, difficult) in enumerate(
+                (i, b, l, d) for i, g in gt.items() for b, l, d in zip(g["boxes"], g["labels"], g["difficult"])
+            )
+        ],
+    }
+    detections = [
+        {"boxes": torch.tensor([[0.0, 0, 10, 10], [50, 50, 60, 60], [21, 20, 40, 41]]), "scores": torch.tensor([0.9, 0.8, 0.7]),
+         "labels": torch.tensor([0, 0, 1])},
+        {"boxes": torch.tensor([[0.0, 0, 20, 20], [1, 1, 19, 19]]), "scores": torch.tensor([0.6, 0.5]), "labels": torch.tensor([1, 1])},
+    ]
+    direct = VOCEvaluator(gt, ["a", "b"], verbose=False)
+    built = build_evaluator("voc", coco_dict, [7, 9], ("bbox",), verbose=False)
+    assert isinstance(built, VOCEvaluator) and built.class_names == ["a", "b"]
+    for evaluator in (direct, built):
+        evaluator.update([1, 2], detections)
+    assert built.evaluate() == direct.evaluate()
+
+
+def test_build_evaluator_follows_protocol_and_iou_types():
+    gt = _gt_dict()
+    assert isinstance(build_evaluator("coco", gt, LABEL_TO_CAT, ("bbox",), verbose=False), COCOEvaluator)
+    assert isinstance(build_evaluator("voc", gt, LABEL_TO_CAT, ("proposal",), verbose=False), ProposalRecallEvaluator)
+    assert isinstance(build_evaluator("lvis", _lvis_gt(), [1, 2, 3], ("bbox",), verbose=False), LVISEvaluator)
+    with pytest.raises(ValueError, match="segm"):
+        build_evaluator("coco", gt, LABEL_TO_CAT, ("bbox", "segm"), verbose=False)
+    with pytest.raises(ValueError, match="protocol"):
+        build_evaluator("kitti", gt, LABEL_TO_CAT, ("bbox",), verbose=False)
+
+
+def test_evaluation_does_not_import_the_data_package():
+    """Evaluators and datasets are decoupled: libra.evaluation never imports libra.data."""
+    import subprocess
+    import sys
+
+    code = "import sys, libra.evaluation; print(any(m.startswith('libra.data') for m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
 
 
 def test_voc_average_precision_helper_and_class_mean():

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from libra.data import CocoDetection, build_dataset, collate, ensure_synthetic_dataset
+from libra.evaluation import build_evaluator
 from libra.data.synthetic import SYNTHETIC_CLASSES, render_synthetic_image, synthetic_fingerprint
 
 torch.set_num_threads(1)
@@ -78,7 +79,7 @@ def test_loads_through_coco_loader_and_evaluates_to_ap_one(tmp_path):
     assert target["img_shape"] == (64, 85) and tuple(image.shape) == (3, 64, 85)
     with Image.open(paths["val_images"] / raw["images"][0]["file_name"]) as im:
         assert im.size == (128, 96)
-    evaluator = val.make_evaluator(verbose=False)
+    evaluator = build_evaluator(val.evaluation_protocol, val.coco_api, val.label_to_cat_id, ("bbox",), verbose=False)
     for record in val.records:
         detection = {"boxes": torch.from_numpy(record.boxes), "scores": torch.ones(len(record.labels)),
                      "labels": torch.from_numpy(record.labels)}

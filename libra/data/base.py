@@ -78,8 +78,26 @@ class DetectionDataset(Dataset):
         self.transform = transform if transform is not None else DetectionTransform(train=train)
         self.seed = int(seed)
         self.epoch = 0
+        # contiguous label -> category id of ``coco_api``; loaders with their own ids (COCO, LVIS)
+        # set it before calling this constructor
+        if not hasattr(self, "label_to_cat_id"):
+            self.label_to_cat_id = list(range(1, len(self.class_names) + 1))
+        self._coco_api = None
 
-    # ---- metadata used by samplers and the trainer --------------------------------------
+    # How the benchmark of this data is scored: 'coco', 'lvis' (federated) or 'voc' (mAP@0.5);
+    # ``libra.evaluation.build_evaluator`` reads it together with ``coco_api``.
+    evaluation_protocol: str = "coco"
+
+    # ---- metadata used by samplers, the trainer and the evaluators ----------------------
+    @property
+    def coco_api(self):
+        """The evaluation ground truth as a pycocotools ``COCO`` (built from the records once)."""
+        if self._coco_api is None:
+            from .coco import load_coco_api
+
+            self._coco_api = load_coco_api(records_to_coco_dict(self.records, self.class_names))
+        return self._coco_api
+
     @property
     def num_classes(self) -> int:
         return len(self.class_names)

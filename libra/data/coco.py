@@ -146,17 +146,10 @@ class CocoDetection(DetectionDataset):
             transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
         super().__init__(records, class_names, train, transform, seed)
 
-    def make_evaluator(self, **kwargs: Any):
-        """A `COCOEvaluator` over this dataset's ground truth."""
-        from ..evaluation import COCOEvaluator
-
-        return COCOEvaluator(self.coco, self.label_to_cat_id, **kwargs)
-
-    def make_proposal_evaluator(self, **kwargs: Any):
-        """A `ProposalRecallEvaluator` (AR@100/300/1000) over this dataset's ground truth."""
-        from ..evaluation import ProposalRecallEvaluator
-
-        return ProposalRecallEvaluator(self.coco, **kwargs)
+    @property
+    def coco_api(self) -> COCO:
+        """The annotation file's own ``COCO`` index (the evaluation ground truth)."""
+        return self.coco
 
 
 def build_coco_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:

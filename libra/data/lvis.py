@@ -87,16 +87,12 @@ class LVISDetection(DetectionDataset):
             transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
         super().__init__(records, class_names, train, transform, seed)
 
-    def make_evaluator(self, **kwargs: Any):
-        """An `LVISEvaluator` (federated AP, APr, APc, APf) over this dataset's ground truth."""
-        from ..evaluation import LVISEvaluator
+    evaluation_protocol = "lvis"  # federated AP with APr / APc / APf
 
-        return LVISEvaluator(self.lvis, self.label_to_cat_id, **kwargs)
-
-    def make_proposal_evaluator(self, **kwargs: Any):
-        from ..evaluation import ProposalRecallEvaluator
-
-        return ProposalRecallEvaluator(self.lvis, **kwargs)
+    @property
+    def coco_api(self):
+        """The LVIS annotation file as a pycocotools ``COCO`` index (the evaluation ground truth)."""
+        return self.lvis
 
 
 def build_lvis_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:

@@ -163,17 +163,7 @@ class VOCDetection(DetectionDataset):
         """``{image_id: {"boxes" [G,4], "labels" [G], "difficult" [G]}}`` in original coordinates."""
         return {r.image_id: {"boxes": r.boxes, "labels": r.labels, "difficult": r.difficult} for r in self.records}
 
-    def make_evaluator(self, **kwargs: Any):
-        """A `VOCEvaluator` (mAP@0.5, area and VOC07 11-point) over this dataset's ground truth."""
-        from ..evaluation import VOCEvaluator
-
-        return VOCEvaluator(self.ground_truth(), self.class_names, **kwargs)
-
-    def make_proposal_evaluator(self, **kwargs: Any):
-        """Proposal recall with difficult objects ignored (COCO-style AR over IoU 0.5:0.95)."""
-        from ..evaluation import ProposalRecallEvaluator
-
-        return ProposalRecallEvaluator(records_to_coco_dict(self.records, self.class_names), **kwargs)
+    evaluation_protocol = "voc"  # mAP@0.5 (area and VOC07 11-point); difficult objects are iscrowd in coco_api
 
 
 def voc_split_parts(data_root: str | Path, split: str) -> list[tuple[Path, str]]:

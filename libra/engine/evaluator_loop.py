@@ -2,8 +2,9 @@
 
 Each process runs the detector on its share of the images (``build_eval_loader``: rank r
 takes images r, r + R, ...), feeds its own evaluator, and the evaluators' plain-list states
-are gathered to rank 0, merged and evaluated there (``COCOEvaluator`` etc. from
-``libra.evaluation`` through ``dataset.make_evaluator``).
+are gathered to rank 0, merged and evaluated there. The evaluator is chosen from the dataset's
+``evaluation_protocol`` and ground truth (``dataset.coco_api``) and from what the model outputs
+(:func:`get_iou_types`), as in torchvision's detection references.
 """
 from __future__ import annotations
 
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from libra.evaluation import build_evaluator
 
 from .checkpoint import atomic_write_text
 from .distributed import DistributedContext, all_gather_object, synchronize
@@ -68,6 +71,12 @@ def run_inference(
         detector.train(was_training)
 
 
+def get_iou_types(model: torch.nn.Module) -> tuple[str, ...]:
+    """What ``model``'s outputs are evaluated as: its ``iou_types`` (``("bbox",)`` for a detector,
+    ``("proposal",)`` for a proposal model; a mask model adds ``"segm"``)."""
+    return tuple(getattr(unwrap(model), "iou_types", ("bbox",)))
+
+
 def gather_evaluator(evaluator, ctx: DistributedContext):
     """Merge every rank's evaluator state into rank 0's evaluator (returns it on rank 0, None elsewhere)."""
     if ctx.world_size < 2:
@@ -113,10 +122,11 @@ def evaluate_model(
         # rank 0's (the ones its checkpoint holds) on every rank.
         for buffer in unwrap(model).buffers():
             torch.distributed.broadcast(buffer, src=0)
-    if proposals:
-        evaluator = dataset.make_proposal_evaluator()
-    else:
-        evaluator = dataset.make_evaluator(verbose=ctx.is_main)
+    iou_types = ("proposal",) if proposals else get_iou_types(model)
+    evaluator = build_evaluator(
+        dataset.evaluation_protocol, dataset.coco_api, dataset.label_to_cat_id, iou_types,
+        class_names=dataset.class_names, verbose=ctx.is_main,
+    )
     run_inference(model, loader, evaluator, ctx, amp=amp, proposals=proposals, progress=progress, on_batch=on_batch)
     evaluator = gather_evaluator(evaluator, ctx)
     metrics: dict[str, float] = {}

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -24,12 +25,30 @@ COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
 def as_coco_api(coco_gt: COCO | str | Path | dict) -> COCO:
-    """Accept a ``COCO`` object, a path to an instances JSON or an in-memory dict."""
-    if isinstance(coco_gt, COCO):
-        return coco_gt
-    from ..data.coco import load_coco_api
+    """Accept a pycocotools ``COCO`` object (also for LVIS), a path to an instances JSON or a dict.
 
-    return load_coco_api(coco_gt)
+    Annotations without ``iscrowd`` (LVIS files) get ``iscrowd = 0``, which COCOeval needs.
+    """
+    if isinstance(coco_gt, COCO):
+        coco = coco_gt
+    else:
+        coco = COCO()
+        if isinstance(coco_gt, dict):
+            coco.dataset = coco_gt
+        else:
+            path = Path(coco_gt)
+            if not path.is_file():
+                raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
+            with open(path) as f:
+                coco.dataset = json.load(f)
+        if not isinstance(coco.dataset, dict) or "images" not in coco.dataset or "categories" not in coco.dataset:
+            raise ValueError(f"{coco_gt if not isinstance(coco_gt, dict) else 'the dict'}: not a COCO-format ground truth")
+        coco.dataset.setdefault("annotations", [])
+        with contextlib.redirect_stdout(io.StringIO()):
+            coco.createIndex()
+    for ann in coco.dataset.get("annotations", []):
+        ann.setdefault("iscrowd", 0)
+    return coco
 
 
 def _to_numpy(x, dtype) -> np.ndarray:
@@ -60,19 +79,36 @@ def detections_to_coco_results(
     ]
 
 
+def check_iou_types(iou_types: Sequence[str], supported: Sequence[str], owner: str) -> tuple[str, ...]:
+    """``iou_types`` as a tuple, or a ValueError naming what ``owner`` can evaluate."""
+    iou_types = (iou_types,) if isinstance(iou_types, str) else tuple(iou_types)
+    unknown = [t for t in iou_types if t not in supported]
+    if not iou_types or unknown:
+        raise ValueError(f"{owner} evaluates iou_types {list(supported)}, got {list(iou_types)}")
+    return iou_types
+
+
 class COCOEvaluator:
-    """COCO bbox AP (AP, AP50, AP75, APs, APm, APl; fractions in [0, 1], -1 where undefined).
+    """COCO AP (AP, AP50, AP75, APs, APm, APl; fractions in [0, 1], -1 where undefined).
 
     Args:
         coco_gt: ground truth (``COCO`` object, instances JSON path or dict).
         label_to_cat_id: contiguous label -> COCO category id (``dataset.label_to_cat_id``).
+        iou_types: what to evaluate; ``("bbox",)`` (the detector's boxes).
         verbose: print pycocotools' standard 12-line table in `evaluate`.
     """
 
-    def __init__(self, coco_gt: COCO | str | Path | dict, label_to_cat_id: Sequence[int], verbose: bool = True) -> None:
+    supported_iou_types: tuple[str, ...] = ("bbox",)
+
+    def __init__(
+        self,
+        coco_gt: COCO | str | Path | dict,
+        label_to_cat_id: Sequence[int],
+        iou_types: Sequence[str] = ("bbox",),
+        verbose: bool = True,
+    ) -> None:
+        self.iou_types = check_iou_types(iou_types, self.supported_iou_types, type(self).__name__)
         self.coco_gt = as_coco_api(coco_gt)
-        for ann in self.coco_gt.dataset.get("annotations", []):
-            ann.setdefault("iscrowd", 0)  # LVIS-style files have no iscrowd; COCOeval needs it
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         unknown = set(self.label_to_cat_id) - set(self.coco_gt.cats)
         if unknown:

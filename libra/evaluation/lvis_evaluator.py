@@ -31,7 +31,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .coco_evaluator import COCOEvaluator, detections_to_coco_results
+from .coco_evaluator import COCOEvaluator, as_coco_api, check_iou_types, detections_to_coco_results
 
 LVIS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
@@ -60,7 +60,7 @@ class LVISEvaluator(COCOEvaluator):
     applies the federated rules.
 
     Args:
-        lvis_gt: LVIS ground truth (a ``COCO`` made by `libra.data.lvis.load_lvis_api`, a JSON
+        lvis_gt: LVIS ground truth (a pycocotools ``COCO`` over the LVIS JSON, a JSON
             path or a dict); images need ``neg_category_ids`` / ``not_exhaustive_category_ids``.
         label_to_cat_id: contiguous label -> LVIS category id.
         max_dets_per_image: 300 for LVIS.
@@ -70,17 +70,12 @@ class LVISEvaluator(COCOEvaluator):
         self,
         lvis_gt: COCO | str | Path | dict,
         label_to_cat_id: Sequence[int],
+        iou_types: Sequence[str] = ("bbox",),
         max_dets_per_image: int = 300,
         verbose: bool = True,
     ) -> None:
-        from ..data.lvis import load_lvis_api
-
-        if isinstance(lvis_gt, COCO):
-            for ann in lvis_gt.dataset.get("annotations", []):
-                ann.setdefault("iscrowd", 0)
-            self.lvis_gt = lvis_gt
-        else:
-            self.lvis_gt = load_lvis_api(lvis_gt)
+        self.iou_types = check_iou_types(iou_types, ("bbox",), type(self).__name__)
+        self.lvis_gt = as_coco_api(lvis_gt)
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         self.max_dets_per_image = int(max_dets_per_image)
         self.verbose = verbose

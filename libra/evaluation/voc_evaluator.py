@@ -91,6 +91,40 @@ class VOCEvaluator:
         self.detections: list[tuple] = []
         self.per_class: dict[str, dict[str, float]] = {}
 
+    @classmethod
+    def from_coco_api(
+        cls,
+        coco_gt,
+        label_to_cat_id: Sequence[int],
+        class_names: Sequence[str] | None = None,
+        iou_threshold: float = 0.5,
+        verbose: bool = True,
+    ) -> "VOCEvaluator":
+        """The same evaluator from a COCO-format ground truth (``iscrowd = 1`` marks a difficult object).
+
+        Args:
+            coco_gt: a pycocotools ``COCO`` (boxes ``[x, y, w, h]``), a JSON path or a dict.
+            label_to_cat_id: contiguous label -> category id.
+            class_names: C names; default the categories' names.
+        """
+        from .coco_evaluator import as_coco_api
+
+        api = as_coco_api(coco_gt)
+        cat_to_label = {int(c): label for label, c in enumerate(label_to_cat_id)}
+        ground_truth = {}
+        for image_id in api.getImgIds():
+            anns = [a for a in api.imgToAnns.get(image_id, []) if int(a["category_id"]) in cat_to_label]
+            boxes = np.asarray([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+            boxes[:, 2:] += boxes[:, :2]
+            ground_truth[int(image_id)] = {
+                "boxes": boxes,
+                "labels": np.asarray([cat_to_label[int(a["category_id"])] for a in anns], np.int64),
+                "difficult": np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool),
+            }
+        if class_names is None:
+            class_names = [str(api.cats[int(c)].get("name", c)) for c in label_to_cat_id]
+        return cls(ground_truth, class_names, iou_threshold=iou_threshold, verbose=verbose)
+
     def reset(self) -> None:
         self.image_ids, self.detections, self.per_class = [], [], {}
 
