@@ -115,7 +115,10 @@ def test_ignore_boxes_and_zero_area_boxes_train():
 def test_overfit_one_image_then_detect_it():
     """Overfit a single synthetic image (one bright rectangle, one class) and then detect it.
 
-    Libra preset with the tiny backbone, 100 SGD iterations (3-7 s single-threaded).
+    Libra preset with the tiny backbone, 150 AdamW iterations (8-12 s single-threaded). AdamW, not
+    SGD with momentum: 100 SGD steps amplify the last bit of a CPU's float kernels (the same test
+    reached a loss ratio of 0.08 here and 0.49 on another machine). Measured over seeds 0-7 with
+    AdamW: loss ratio 0.018-0.112 (bar 0.25), top score >= 0.98 (bar 0.5), IoU 0.86-0.98 (bar 0.7).
     """
     torch.manual_seed(0)
     model = tiny_model(num_classes=1)
@@ -123,12 +126,10 @@ def test_overfit_one_image_then_detect_it():
     image[:, :, 30:90, 40:100] = 1.0
     gt_box = torch.tensor([[40.0, 30.0, 100.0, 90.0]])
     targets = [{"boxes": gt_box, "labels": torch.tensor([0])}]
-    optimizer = torch.optim.SGD(
-        [p for p in model.parameters() if p.requires_grad], lr=0.03, momentum=0.9, weight_decay=1e-4
-    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3, weight_decay=1e-4)
     history = []
     start = time.perf_counter()
-    for _ in range(100):
+    for _ in range(150):
         loss = total_loss(model(image, [(128, 128)], targets))
         optimizer.zero_grad()
         loss.backward()
@@ -432,3 +433,26 @@ def test_rpn_loss_of_a_mixed_size_batch_ignores_other_images_padding():
     # and without the flags the padding anchors of image 1 would count as negatives
     unflagged = rpn.loss(anchors, logits, deltas, targets, None)
     assert not torch.allclose(unflagged["loss_rpn_cls"], mixed["loss_rpn_cls"])
+
+
+@pytest.mark.parametrize("cls_loss, activation", [("ce", "softmax"), ("lgr_ce", "softmax"), ("sigmoid_ce", "sigmoid")])
+def test_test_time_scoring_follows_the_classification_loss(cls_loss, activation):
+    """Softmax over C + 1 for CE / LGR-CE, independent per-class sigmoids for sigmoid losses (BCR,
+    paper Sec. 3.3.3): the top detection's score is the best (proposal, class) probability."""
+    from libra.structures import boxes_to_rois
+
+    torch.manual_seed(0)
+    model = tiny_model(cls_loss=cls_loss, score_thr=0.0)
+    images, sizes, targets = two_image_batch()
+    total_loss(model(images, sizes, targets)).backward()  # the loss trains
+    model.eval()
+    with torch.no_grad():
+        features = model.neck(model.backbone(images))
+        proposals, _ = model.rpn(features, sizes)
+        rois = boxes_to_rois(list(proposals.boxes.unbind(0)))
+        logits, _ = model.roi_head.box_head(model.roi_head.roi_extractor(list(features), rois))
+        probabilities = logits.sigmoid() if activation == "sigmoid" else logits.softmax(dim=1)
+        best = (probabilities[:, :NUM_CLASSES].view(2, -1, NUM_CLASSES) * proposals.valid[..., None]).flatten(1).max(dim=1).values
+        detections = model(images, sizes)
+    for image_best, output in zip(best, detections):
+        torch.testing.assert_close(output["scores"][0], image_best)

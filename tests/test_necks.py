@@ -139,6 +139,46 @@ def test_fpn_module_names_init_and_bad_input() -> None:
         FPN(IN_CHANNELS, 16)(_backbone_like_feats(channels=[8, 17, 32, 64]))
 
 
+@pytest.mark.parametrize("relu", [False, True])
+def test_fpn_from_c3_with_conv_extra_levels_on_input(relu: bool) -> None:
+    """RetinaNet's neck (MMDetection libra-retinanet_r50_fpn_1x_coco: start_level=1,
+    add_extra_convs='on_input', 5 outputs P3..P7): P6 = 3x3 s2 conv of C5, P7 = 3x3 s2 conv of
+    P6 with no ReLU between them (relu_before_extra_convs=False), unless asked for."""
+    fpn = FPN(IN_CHANNELS, 16, num_outs=5, start_level=1, extra_levels="on_input", relu_before_extra_convs=relu)
+    feats = _backbone_like_feats()
+    outs = fpn(feats)
+    assert len(fpn.lateral_convs) == 3 and len(fpn.fpn_convs) == 5
+    assert tuple(fpn.fpn_convs[3].weight.shape) == (16, IN_CHANNELS[-1], 3, 3)  # on C5
+    assert tuple(fpn.fpn_convs[4].weight.shape) == (16, 16, 3, 3)
+    assert {"fpn_convs.3.weight", "fpn_convs.4.bias"} <= set(dict(fpn.named_parameters()))
+    sizes = ODD_SIZES[1:] + [((ODD_SIZES[-1][0] + 1) // 2, (ODD_SIZES[-1][1] + 1) // 2)]
+    sizes.append(((sizes[-1][0] + 1) // 2, (sizes[-1][1] + 1) // 2))
+    assert [tuple(o.shape[-2:]) for o in outs] == sizes
+    with torch.no_grad():
+        p6 = fpn.fpn_convs[3](feats[3])
+        torch.testing.assert_close(outs[3], p6)
+        torch.testing.assert_close(outs[4], fpn.fpn_convs[4](F.relu(p6) if relu else p6))
+        # the used levels are an FPN over C3..C5 alone
+        plain = FPN(IN_CHANNELS[1:], 16, num_outs=3)
+        plain.load_state_dict({k: v for k, v in fpn.state_dict().items() if not k.startswith(("fpn_convs.3", "fpn_convs.4"))})
+        for mine, reference in zip(outs[:3], plain(feats[1:])):
+            torch.testing.assert_close(mine, reference)
+
+
+def test_fpn_conv_extra_levels_on_output_and_bad_settings() -> None:
+    fpn = FPN(IN_CHANNELS, 16, num_outs=6, extra_levels="on_output")
+    feats = _backbone_like_feats()
+    outs = fpn(feats)
+    assert len(outs) == 6 and tuple(fpn.fpn_convs[4].weight.shape) == (16, 16, 3, 3)
+    with torch.no_grad():
+        torch.testing.assert_close(outs[4], fpn.fpn_convs[4](outs[3]))
+        torch.testing.assert_close(outs[5], fpn.fpn_convs[5](outs[4]))
+    with pytest.raises(ValueError, match="extra_levels"):
+        FPN(IN_CHANNELS, 16, extra_levels="on_lateral")
+    with pytest.raises(ValueError, match="start_level"):
+        FPN(IN_CHANNELS, 16, start_level=4)
+
+
 # ---------------------------------------------------------------- PAFPN
 
 

@@ -9,7 +9,15 @@ import torch
 from torch import nn
 
 from conftest import TinyBackbone
-from libra.losses import BalancedL1Loss, CrossEntropyLoss, L1Loss, LGRCrossEntropyLoss, LGRL1Loss, SmoothL1Loss
+from libra.losses import (
+    BalancedL1Loss,
+    CrossEntropyLoss,
+    L1Loss,
+    LGRCrossEntropyLoss,
+    LGRL1Loss,
+    SigmoidCrossEntropyLoss,
+    SmoothL1Loss,
+)
 from libra.mmdet_checkpoint import load_mmdet_checkpoint
 from libra.necks import FPN, PAFPN, BalancedFeaturePyramid, ConvRefine, NonLocal2d
 from libra.presets import PRESETS, TABLE3_ABLATION, available_presets, build_model, preset_config
@@ -110,6 +118,18 @@ def test_libra_preset_matches_mmdet_settings():
          lambda m: (m.roi_head.score_thresh, m.roi_head.nms_thresh, m.roi_head.detections_per_img) == (0.001, 0.6, 300)),
         ({"rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300, "rpn_nms_thr": 0.8},
          lambda m: m.rpn.pre_nms_top_n["test"] == 500 and m.rpn.post_nms_top_n["test"] == 300 and m.rpn.nms_thresh == 0.8),
+        # injection points: the RPN's box loss and sampler, Table 6's loss parameters, sigmoid scoring
+        ({"rpn_box_loss": "balanced_l1", "rpn_box_loss_beta": 0.11},
+         lambda m: type(m.rpn.box_loss) is BalancedL1Loss and m.rpn.box_loss.beta == 0.11),
+        ({"rpn_sampler": "iou_balanced"}, lambda m: (m.rpn.pos_sampler, m.rpn.neg_sampler) == ("instance_balanced", "iou_balanced")
+         and m.rpn.neg_sampler_kwargs["num_bins"] == 3),
+        ({"box_loss": "balanced_l1", "box_loss_alpha": 0.3, "box_loss_gamma": 1.0, "box_loss_beta": 0.5, "box_loss_weight": 2.0},
+         lambda m: (m.roi_head.box_loss.alpha, m.roi_head.box_loss.gamma, m.roi_head.box_loss.beta, m.roi_head.box_loss.loss_weight)
+         == (0.3, 1.0, 0.5, 2.0)),
+        ({"box_loss": "smooth_l1", "box_loss_beta": 0.5}, lambda m: m.roi_head.box_loss.beta == 0.5),
+        ({"cls_loss": "lgr_ce", "lgr_ce_alpha": 0.5, "lgr_ce_gamma": 2.0}, lambda m: m.roi_head.cls_loss.gamma == 2.0),
+        ({"cls_loss": "sigmoid_ce"}, lambda m: m.roi_head.use_sigmoid and type(m.roi_head.cls_loss) is SigmoidCrossEntropyLoss),
+        ({"cls_loss": "ce"}, lambda m: not m.roi_head.use_sigmoid),
     ],
 )
 def test_switches_change_the_right_modules(overrides, check):
@@ -118,9 +138,9 @@ def test_switches_change_the_right_modules(overrides, check):
 
 def test_table3_ablation_rows_build_and_run():
     expected = [
-        ("random", "fpn", L1Loss, CrossEntropyLoss),
-        ("iou_balanced", "fpn", L1Loss, CrossEntropyLoss),
-        ("iou_balanced", "bfp", L1Loss, CrossEntropyLoss),
+        ("random", "fpn", SmoothL1Loss, CrossEntropyLoss),  # the paper's baseline box loss (Table 6)
+        ("iou_balanced", "fpn", SmoothL1Loss, CrossEntropyLoss),
+        ("iou_balanced", "bfp", SmoothL1Loss, CrossEntropyLoss),
         ("iou_balanced", "bfp", LGRL1Loss, CrossEntropyLoss),
         ("iou_balanced", "bfp", LGRL1Loss, LGRCrossEntropyLoss),
     ]
