@@ -16,6 +16,9 @@ TORCH_LIBRARY(libra, m) {
       "int height, int width, int sampling_ratio, bool aligned) -> Tensor");
   // Greedy NMS; returns int64 indices into dets sorted by decreasing score.
   m.def("nms(Tensor dets, Tensor scores, float iou_threshold) -> Tensor");
+  // Class-aware NMS: only boxes with equal idxs (integer) suppress each other; exactly
+  // nms on each group separately, merged by decreasing score.
+  m.def("batched_nms(Tensor dets, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
 }
 
 // `import libra._C` loads this shared library, which runs the registrations

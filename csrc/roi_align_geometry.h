@@ -14,13 +14,22 @@ C10_HOST_DEVICE inline bool is_finite(T v) {
   return (v - v) == (v - v);
 }
 
-// ceil(v) as a sample count: 0 for v <= 0 (also NaN), capped so the cast is defined.
+// Most samples per bin side with adaptive sampling (sampling_ratio <= 0). Without a cap
+// a huge RoI costs ceil(bin_size)^2 samples per bin (1e5 px: 20x slower, 1e9 px: out of
+// memory, 1e30 px: 2^60 samples per bin). 64 never changes the result of a RoI that fits
+// in a 1333x800 image at FPN strides 4..64 with 7x7 bins: 1333 / 4 / 7 = 47.6 -> 48 <= 64
+// (up to 64 * 4 * 7 = 1792 px at stride 4). It bounds a bin to 64 * 64 = 4096 samples.
+// Must equal MAX_ADAPTIVE_SAMPLING_GRID in libra/ops/roi_align_reference.py.
+constexpr int64_t kMaxAdaptiveSamplingGrid = 64;
+
+// Adaptive samples per bin side: min(ceil(bin_size), kMaxAdaptiveSamplingGrid), and 0 for
+// bin_size <= 0 or NaN (no samples, output 0).
 template <typename T>
-C10_HOST_DEVICE inline int64_t ceil_count(T v) {
-  if (!(v > T(0))) return 0;
-  if (v > T(1 << 30)) return int64_t(1) << 30;
-  const int64_t truncated = static_cast<int64_t>(v);
-  return static_cast<T>(truncated) < v ? truncated + 1 : truncated;
+C10_HOST_DEVICE inline int64_t adaptive_grid(T bin_size) {
+  if (!(bin_size > T(0))) return 0;
+  if (bin_size >= static_cast<T>(kMaxAdaptiveSamplingGrid)) return kMaxAdaptiveSamplingGrid;  // also +inf
+  const int64_t truncated = static_cast<int64_t>(bin_size);
+  return static_cast<T>(truncated) < bin_size ? truncated + 1 : truncated;
 }
 
 // Where one RoI's bins and samples lie on the feature map.
@@ -63,9 +72,11 @@ C10_HOST_DEVICE inline RoIGeometry<T> roi_geometry(
   }
   g.bin_w = roi_w / static_cast<T>(pooled_width);
   g.bin_h = roi_h / static_cast<T>(pooled_height);
-  // sampling_ratio 0: adaptive, ceil(roi_size / pooled_size) samples per bin.
-  g.grid_h = sampling_ratio > 0 ? sampling_ratio : ceil_count(g.bin_h);
-  g.grid_w = sampling_ratio > 0 ? sampling_ratio : ceil_count(g.bin_w);
+  // sampling_ratio <= 0 (0, or torchvision's -1): adaptive, ceil(roi_size / pooled_size)
+  // samples per bin side, at most kMaxAdaptiveSamplingGrid. A positive ratio is used as
+  // given: its cost is the caller's choice and does not grow with the RoI.
+  g.grid_h = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(g.bin_h);
+  g.grid_w = sampling_ratio > 0 ? sampling_ratio : adaptive_grid(g.bin_w);
   const int64_t samples = g.grid_h * g.grid_w;
   g.count = static_cast<T>(samples > 1 ? samples : 1);
   return g;

@@ -275,8 +275,147 @@ def test_roi_align_bad_input_raises_value_error():
         roi_align(feats[0], torch.zeros(3, 5), 7)
     with pytest.raises(ValueError, match="output_size"):
         roi_align(feats, torch.zeros(3, 5), (7, 7, 7))
-    with pytest.raises(ValueError, match="sampling_ratio"):
-        roi_align(feats, torch.zeros(3, 5), 7, sampling_ratio=-1)
+    # sampling_ratio=-1 is valid (adaptive, torchvision's default): see the tests below.
+
+
+@needs_extension
+def test_roi_align_op_called_directly_raises_runtime_error():
+    # The wrappers raise ValueError; the ops themselves raise RuntimeError, like torchvision's.
+    feats = torch.randn(1, 3, 8, 8)
+    with pytest.raises(RuntimeError, match="rois"):
+        torch.ops.libra.roi_align(feats, torch.zeros(3, 4), 1.0, 7, 7, 0, True)
+    with pytest.raises(RuntimeError, match="dets"):
+        torch.ops.libra.nms(torch.zeros(3, 5), torch.zeros(3), 0.5)
+
+
+# ----------------------------------------------------------------------------- RoIAlign adaptive sampling
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_roi_align_negative_sampling_ratio_is_adaptive(aligned, use_reference):
+    """Any sampling_ratio <= 0 means adaptive (torchvision's default is -1): same as 0."""
+    feats = torch.randn(2, 3, 13, 17, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(40, 2, 13, 17, scale=0.5)
+
+    def pool(ratio):
+        if use_reference:
+            return roi_align_reference(feats, rois, 0.5, 5, 4, ratio, aligned)
+        return roi_align(feats, rois, (5, 4), 0.5, ratio, aligned)
+
+    expected = pool(0)
+    grad_out = torch.randn_like(expected)
+    (expected_grad,) = torch.autograd.grad(expected, feats, grad_out)
+    for ratio in (-1, -5):
+        out = pool(ratio)
+        torch.testing.assert_close(out, expected, rtol=0, atol=0)
+        (grad,) = torch.autograd.grad(out, feats, grad_out)
+        torch.testing.assert_close(grad, expected_grad, rtol=0, atol=0)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("aligned", [True, False])
+def test_roi_align_sampling_ratio_minus_one_matches_torchvision(aligned):
+    feats = torch.randn(2, 3, 13, 17, dtype=torch.float64, requires_grad=True)
+    rois = random_rois(40, 2, 13, 17, scale=0.25)
+    out = roi_align(feats, rois, (5, 4), 0.25, -1, aligned)
+    expected = tv_ops.roi_align(feats, rois, (5, 4), 0.25, -1, aligned)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    module_out = RoIAlign((5, 4), 0.25, -1, aligned)(feats, rois)
+    module_expected = tv_ops.RoIAlign((5, 4), 0.25, -1, aligned)(feats, rois)
+    torch.testing.assert_close(module_out, module_expected, rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, feats, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, feats, grad_out)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
+@needs_extension
+def test_opcheck_negative_sampling_ratio():
+    feats = torch.randn(2, 3, 10, 12, requires_grad=True)
+    rois = random_rois(12, 2, 10, 12, dtype=torch.float32)
+    torch.library.opcheck(torch.ops.libra.roi_align.default, (feats, rois, 1.0, 3, 4, -1, True))
+    grad = torch.randn(12, 3, 3, 4)
+    torch.library.opcheck(torch.ops.libra._roi_align_backward.default, (grad, rois, 1.0, 3, 4, 2, 3, 10, 12, -1, False))
+
+
+@needs_torchvision
+@pytest.mark.parametrize("stride", [4, 8, 16, 32, 64])
+def test_roi_align_cap_never_binds_inside_a_1333x800_image(stride):
+    """The adaptive grid cap (64) leaves every RoI of a 1333x800 image at strides 4..64 with
+    7x7 bins unchanged: at most ceil(1333 / 4 / 7) = 48 samples per bin side."""
+    assert libra.ops.MAX_ADAPTIVE_SAMPLING_GRID == 64
+    assert -(-1333 // (4 * 7)) == 48 <= 64
+    height, width = -(-800 // stride), -(-1333 // stride)
+    feats = torch.randn(1, 2, height, width, requires_grad=True)
+    rois = torch.tensor([[0, 0, 0, 1333, 800], [0, 0, 0, 1333, 30], [0, 10.5, 3.25, 1300.75, 799.5]])
+    for aligned in (True, False):
+        out = roi_align(feats, rois, 7, 1 / stride, 0, aligned)
+        expected = tv_ops.roi_align(feats, rois, 7, 1 / stride, -1, aligned)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, feats, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, feats, grad_out)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@needs_torchvision
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_roi_align_adaptive_grid_is_capped_at_64(use_reference):
+    """A 300 px RoI in 2x2 bins wants ceil(149.5) = 150 samples per bin side; it gets 64,
+    i.e. exactly torchvision's result with sampling_ratio=64."""
+    feats = torch.randn(1, 2, 300, 300, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0, 0, 299, 299], [0, 20.5, 10.25, 290.0, 280.75]], dtype=torch.float64)
+    if use_reference:
+        out = roi_align_reference(feats, rois, 1.0, 2, 2, 0, True)
+    else:
+        out = roi_align(feats, rois, 2, 1.0, 0, True)
+    expected = tv_ops.roi_align(feats, rois, 2, 1.0, 64, True)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(out, tv_ops.roi_align(feats, rois, 2, 1.0, -1, True), rtol=1e-10, atol=1e-10)
+    grad_out = torch.randn_like(out)
+    (grad,) = torch.autograd.grad(out, feats, grad_out)
+    (expected_grad,) = torch.autograd.grad(expected, feats, grad_out)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-10, atol=1e-10)
+
+
+def huge_rois() -> torch.Tensor:
+    """Finite RoIs far bigger than any image; the last ones overflow to inf once scaled."""
+    return torch.tensor(
+        [
+            [0, 1, 1, 5, 5],  # a normal RoI
+            [0, 0, 0, 1e5, 1e5],
+            [0, 0, 0, 1e9, 1e9],
+            [0, 0, 0, 1e30, 1e30],
+            [1, -1e30, -1e30, 1e30, 1e30],
+            [1, -3e38, -3e38, 3e38, 3e38],  # roi size overflows float32 to inf
+        ]
+    )
+
+
+@pytest.mark.parametrize("spatial_scale", [1.0, 4.0])  # 4.0: scaled coordinates overflow to +-inf
+@pytest.mark.parametrize("use_reference", [False, True])
+def test_roi_align_huge_rois_are_fast_and_finite(spatial_scale, use_reference):
+    """Huge RoIs cost at most 64 x 64 samples per bin (they used to take unbounded time or
+    memory). Their samples all lie off the map, so they pool zeros; a normal RoI next to
+    them is unaffected."""
+    import time
+
+    feats = torch.randn(2, 3, 8, 8, requires_grad=True)
+    rois = huge_rois()
+    start = time.perf_counter()
+    if use_reference:
+        out = roi_align_reference(feats, rois, spatial_scale, 7, 7, 0, True)
+    else:
+        out = roi_align(feats, rois, 7, spatial_scale, 0, True)
+    out.backward(torch.randn_like(out))
+    assert time.perf_counter() - start < 20.0  # ~0.1 s; unbounded before the cap
+    assert torch.isfinite(out).all() and torch.isfinite(feats.grad).all()
+    assert not out[1:].any()
+    expected = roi_align_reference(feats, rois[:1], spatial_scale, 7, 7, 0, True)
+    torch.testing.assert_close(out[:1], expected)
+    if not use_reference:
+        torch.testing.assert_close(out, roi_align_reference(feats, rois, spatial_scale, 7, 7, 0, True))
 
 
 def test_roi_align_autocast_computes_in_float32():
@@ -421,6 +560,85 @@ def test_batched_nms_per_class_loop_equals_offset_trick(ties, monkeypatch):
         assert set(offset[idxs[offset] == c].tolist()) == set(expected.tolist())
 
 
+def per_class_nms(boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """Oracle for batched_nms: nms on each class separately, merged by score (ties: index)."""
+    nms_fn = tv_ops.nms if tv_ops is not None else nms_reference
+    keep = [torch.empty(0, dtype=torch.int64, device=boxes.device)]
+    for c in torch.unique(idxs).tolist():
+        members = torch.nonzero(idxs == c).view(-1)
+        keep.append(members[nms_fn(boxes[members], scores[members], iou_threshold)])
+    keep = torch.cat(keep).sort().values
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def lvis_like_case(num_classes: int = 1203):
+    """In every class, B = [x, y, x + 10, y + 5.03] lies inside A = [x, y, x + 10, y + 10]:
+    IoU(A, B) = 0.503 > 0.5, so per-class NMS suppresses B. Shifted by class * 1334 (the
+    coordinate trick), coordinates near 1.6e6 are rounded to 1/8 px in float32, B's height
+    becomes 5.0 and IoU 0.5: B survives in the high classes."""
+    rows, scores, idxs = [[0.0, 0.0, 1333.0, 800.0]], [0.1], [0]
+    for c in range(num_classes):
+        x, y = 100.3 + c % 7, 200.7
+        rows += [[x, y, x + 10, y + 10], [x, y, x + 10, y + 5.03]]
+        scores += [0.9 - 1e-4 * (c % 5), 0.8]
+        idxs += [c, c]
+    return torch.tensor(rows), torch.tensor(scores), torch.tensor(idxs)
+
+
+def coordinate_trick(boxes, scores, idxs, iou_threshold):
+    # torchvision's _batched_nms_coordinate_trick (and libra's former offset path)
+    offsets = idxs.to(boxes) * (boxes.max() + 1)
+    return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+@pytest.mark.parametrize("path", ["single_call", "per_class_loop", "reference"])
+def test_batched_nms_is_exact_with_1203_classes(path, monkeypatch):
+    boxes, scores, idxs = lvis_like_case()
+    expected = per_class_nms(boxes, scores, idxs, 0.5)
+    assert expected.numel() == 1204  # every B suppressed; the big box of class 0 kept
+    trick = coordinate_trick(boxes, scores, idxs, 0.5)
+    assert trick.numel() > expected.numel()  # the offset trick is not exact here
+    if tv_ops is not None:
+        from torchvision.ops.boxes import _batched_nms_coordinate_trick
+
+        assert not torch.equal(_batched_nms_coordinate_trick(boxes, scores, idxs, 0.5), expected)
+    if path == "per_class_loop":
+        monkeypatch.setitem(nms_module.PER_CLASS_LOOP_THRESHOLD, "cpu", 100)
+    if path == "reference":
+        monkeypatch.setattr(nms_module, "use_extension", lambda stacklevel=3: False)
+    keep = batched_nms(boxes, scores, idxs, 0.5)
+    torch.testing.assert_close(keep, expected, rtol=0, atol=0)
+    if path == "single_call" and libra.ops.EXTENSION_AVAILABLE:
+        torch.testing.assert_close(torch.ops.libra.batched_nms(boxes, scores, idxs, 0.5), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("num_classes", [1, 7, 300])
+def test_batched_nms_equals_nms_per_class(ties, num_classes):
+    boxes = random_boxes(900) * 13.37  # fractional coordinates up to ~1337 px
+    scores = torch.randint(0, 4, (900,)).float() if ties else torch.rand(900)
+    idxs = torch.randint(0, num_classes, (900,)) * 3 - 50  # sparse, negative groups too
+    expected = per_class_nms(boxes, scores, idxs, 0.5)
+    torch.testing.assert_close(batched_nms(boxes, scores, idxs, 0.5), expected, rtol=0, atol=0)
+    torch.testing.assert_close(nms_reference(boxes, scores, 0.5, idxs), expected, rtol=0, atol=0)
+    if libra.ops.EXTENSION_AVAILABLE:  # the op itself also takes float64 / half boxes and int32 idxs, like nms
+        double, half = boxes.double(), boxes.half()
+        got = torch.ops.libra.batched_nms(double, scores, idxs.int(), 0.5)
+        torch.testing.assert_close(got, per_class_nms(double, scores.double(), idxs, 0.5), rtol=0, atol=0)
+        got = torch.ops.libra.batched_nms(half, scores, idxs.int(), 0.5)  # compared in float32
+        torch.testing.assert_close(got, per_class_nms(half.float(), scores, idxs, 0.5), rtol=0, atol=0)
+
+
+@needs_extension
+def test_batched_nms_opcheck_and_bad_idxs():
+    boxes = random_boxes(200)
+    torch.library.opcheck(torch.ops.libra.batched_nms.default, (boxes, torch.rand(200), torch.randint(0, 5, (200,)), 0.5))
+    with pytest.raises(RuntimeError, match="idxs"):
+        torch.ops.libra.batched_nms(boxes, torch.rand(200), torch.rand(200), 0.5)
+    with pytest.raises(RuntimeError, match="idxs"):
+        torch.ops.libra.batched_nms(boxes, torch.rand(200), torch.zeros(3, dtype=torch.long), 0.5)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 
@@ -469,6 +687,44 @@ def test_nms_cuda_matches_cpu(n, ties):
         torch.testing.assert_close(keep_cuda.cpu(), keep_cpu)
     idxs = torch.randint(0, 80, (n,))
     torch.testing.assert_close(batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5).cpu(), batched_nms(boxes, scores, idxs, 0.5))
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.parametrize("spatial_scale", [1.0, 4.0])
+def test_roi_align_cuda_huge_rois_and_negative_sampling_ratio(spatial_scale):
+    feats = torch.randn(2, 3, 8, 8)
+    rois = torch.cat([huge_rois(), random_rois(20, 2, 8, 8, dtype=torch.float32)])
+    cpu_in = feats.clone().requires_grad_()
+    cuda_in = feats.cuda().requires_grad_()
+    out_cpu = roi_align(cpu_in, rois, 7, spatial_scale, -1, True)
+    out_cuda = roi_align(cuda_in, rois.cuda(), 7, spatial_scale, -1, True)
+    torch.cuda.synchronize()
+    assert torch.isfinite(out_cuda).all() and not out_cuda[1:6].any()
+    torch.testing.assert_close(out_cuda.cpu(), out_cpu, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_cuda, roi_align(cuda_in, rois.cuda(), 7, spatial_scale, 0, True), rtol=0, atol=0)
+    grad = torch.randn_like(out_cpu)
+    out_cpu.backward(grad)
+    out_cuda.backward(grad.cuda())
+    torch.testing.assert_close(cuda_in.grad.cpu(), cpu_in.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_cuda
+@needs_extension
+@pytest.mark.parametrize("per_class_loop", [False, True])
+def test_batched_nms_cuda_is_exact_with_1203_classes(per_class_loop, monkeypatch):
+    boxes, scores, idxs = lvis_like_case()
+    expected = per_class_nms(boxes, scores, idxs, 0.5)
+    if per_class_loop:
+        monkeypatch.setitem(nms_module.PER_CLASS_LOOP_THRESHOLD, "cuda", 100)
+    keep = batched_nms(boxes.cuda(), scores.cuda(), idxs.cuda(), 0.5)
+    assert keep.device.type == "cuda"
+    torch.testing.assert_close(keep.cpu(), expected, rtol=0, atol=0)
+    random = random_boxes(3000) * 13.37, torch.randint(0, 4, (3000,)).float(), torch.randint(0, 50, (3000,))
+    expected = per_class_nms(*random, 0.5)
+    got = torch.ops.libra.batched_nms(*(t.cuda() for t in random), 0.5)
+    torch.testing.assert_close(got.cpu(), expected, rtol=0, atol=0)
+    torch.library.opcheck(torch.ops.libra.batched_nms.default, tuple(t.cuda() for t in random) + (0.5,))
 
 
 @needs_cuda

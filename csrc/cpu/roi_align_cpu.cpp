@@ -20,14 +20,13 @@
 namespace libra {
 namespace {
 
-void check_roi_align_args(const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width,
-                          int64_t sampling_ratio) {
+// Any sampling_ratio is valid: <= 0 means adaptive (see roi_geometry).
+void check_roi_align_args(const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
               "roi_align: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got ", rois.sizes());
   TORCH_CHECK(rois.is_floating_point(), "roi_align: rois must be floating point, got ", rois.scalar_type());
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align: pooled size must be positive, got ",
               pooled_height, "x", pooled_width);
-  TORCH_CHECK(sampling_ratio >= 0, "roi_align: sampling_ratio must be >= 0, got ", sampling_ratio);
 }
 
 // Fills `samples` with the bilinear samples of one RoI, bin after bin:
@@ -81,7 +80,7 @@ at::Tensor roi_align_forward_cpu(const at::Tensor& input, const at::Tensor& rois
                                  bool aligned) {
   TORCH_CHECK(input.device().is_cpu() && rois.device().is_cpu(), "roi_align_forward_cpu: tensors must be on the CPU");
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W], got ", input.sizes());
-  check_roi_align_args(rois, pooled_height, pooled_width, sampling_ratio);
+  check_roi_align_args(rois, pooled_height, pooled_width);
   const int64_t num_rois = rois.size(0), num_images = input.size(0), channels = input.size(1);
   const int64_t height = input.size(2), width = input.size(3);
   at::Tensor output = at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
@@ -123,7 +122,7 @@ at::Tensor roi_align_backward_cpu(const at::Tensor& grad, const at::Tensor& rois
                                   int64_t channels, int64_t height, int64_t width, int64_t sampling_ratio,
                                   bool aligned) {
   TORCH_CHECK(grad.device().is_cpu() && rois.device().is_cpu(), "roi_align_backward_cpu: tensors must be on the CPU");
-  check_roi_align_args(rois, pooled_height, pooled_width, sampling_ratio);
+  check_roi_align_args(rois, pooled_height, pooled_width);
   const int64_t num_rois = rois.size(0);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == num_rois && grad.size(1) == channels &&
                   grad.size(2) == pooled_height && grad.size(3) == pooled_width,

@@ -8,6 +8,8 @@
 //    the short sequential part inside a block (from shared memory); then all threads
 //    OR the rows of the boxes just kept into the "removed" words of later blocks.
 // 4. nonzero on the keep mask gives the kept positions in score order.
+// batched_nms passes each box's group (in score order) to nms_mask_kernel, which sets a
+// bit only for boxes of the same group: exactly nms per group, in one pass.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -44,27 +46,30 @@ __device__ __forceinline__ bool iou_above(const T* a, const T* b, T iou_threshol
   return inter / (area_a + area_b - inter) > iou_threshold;  // NaN never suppresses
 }
 
+// groups: [n] group of each box in score order, or nullptr (plain nms: one group).
 template <typename T>
 __global__ void nms_mask_kernel(int64_t n, int64_t col_blocks, T iou_threshold, const T* __restrict__ boxes,
-                                uint64_t* __restrict__ mask) {
+                                const int64_t* __restrict__ groups, uint64_t* __restrict__ mask) {
   const int64_t row_block = blockIdx.y, col_block = blockIdx.x;
   if (row_block > col_block) return;  // only later boxes can be suppressed
   const int row_size = block_size(n, row_block);
   const int col_size = block_size(n, col_block);
   __shared__ T col_boxes[kBoxesPerBlock * 4];
+  __shared__ int64_t col_groups[kBoxesPerBlock];
   if (threadIdx.x < col_size) {
-    for (int d = 0; d < 4; ++d) {
-      col_boxes[threadIdx.x * 4 + d] = boxes[(col_block * kBoxesPerBlock + threadIdx.x) * 4 + d];
-    }
+    const int64_t j = col_block * kBoxesPerBlock + threadIdx.x;
+    for (int d = 0; d < 4; ++d) col_boxes[threadIdx.x * 4 + d] = boxes[j * 4 + d];
+    col_groups[threadIdx.x] = groups != nullptr ? groups[j] : 0;
   }
   __syncthreads();
   if (threadIdx.x < row_size) {
     const int64_t i = row_block * kBoxesPerBlock + threadIdx.x;
     const T* box = boxes + i * 4;
+    const int64_t group = groups != nullptr ? groups[i] : 0;
     uint64_t bits = 0;
     const int start = row_block == col_block ? threadIdx.x + 1 : 0;
     for (int j = start; j < col_size; ++j) {
-      if (iou_above(box, col_boxes + j * 4, iou_threshold)) bits |= uint64_t(1) << j;
+      if (col_groups[j] == group && iou_above(box, col_boxes + j * 4, iou_threshold)) bits |= uint64_t(1) << j;
     }
     mask[i * col_blocks + col_block] = bits;
   }
@@ -107,18 +112,25 @@ __global__ void nms_reduce_kernel(int64_t n, int64_t col_blocks, const uint64_t*
   }
 }
 
-at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
+void check_nms_args(const at::Tensor& dets, const at::Tensor& scores) {
   TORCH_CHECK(dets.is_cuda() && scores.is_cuda(), "nms_cuda: dets and scores must be CUDA tensors");
   TORCH_CHECK(dets.device() == scores.device(), "nms: dets and scores must be on the same device");
   TORCH_CHECK(dets.dim() == 2 && dets.size(1) == 4, "nms: dets must be [N, 4], got ", dets.sizes());
   TORCH_CHECK(scores.dim() == 1 && scores.size(0) == dets.size(0), "nms: scores must be [N] with N = ",
               dets.size(0), ", got ", scores.sizes());
+}
+
+// idxs == nullptr: plain nms (one group).
+at::Tensor nms_cuda_impl(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor* idxs,
+                         double iou_threshold) {
   c10::cuda::CUDAGuard device_guard(dets.device());
   const int64_t n = dets.size(0);
   if (n == 0) return at::empty({0}, dets.options().dtype(at::kLong));
   const bool low_precision = dets.scalar_type() == at::kHalf || dets.scalar_type() == at::kBFloat16;
   const at::Tensor order = std::get<1>(scores.sort(/*stable=*/true, /*dim=*/0, /*descending=*/true));
   const at::Tensor sorted_boxes = (low_precision ? dets.to(at::kFloat) : dets).index_select(0, order).contiguous();
+  const at::Tensor sorted_groups =
+      idxs != nullptr ? idxs->to(at::kLong).index_select(0, order).contiguous() : at::Tensor();
   const int64_t col_blocks = (n + kBoxesPerBlock - 1) / kBoxesPerBlock;
   TORCH_CHECK(col_blocks <= 65535, "nms_cuda: at most ", 65535 * kBoxesPerBlock, " boxes, got ", n);
   at::Tensor mask = at::empty({n * col_blocks}, dets.options().dtype(at::kLong));
@@ -130,6 +142,7 @@ at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou
   AT_DISPATCH_FLOATING_TYPES(sorted_boxes.scalar_type(), "nms_cuda", [&] {
     nms_mask_kernel<scalar_t><<<blocks, kBoxesPerBlock, 0, stream>>>(
         n, col_blocks, static_cast<scalar_t>(iou_threshold), sorted_boxes.data_ptr<scalar_t>(),
+        sorted_groups.defined() ? sorted_groups.data_ptr<int64_t>() : nullptr,
         reinterpret_cast<uint64_t*>(mask.data_ptr<int64_t>()));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -141,10 +154,27 @@ at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou
   return order.index_select(0, at::nonzero(keep).view(-1));
 }
 
+at::Tensor nms_cuda(const at::Tensor& dets, const at::Tensor& scores, double iou_threshold) {
+  check_nms_args(dets, scores);
+  return nms_cuda_impl(dets, scores, nullptr, iou_threshold);
+}
+
+at::Tensor batched_nms_cuda(const at::Tensor& dets, const at::Tensor& scores, const at::Tensor& idxs,
+                            double iou_threshold) {
+  check_nms_args(dets, scores);
+  TORCH_CHECK(idxs.device() == dets.device(), "batched_nms: idxs must be on the device of dets");
+  TORCH_CHECK(idxs.dim() == 1 && idxs.size(0) == dets.size(0), "batched_nms: idxs must be [N] with N = ",
+              dets.size(0), ", got ", idxs.sizes());
+  TORCH_CHECK(!at::isFloatingType(idxs.scalar_type()) && !at::isComplexType(idxs.scalar_type()),
+              "batched_nms: idxs must be an integer tensor, got ", idxs.scalar_type());
+  return nms_cuda_impl(dets, scores, &idxs, iou_threshold);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(libra, CUDA, m) {
   m.impl("nms", &nms_cuda);
+  m.impl("batched_nms", &batched_nms_cuda);
 }
 
 }  // namespace libra

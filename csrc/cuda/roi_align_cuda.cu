@@ -89,12 +89,12 @@ __global__ void roi_align_backward_kernel(
   }
 }
 
-void check_args(const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width, int64_t sampling_ratio) {
+// Any sampling_ratio is valid: <= 0 means adaptive (see roi_geometry).
+void check_args(const at::Tensor& rois, int64_t pooled_height, int64_t pooled_width) {
   TORCH_CHECK(rois.dim() == 2 && rois.size(1) == 5,
               "roi_align: rois must be [K, 5] (batch_index, x1, y1, x2, y2), got ", rois.sizes());
   TORCH_CHECK(rois.is_floating_point(), "roi_align: rois must be floating point, got ", rois.scalar_type());
   TORCH_CHECK(pooled_height > 0 && pooled_width > 0, "roi_align: pooled size must be positive");
-  TORCH_CHECK(sampling_ratio >= 0, "roi_align: sampling_ratio must be >= 0, got ", sampling_ratio);
 }
 
 at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& rois, double spatial_scale,
@@ -103,7 +103,7 @@ at::Tensor roi_align_forward_cuda(const at::Tensor& input, const at::Tensor& roi
   TORCH_CHECK(input.is_cuda() && rois.is_cuda(), "roi_align_forward_cuda: input and rois must be CUDA tensors");
   TORCH_CHECK(input.device() == rois.device(), "roi_align: input and rois must be on the same device");
   TORCH_CHECK(input.dim() == 4, "roi_align: input must be [N, C, H, W], got ", input.sizes());
-  check_args(rois, pooled_height, pooled_width, sampling_ratio);
+  check_args(rois, pooled_height, pooled_width);
   c10::cuda::CUDAGuard device_guard(input.device());
   const int64_t num_rois = rois.size(0), channels = input.size(1);
   at::Tensor output = at::zeros({num_rois, channels, pooled_height, pooled_width}, input.options());
@@ -130,7 +130,7 @@ at::Tensor roi_align_backward_cuda(const at::Tensor& grad, const at::Tensor& roi
                                    bool aligned) {
   TORCH_CHECK(grad.is_cuda() && rois.is_cuda(), "roi_align_backward_cuda: grad and rois must be CUDA tensors");
   TORCH_CHECK(grad.device() == rois.device(), "_roi_align_backward: grad and rois must be on the same device");
-  check_args(rois, pooled_height, pooled_width, sampling_ratio);
+  check_args(rois, pooled_height, pooled_width);
   const int64_t num_rois = rois.size(0);
   TORCH_CHECK(grad.dim() == 4 && grad.size(0) == num_rois && grad.size(1) == channels &&
                   grad.size(2) == pooled_height && grad.size(3) == pooled_width,

@@ -10,13 +10,14 @@ from libra.ops._extension import EXTENSION_AVAILABLE
 from libra.ops.nms import batched_nms, nms
 from libra.ops.nms_reference import nms_reference
 from libra.ops.roi_align import RoIAlign, roi_align
-from libra.ops.roi_align_reference import roi_align_reference
+from libra.ops.roi_align_reference import MAX_ADAPTIVE_SAMPLING_GRID, roi_align_reference
 
 if EXTENSION_AVAILABLE:
     from libra.ops import _registrations  # noqa: F401  (fake kernels + autograd)
 
 __all__ = [
     "EXTENSION_AVAILABLE",
+    "MAX_ADAPTIVE_SAMPLING_GRID",
     "RoIAlign",
     "batched_nms",
     "nms",

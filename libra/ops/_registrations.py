@@ -14,6 +14,8 @@ def _roi_align_fake(
 ) -> Tensor:
     torch._check(input.dim() == 4, lambda: "roi_align: input must be [N, C, H, W]")
     torch._check(rois.dim() == 2 and rois.size(1) == 5, lambda: "roi_align: rois must be [K, 5]")
+    # Like the kernels, any sampling_ratio is accepted (<= 0: adaptive grid, at most 64
+    # samples per bin side); it does not change the output's shape.
     return input.new_empty((rois.size(0), input.size(1), pooled_height, pooled_width))
 
 
@@ -41,6 +43,18 @@ def _nms_fake(dets: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     torch._check(dets.dim() == 2 and dets.size(1) == 4, lambda: "nms: dets must be [N, 4]")
     torch._check(scores.dim() == 1 and scores.size(0) == dets.size(0), lambda: "nms: scores must be [N]")
     # The number of kept boxes depends on the data.
+    num_kept = torch.library.get_ctx().new_dynamic_size()
+    return dets.new_empty((num_kept,), dtype=torch.int64)
+
+
+@torch.library.register_fake("libra::batched_nms")
+def _batched_nms_fake(dets: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
+    torch._check(dets.dim() == 2 and dets.size(1) == 4, lambda: "batched_nms: dets must be [N, 4]")
+    torch._check(scores.dim() == 1 and scores.size(0) == dets.size(0), lambda: "batched_nms: scores must be [N]")
+    torch._check(idxs.dim() == 1 and idxs.size(0) == dets.size(0), lambda: "batched_nms: idxs must be [N]")
+    torch._check(
+        not idxs.is_floating_point() and not idxs.is_complex(), lambda: "batched_nms: idxs must be an integer tensor"
+    )
     num_kept = torch.library.get_ctx().new_dynamic_size()
     return dets.new_empty((num_kept,), dtype=torch.int64)
 

@@ -3,18 +3,35 @@
 Both return int64 indices of kept boxes sorted by decreasing score (ties: lower index
 first). A box is suppressed when a kept box overlaps it with IoU strictly greater
 than ``iou_threshold``; coordinates are continuous (no +1).
+
+Drop-in for ``torchvision.ops.nms`` / ``batched_nms``, with two differences:
+
+- Bad arguments (shapes, devices) raise ``ValueError`` from these wrappers, where
+  torchvision raises ``RuntimeError``; the ops ``torch.ops.libra.*`` called directly
+  raise ``RuntimeError``.
+- ``batched_nms`` is exact: it keeps exactly the boxes that ``nms`` run on each group
+  separately keeps. torchvision's coordinate trick (one ``nms`` on boxes shifted by
+  ``idx * (max_coordinate + 1)``) rounds the shifted coordinates in float32 (to 1/8 px
+  at LVIS's 1203 classes x 1333 px), which moves IoUs near the threshold and changes
+  the kept set; libra uses no offsets (see ``batched_nms``).
 """
+import math
+
 import torch
 from torch import Tensor
 
 from libra.ops._extension import use_extension
 from libra.ops.nms_reference import nms_reference
 
-# Above these sizes batched_nms runs NMS once per class instead of once on offset
-# boxes: the single call is O(N^2) in time (and the CUDA mask in memory), the loop is
-# O(sum of per-class N^2) plus a fixed cost per class. Both give the same kept set.
-# The CPU value is where the two cost the same for 80 classes with libra's kernel.
-PER_CLASS_LOOP_THRESHOLD = {"cpu": 8000, "cuda": 20000}
+# batched_nms makes one class-aware call (torch.ops.libra.batched_nms) unless there are
+# more boxes than this, then one nms call per group from Python. Both are exact, so the
+# choice is only about cost. The CPU kernel walks each group on its own (O(sum of
+# n_group^2), no cost per group), so the loop never pays there. The CUDA kernel compares
+# all pairs (O(N^2) time, N^2 / 8 bytes of mask) while the loop costs O(sum of
+# n_group^2) plus a launch and a host sync per group.
+PER_CLASS_LOOP_THRESHOLD = {"cpu": math.inf, "cuda": 20000}
+# Without libra._C the fallback builds an N x N IoU matrix: loop over groups above this.
+REFERENCE_PER_CLASS_LOOP_THRESHOLD = 4000
 
 
 def _check_boxes_scores(boxes: Tensor, scores: Tensor, name: str) -> None:
@@ -50,14 +67,38 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     """NMS within each category: boxes with different ``idxs`` never suppress each other.
 
+    Exact for any number of groups and any coordinates: the result is exactly
+    ``nms`` run on each group separately (in float32), merged by decreasing score (ties:
+    lower index first). Both paths below guarantee it, and neither shifts coordinates:
+
+    - up to ``PER_CLASS_LOOP_THRESHOLD[device]`` boxes (any number on the CPU; 4000
+      without libra._C), one class-aware call, ``torch.ops.libra.batched_nms`` (or the
+      reference with ``idxs``): a box is only compared with boxes of its own group. No
+      host sync beyond the one for the output size that every CUDA NMS needs.
+    - above it (CUDA beyond 20000 boxes, the fallback beyond 4000), one ``nms`` per
+      group: cheaper than the single call's O(N^2), at one host sync for the group sizes
+      plus one per group.
+
+    The coordinate-offset trick (torchvision's: one NMS on boxes shifted by
+    ``idx * (max_coordinate + 1)``) is not used: float32 has a 24-bit significand, so a
+    shifted coordinate v is rounded to a multiple of ``2**(floor(log2(v)) - 23)``, e.g.
+    1/8 px for 1203 LVIS classes x 1333 px (v ~ 1.6e6), which moves IoUs near the
+    threshold and changes the kept set. The trick is exact only when every shifted
+    coordinate is representable in float32 (e.g. integer coordinates with
+    ``(max_coordinate + 1) * num_groups <= 2**24``); fractional coordinates can be
+    rounded even with 2 groups, and checking the data would cost a host sync.
+
     Args:
         boxes: [N, 4] (x1, y1, x2, y2); computed in float32.
         scores: [N].
-        idxs: [N] int64 category (or level, or image) of each box.
+        idxs: [N] integer category (or level, or image) of each box.
         iou_threshold: suppress when IoU > iou_threshold.
 
     Returns:
         [M] int64 indices into ``boxes`` of kept boxes, by decreasing score.
+
+    Raises:
+        ValueError: for bad shapes or devices (torchvision raises RuntimeError).
     """
     _check_boxes_scores(boxes, scores, "batched_nms")
     if not isinstance(idxs, Tensor) or idxs.shape != scores.shape:
@@ -65,20 +106,18 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     if boxes.numel() == 0:
         return torch.empty(0, dtype=torch.int64, device=boxes.device)
     boxes = boxes.float()
-    threshold = PER_CLASS_LOOP_THRESHOLD.get(boxes.device.type, 4000)
+    # Groups are compared as int64 on the boxes' device; like torchvision, float labels and
+    # idxs on another device are accepted (float labels are truncated).
+    idxs = idxs.to(device=boxes.device, dtype=torch.int64)
+    compiled = use_extension(stacklevel=3)
+    threshold = REFERENCE_PER_CLASS_LOOP_THRESHOLD
+    if compiled:
+        threshold = PER_CLASS_LOOP_THRESHOLD.get(boxes.device.type, REFERENCE_PER_CLASS_LOOP_THRESHOLD)
     if boxes.shape[0] > threshold:
         return _batched_nms_per_class(boxes, scores, idxs, iou_threshold)
-    return _batched_nms_offset(boxes, scores, idxs, iou_threshold)
-
-
-def _batched_nms_offset(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
-    # Shift each category to its own disjoint region so one NMS call cannot mix them:
-    # category c is offset by c * (coordinate range + 1). Non-finite coordinates are
-    # left out of the range so one NaN box cannot poison every offset.
-    finite = torch.where(torch.isfinite(boxes), boxes, torch.zeros_like(boxes))
-    span = finite.max() - finite.min() + 1
-    offset_boxes = boxes + (idxs.to(boxes) * span)[:, None]
-    return nms(offset_boxes, scores, iou_threshold)
+    if compiled:
+        return torch.ops.libra.batched_nms(boxes, scores, idxs, float(iou_threshold))
+    return nms_reference(boxes, scores, float(iou_threshold), idxs)
 
 
 def _batched_nms_per_class(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:

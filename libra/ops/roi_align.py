@@ -6,6 +6,23 @@ where half precision loses accuracy, and doing it in the wrapper keeps one code 
 for the compiled kernels and the pure-PyTorch fallback (under ``torch.compile`` too).
 Calling ``torch.ops.libra.roi_align`` directly under autocast simply runs in the
 dtype it is given (half/bfloat16 kernels accumulate in float32).
+
+Drop-in for ``torchvision.ops.roi_align`` / ``RoIAlign`` (same arguments and results),
+with these differences:
+
+- Bad arguments (shapes, devices, output size) raise ``ValueError`` from the wrapper,
+  where torchvision raises ``RuntimeError``; ``torch.ops.libra.roi_align`` called
+  directly raises ``RuntimeError`` like torchvision's op.
+- Defaults are Libra R-CNN's: ``sampling_ratio=0``, ``aligned=True`` (torchvision:
+  -1, False). Any ``sampling_ratio <= 0`` is adaptive, so 0 and -1 are the same.
+- The adaptive grid is capped at 64 samples per bin side (``MAX_ADAPTIVE_SAMPLING_GRID``):
+  ``min(ceil(roi_size / output_size), 64)``, so no RoI can cost unbounded time or memory
+  (torchvision has none). The cap never changes the
+  result of a RoI inside a 1333x800 image at FPN strides 4..64 with 7x7 bins (at most
+  ceil(1333 / 4 / 7) = 48 samples); beyond it, a capped axis takes 64 samples per bin,
+  as ``sampling_ratio=64`` would. A positive ``sampling_ratio`` is used as given.
+- RoIs with a NaN/inf coordinate or an out-of-range batch index give zeros (and a zero
+  gradient).
 """
 import torch
 from torch import Tensor, nn
@@ -53,13 +70,17 @@ def roi_align(
             list of N per-image ``[Ki, 4]`` boxes.
         output_size: ``oh`` or ``(oh, ow)`` bins per RoI (7 in Libra R-CNN).
         spatial_scale: multiplies box coordinates to reach the feature map (1 / stride).
-        sampling_ratio: samples per bin along each axis; 0 = adaptive
-            ``ceil(roi_size / output_size)``.
+        sampling_ratio: samples per bin along each axis; <= 0 (0, or torchvision's -1)
+            = adaptive ``min(ceil(roi_size / output_size), 64)``.
         aligned: half-pixel alignment (``roi * scale - 0.5``, no minimum RoI size);
             False = legacy Mask R-CNN behaviour (RoI size clamped to >= 1).
 
     Returns:
         [K, C, oh, ow] in ``input.dtype``.
+
+    Raises:
+        ValueError: for a bad ``input``, ``rois`` or ``output_size`` (torchvision raises
+            RuntimeError).
     """
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError(f"roi_align: input must be a [N, C, H, W] tensor, got {getattr(input, 'shape', type(input))}.")
@@ -77,8 +98,6 @@ def roi_align(
     pooled_height, pooled_width = _pair(output_size)
     if pooled_height <= 0 or pooled_width <= 0:
         raise ValueError(f"roi_align: output_size must be positive, got {output_size!r}.")
-    if sampling_ratio < 0:
-        raise ValueError(f"roi_align: sampling_ratio must be >= 0 (0 = adaptive), got {sampling_ratio}.")
 
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type):

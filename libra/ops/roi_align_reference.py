@@ -5,13 +5,25 @@ inside each of the ``pooled_height x pooled_width`` bins of a RoI. Libra R-CNN p
 7x7 features from the FPN level of each RoI with ``sampling_ratio=0`` (adaptive grid,
 ``ceil(roi_size / pooled_size)`` samples per bin) and ``aligned=True`` (SPEC.md).
 
+Any ``sampling_ratio <= 0`` is adaptive (torchvision's default is -1). The adaptive grid
+is capped at ``MAX_ADAPTIVE_SAMPLING_GRID`` samples per bin side, like the kernels in
+``csrc/`` (``kMaxAdaptiveSamplingGrid``), so a huge RoI costs at most 64 x 64 samples per
+bin instead of unbounded time and memory. The cap never binds for a RoI that fits in a
+1333x800 image at FPN strides 4..64 with 7x7 bins (1333 / 4 / 7 = 47.6 -> 48 samples).
+A positive ``sampling_ratio`` is used as given.
+
 This module is vectorised over RoIs: every RoI gets the same *maximum* sampling grid
 and samples beyond its own grid are masked out. That costs memory proportional to
-``K * C * pooled_h * grid_h * pooled_w * grid_w``, so it is meant for tests and as a
-fallback, not for training; the compiled kernels in ``csrc/`` are the fast path.
+``K * C * pooled_h * grid_h * pooled_w * grid_w`` (grid <= 64 when adaptive), so it is
+meant for tests and as a fallback, not for training; the compiled kernels in ``csrc/``
+are the fast path.
 """
 import torch
 from torch import Tensor
+
+# Most samples per bin side with adaptive sampling; equal to kMaxAdaptiveSamplingGrid in
+# csrc/roi_align_geometry.h (see there for the choice of 64).
+MAX_ADAPTIVE_SAMPLING_GRID = 64
 
 
 def _opmath_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -50,7 +62,9 @@ def _axis_samples(
     # A sample more than one pixel outside the map contributes nothing; otherwise the
     # position is clamped to the border pixel (the map is extended by its edge value).
     inside = (pos >= -1.0) & (pos <= size)
-    pos = pos.clamp(min=0.0)
+    # Masked samples (also NaN/inf positions of a RoI whose scaled size overflowed) read
+    # pixel 0 with weight 0, so that every index is valid.
+    pos = torch.where(inside, pos, torch.zeros_like(pos)).clamp(min=0.0)
     low = pos.floor().clamp(max=size - 1)
     at_edge = low >= size - 1
     pos = torch.where(at_edge, low, pos)
@@ -83,7 +97,8 @@ def roi_align_reference(
         rois: [K, 5] rows ``(batch_index, x1, y1, x2, y2)`` in input-image coordinates.
         spatial_scale: feature-map size / image size (1 / stride).
         pooled_height, pooled_width: output bins per RoI.
-        sampling_ratio: samples per bin along each axis; 0 = ``ceil(roi_size / pooled)``.
+        sampling_ratio: samples per bin along each axis; <= 0 = adaptive
+            ``min(ceil(roi_size / pooled), MAX_ADAPTIVE_SAMPLING_GRID)``.
         aligned: shift by -0.5 so that pixel centres sit at integer + 0.5 (no minimum
             RoI size); False keeps the original Mask R-CNN convention (RoI size >= 1).
 
@@ -121,8 +136,11 @@ def roi_align_reference(
         grid_h = torch.full_like(batch, sampling_ratio)
         grid_w = torch.full_like(batch, sampling_ratio)
     else:
-        grid_h = torch.ceil(bin_h).long().clamp(min=0)
-        grid_w = torch.ceil(bin_w).long().clamp(min=0)
+        # min(ceil(bin), cap), 0 for bin <= 0 or NaN (clamped before the cast, which
+        # is undefined for NaN and inf).
+        cap = MAX_ADAPTIVE_SAMPLING_GRID
+        grid_h = torch.nan_to_num(torch.ceil(bin_h), nan=0.0).clamp(min=0, max=cap).long()
+        grid_w = torch.nan_to_num(torch.ceil(bin_w), nan=0.0).clamp(min=0, max=cap).long()
     # The one host sync: the shared grid size (a fixed maximum, masks do the rest).
     max_grid_h = max(int(grid_h.max()), 1)
     max_grid_w = max(int(grid_w.max()), 1)
