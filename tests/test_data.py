@@ -450,3 +450,25 @@ def test_draw_detections_writes_png(tmp_path):
         array = np.asarray(im.convert("RGB"))
     assert array.shape == (40, 60, 3)
     assert array[20, 5].sum() > 0 and array[20, 17].sum() == 0  # box edge drawn, inside untouched
+
+
+def test_preprocess_images_scales_unit_range_floats_with_a_warning():
+    """torchvision users pass float images in [0, 1]; treating them as 0..255 would make them black."""
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, 48, 64), generator=generator, dtype=torch.uint8)
+    expected, sizes, originals = preprocess_images([image], min_size=64, max_size=96)
+    with pytest.warns(UserWarning, match=r"\[0, 1\]"):
+        batch, sizes_unit, _ = preprocess_images([image.float() / 255.0], min_size=64, max_size=96)
+    torch.testing.assert_close(batch, expected, rtol=0, atol=1e-4)
+    assert sizes_unit == sizes
+    # 0..255 floats and uint8 images (even a nearly black one) are taken as they are, silently
+    dark = torch.zeros(3, 48, 64, dtype=torch.uint8)
+    dark[0, 0, 0] = 1
+    import warnings as _warnings
+
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        preprocess_images([image.float()], min_size=64, max_size=96)
+        preprocess_images([dark], min_size=64, max_size=96)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        preprocess_images([torch.full((3, 48, 64), float("nan"))], min_size=64, max_size=96)

@@ -227,6 +227,31 @@ def test_bad_images_and_missing_targets_raise():
         model(torch.zeros(1, 3, 31, 64), [(31, 64)])
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_empty_batch_and_non_finite_images_raise_clear_errors(training):
+    model = tiny_model().train(training)
+    targets = [{"boxes": torch.tensor([[1.0, 1.0, 40.0, 40.0]]), "labels": torch.tensor([0])}]
+    with pytest.raises(ValueError, match="batch is empty"):
+        model(torch.zeros(0, 3, 64, 64), [], [] if training else None)
+    for bad in (float("nan"), float("inf")):
+        images = torch.zeros(1, 3, 64, 64)
+        images[0, 1, 5, 7] = bad
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            model(images, [(64, 64)], targets if training else None)
+
+
+def test_non_finite_rois_map_to_a_valid_level():
+    """A diverged model's NaN proposals must not crash the level mapping (bincount of a huge
+    negative index); they pool from level 0 and the non-finite loss reports the divergence."""
+    from libra.roi_heads import MultiLevelRoIExtractor, map_rois_to_levels
+
+    rois = torch.tensor([[0, float("nan"), 0, 10, 10], [0, 0, 0, float("inf"), 10], [0, 0, 0, 300, 300], [0, 0, 0, 10, 10.0]])
+    assert map_rois_to_levels(rois, 4).tolist() == [0, 3, 2, 0]
+    features = [torch.randn(1, 4, 64 // 2**i, 64 // 2**i) for i in range(4)]
+    pooled = MultiLevelRoIExtractor(7, (4, 8, 16, 32))(features, rois)
+    assert pooled.shape == (4, 4, 7, 7) and torch.isfinite(pooled[3]).all()
+
+
 # ------------------------------------------------------------------------------ internals
 def test_batched_proposals_equal_per_image_proposals():
     """One NMS over the whole batch (group = image * levels + level) equals per-image NMS."""

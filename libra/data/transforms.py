@@ -21,6 +21,7 @@ is reproducible whatever the number of DataLoader workers and however they are s
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -207,7 +208,8 @@ def preprocess_images(
     """Prepare raw images for inference (test-time pipeline without a dataset).
 
     Args:
-        images: list of [3, h, w] RGB tensors, uint8 or float in 0..255.
+        images: list of [3, h, w] RGB tensors, uint8 or float in 0..255. A float image whose values
+            all lie in [0, 1] (torchvision's convention) is scaled by 255, with a warning.
         min_size, max_size: resize rule of `get_resize_size`.
 
     Returns:
@@ -223,6 +225,17 @@ def preprocess_images(
         if not isinstance(image, Tensor) or image.dim() != 3 or image.shape[0] != 3:
             shape = tuple(image.shape) if isinstance(image, Tensor) else type(image).__name__
             raise ValueError(f"image {i}: expected a Tensor[3, h, w] (RGB, 0..255), got {shape}")
+        if image.is_floating_point() and image.numel() > 0:
+            low, high = float(image.min()), float(image.max())
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"image {i} has NaN or infinite pixel values; pass RGB values in 0..255")
+            if 0.0 <= low and high <= 1.0:
+                warnings.warn(
+                    f"image {i} is a float image with values in [0, 1]; libra expects 0..255 (as uint8 or float) "
+                    "and scales it by 255. Pass image * 255 (or a uint8 image) to silence this warning.",
+                    stacklevel=2,
+                )
+                image = image * 255.0
         normalised, _, meta = transform(image.float(), {})
         out.append(normalised)
         image_sizes.append(meta["img_shape"])

@@ -27,6 +27,11 @@ from torch import Tensor, nn
 
 MIN_IMAGE_SIDE = 32
 
+_NON_FINITE_IMAGES = (
+    "images contain NaN or infinite values; pass finite normalised images "
+    "(libra.data.preprocess_images turns 0..255 RGB images into them)"
+)
+
 # Output keys that hold boxes (x1, y1, x2, y2) and are rescaled to the original image.
 BOX_KEYS = ("boxes", "proposals")
 
@@ -65,11 +70,13 @@ class Detector(nn.Module):
         """
         sizes = check_images(images, image_sizes, original_sizes)
         if not self.training:
+            if not bool(torch.isfinite(images).all()):  # one host sync; inference syncs anyway (NMS)
+                raise ValueError(_NON_FINITE_IMAGES)
             return sizes, None
         if targets is None:
             raise ValueError("targets are required in training mode; call model.eval() to get detections")
         if self.validate_targets:
-            targets = check_targets(targets, len(sizes), self.num_classes)
+            targets = check_targets(targets, len(sizes), self.num_classes, images_finite=torch.isfinite(images).all())
         return sizes, [targets_to_device(target, images.device) for target in targets]
 
     # ------------------------------------------------------------------ outputs
@@ -119,6 +126,8 @@ def check_images(
     if not images.is_floating_point():
         raise ValueError(f"images must be normalised floating point, got dtype {images.dtype}")
     batch, _, height, width = images.shape
+    if batch == 0:
+        raise ValueError("the batch is empty (images has shape [0, 3, H, W]); pass at least one image")
     if len(image_sizes) != batch:
         raise ValueError(f"got {len(image_sizes)} image_sizes for a batch of {batch} images; pass one (h, w) per image")
     sizes = []
@@ -140,8 +149,14 @@ def check_images(
     return sizes
 
 
-def check_targets(targets: Sequence[dict[str, Tensor]], batch: int, num_classes: int) -> list[dict[str, Tensor]]:
-    """Validate the ground truth (one host sync for the whole batch); drop zero-area boxes."""
+def check_targets(
+    targets: Sequence[dict[str, Tensor]], batch: int, num_classes: int, images_finite: Tensor | None = None
+) -> list[dict[str, Tensor]]:
+    """Validate the ground truth (one host sync for the whole batch); drop zero-area boxes.
+
+    ``images_finite`` (a 0-dim bool tensor) joins the same host transfer, so checking that the
+    images are finite costs no extra sync.
+    """
     if len(targets) != batch:
         raise ValueError(f"got {len(targets)} targets for a batch of {batch} images; pass one dict per image")
     checked: list[dict[str, Tensor]] = []
@@ -181,7 +196,12 @@ def check_targets(targets: Sequence[dict[str, Tensor]], batch: int, num_classes:
                 ]
             )
         )
+    if images_finite is not None:
+        flags.append((~images_finite).to(flags[0].device).expand(4))  # a row of its own
     flags_host = torch.stack(flags).tolist() if flags else []  # the one host sync
+    if images_finite is not None:
+        if flags_host.pop()[0]:
+            raise ValueError(_NON_FINITE_IMAGES)
     for index, (target, (bad_box, bad_label, bad_ignore, zero_area)) in enumerate(zip(targets, flags_host)):
         boxes, labels = target["boxes"], target["labels"]
         if bad_box:

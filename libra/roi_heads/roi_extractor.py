@@ -29,8 +29,11 @@ def map_rois_to_levels(rois: Tensor, num_levels: int, finest_scale: float = 56.0
     widths = rois[:, 3] - rois[:, 1]
     heights = rois[:, 4] - rois[:, 2]
     scale = torch.sqrt((widths * heights).clamp(min=0))
-    # The 1e-6 keeps log2 finite for degenerate boxes (they go to level 0).
+    # The 1e-6 keeps log2 finite for degenerate boxes (they go to level 0). Non-finite RoIs (a
+    # diverged model's proposals) also go to level 0 instead of becoming an invalid index: RoIAlign
+    # then yields non-finite features and the loss reports the divergence.
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    levels = torch.nan_to_num(levels, nan=0.0, posinf=num_levels - 1, neginf=0.0)
     return levels.clamp(0, num_levels - 1).long()
 
 
