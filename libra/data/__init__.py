@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .base import DetectionDataset, ImageRecord, records_to_coco_dict
+from .base import IMAGE_CHECKS, DataError, DetectionDataset, ImageFileError, ImageRecord, check_image_files, records_to_coco_dict
 from .coco import CocoDetection, build_coco_paths, load_coco_api
 from .lvis import LVISDetection, build_lvis_paths, load_lvis_api
 from .samplers import (
@@ -95,6 +95,7 @@ def build_dataset(
 __all__ = [
     "build_dataset", "collate", "preprocess_images", "DetectionTransform", "get_resize_size", "denormalize_image",
     "PIXEL_MEAN", "PIXEL_STD", "DetectionDataset", "ImageRecord", "records_to_coco_dict",
+    "DataError", "ImageFileError", "check_image_files", "IMAGE_CHECKS",
     "CocoDetection", "VOCDetection", "LVISDetection", "VOC_CLASSES", "SYNTHETIC_CLASSES",
     "ensure_synthetic_dataset", "load_coco_api", "load_lvis_api",
     "GroupedBatchSampler", "InfiniteOrEpochDistributedSampler", "RepeatFactorSampler",

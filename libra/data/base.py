@@ -8,11 +8,20 @@ target dict of the interface contract:
     boxes [G, 4] float32 (resized image coords), labels [G] int64, ignore_boxes [Gi, 4],
     image_id int, img_shape (h, w), ori_shape (h0, w0), scale_factor (sx, sy), flip bool,
     and in evaluation mode also difficult [G] bool (VOC; all False elsewhere).
+
+Bad input: the loaders clip ground-truth (and ignore) boxes to the image in original
+coordinates and drop those that end up narrower or lower than 1 px (`clip_box_to_image`);
+coordinates more than 10 image sizes outside the image are rejected (`check_box_extent`). An
+image file that cannot be decoded raises `ImageFileError` (a `DataError`, i.e. a ValueError) with a
+one-line message naming the file, also from inside DataLoader workers; `check_image_files` finds
+such files up front (the command line's ``--check-images``).
 """
 
 from __future__ import annotations
 
 import math
+import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -44,14 +53,193 @@ class ImageRecord:
     ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
 
 
-def load_rgb_image(path: Path) -> Tensor:
-    """Decode an image file to float32 [3, h, w] RGB in 0..255 (no EXIF rotation, like COCO's annotations)."""
+class DataError(ValueError):
+    """The dataset on disk cannot be used as given; the message is one line naming the file or
+    annotation and what to do (``libra.engine.builders`` re-exports it)."""
+
+
+class ImageFileError(DataError):
+    """An image file that exists but cannot be decoded (random bytes, empty, truncated, ...)."""
+
+
+# What the pre-flight image check of `check_image_files` reads (see its docstring for the costs).
+IMAGE_CHECKS: tuple[str, ...] = ("header", "full", "none")
+_HEAD_BYTES = 1 << 13  # the markers up to the SOF of most JPEGs (PIL reads on when they go further)
+_TAIL_BYTES = 64
+_MAX_TAIL_CONFIRMATIONS = 64  # full decodes in "header" mode of files whose end marker is missing
+
+
+def _error_reason(error: BaseException) -> str:
+    """A short one-line reason for a PIL / OS error (without the file name PIL puts in it)."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(error, UnidentifiedImageError):
+        return "not an image file PIL can read (unknown format or corrupt header)"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def load_rgb_image(path: Path, skip_hint: str = "") -> Tensor:
+    """Decode an image file to float32 [3, h, w] RGB in 0..255 (no EXIF rotation, like COCO's annotations).
+
+    A file that exists but cannot be decoded raises `ImageFileError` with a one-line message naming
+    it (``skip_hint`` says where the image is listed, to skip it); a missing file FileNotFoundError.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"image file not found: {path}")
-    with Image.open(path) as im:
-        array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    try:
+        with Image.open(path) as im:
+            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as error:  # UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
+        reason = "the file is empty (0 bytes)" if _file_size(path) == 0 else _error_reason(error)
+        raise ImageFileError(f"cannot decode image file {path}: {reason}; {image_fix_hint(skip_hint)}") from None
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+
+
+def _file_size(path: Path) -> int | None:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return None
+
+
+def image_fix_hint(skip_hint: str, many: bool = False, check_flag: bool = True) -> str:
+    """What to do about undecodable image files listed in ``skip_hint`` (one line)."""
+    what, them = ("them with valid images", "them") if many else ("it with a valid image", "it")
+    text = f"replace {what} or remove {them} from {skip_hint or 'the annotation file'} to skip {them}"
+    return text + (" (--check-images full finds every undecodable file up front)" if check_flag else "")
+
+
+def _quick_header(head: bytes) -> tuple[str, tuple[int, int]] | None:
+    """(format, (w, h)) from the first bytes of a JPEG or PNG, or None (other format, unusual or
+    corrupt header: then PIL decides). About 5x cheaper than ``PIL.Image.open``."""
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and len(head) >= 24:
+        width, height = struct.unpack(">II", head[16:24])
+        return "PNG", (int(width), int(height))
+    if head[:3] != b"\xff\xd8\xff":
+        return None
+    i, n = 2, len(head)
+    while i + 4 <= n:
+        if head[i] != 0xFF:
+            return None
+        marker = head[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        if marker == 0x01 or 0xD0 <= marker <= 0xD8:  # markers without a length
+            i += 2
+            continue
+        (length,) = struct.unpack(">H", head[i + 2 : i + 4])
+        if marker in _JPEG_SOF_MARKERS:
+            if i + 9 > n:
+                return None
+            height, width = struct.unpack(">HH", head[i + 5 : i + 9])
+            return "JPEG", (int(width), int(height))
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before any frame header
+            return None
+        i += 2 + length
+    return None
+
+
+_JPEG_SOF_MARKERS = frozenset((0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF))
+# The last bytes of a complete file: JPEG's EOI marker, PNG's IEND chunk.
+_END_MARKERS = {"JPEG": b"\xff\xd9", "PNG": b"IEND"}
+
+
+def _decode_problem(path: Path) -> str | None:
+    try:
+        with Image.open(path) as im:
+            im.load()
+    except Exception as error:
+        return _error_reason(error)
+    return None
+
+
+def image_file_problem(path: Path, width: int, height: int, mode: str = "header") -> tuple[str | None, bool]:
+    """Why the image file at ``path`` (annotated ``width`` x ``height``) cannot be used, or None.
+
+    Returns ``(problem, tail_suspect)``: in ``"header"`` mode ``tail_suspect`` is True for a JPEG /
+    PNG whose end marker is missing from its last bytes (truncated, or trailing data after the
+    image); `check_image_files` then decodes it fully to decide.
+    """
+    size = _file_size(path)
+    if size is None:
+        return ("file not found" if not path.exists() else "not a readable file"), False
+    if size == 0:
+        return "the file is empty (0 bytes)", False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+            if size > len(head):
+                f.seek(-_TAIL_BYTES, os.SEEK_END)
+                tail = f.read(_TAIL_BYTES)
+            else:
+                tail = head[-_TAIL_BYTES:]
+    except OSError as error:
+        return _error_reason(error), False
+    quick = _quick_header(head) if mode == "header" else None
+    if quick is None:
+        try:
+            with Image.open(path) as im:
+                quick = (str(im.format), tuple(im.size))
+                if mode == "full":
+                    im.load()
+        except Exception as error:
+            return _error_reason(error), False
+    fmt, (w, h) = quick
+    if (w, h) != (int(width), int(height)):
+        return (f"decoded size {w} x {h} (w x h) differs from the annotated {int(width)} x {int(height)}; "
+                "the annotation does not match the image"), False
+    end = _END_MARKERS.get(fmt)
+    return None, bool(mode == "header" and end is not None and end not in tail)
+
+
+def check_image_files(
+    records: Sequence[ImageRecord], mode: str = "header", max_full_decodes: int = _MAX_TAIL_CONFIRMATIONS
+) -> list[tuple[ImageRecord, str]]:
+    """Pre-flight check of every record's image file: ``[(record, problem), ...]`` (empty when all are usable).
+
+    Modes (``--check-images``):
+      - ``"header"`` (default): read each file's first 8 KiB and last 64 bytes; the JPEG / PNG
+        header gives the size, compared with the annotation (other formats, or headers that go
+        on further, through ``PIL.Image.open``, which reads the header only); a missing end
+        marker (JPEG EOI / PNG IEND: a truncated download) is confirmed by decoding that file (at
+        most ``max_full_decodes`` such files, in case a data set legitimately carries trailing
+        bytes after its images). Measured on 2 shared CPU cores, warm page cache, 640 x 480
+        JPEGs: 0.03 ms per file, i.e. 3.5-4 s for COCO train2017's 118k images (``PIL.Image.open``
+        alone: 0.065-0.15 ms, 8-17 s; the existence ``stat`` of before: 0.005 ms).
+      - ``"full"``: decode every image on a thread pool (PIL's decoders release the GIL): 3-6 ms
+        per 640 x 480 JPEG, 6-12 min for COCO train2017 on 2 cores; finds damage in the middle
+        of a file that a header cannot show.
+      - ``"none"``: no check (an undecodable file then fails when it is loaded, with the same
+        one-line message).
+    Whatever passes the check and still fails to decode raises `ImageFileError` when loaded.
+    """
+    if mode not in IMAGE_CHECKS:
+        raise ValueError(f"image check must be one of {', '.join(IMAGE_CHECKS)}, got {mode!r}")
+    if mode == "none":
+        return []
+
+    def inspect(record: ImageRecord) -> tuple[str | None, bool]:
+        return image_file_problem(Path(record.file_path), record.width, record.height, mode)
+
+    if mode == "full":
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+            results = list(pool.map(inspect, records))
+    else:
+        results = [inspect(record) for record in records]
+    problems = []
+    confirmations = 0
+    for record, (problem, tail_suspect) in zip(records, results):
+        if problem is None and tail_suspect and confirmations < max_full_decodes:
+            confirmations += 1
+            problem = _decode_problem(Path(record.file_path))
+        if problem is not None:
+            problems.append((record, problem))
+    return problems
 
 
 class DetectionDataset(Dataset):
@@ -126,6 +314,10 @@ class DetectionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def skip_hint(self, record: ImageRecord) -> str:
+        """Where ``record``'s image is listed (said in errors about its file: remove it there to skip it)."""
+        return f"the annotations (image id {record.image_id})"
+
     # ---- samples ------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.records)
@@ -142,10 +334,10 @@ class DetectionDataset(Dataset):
         if not -len(self.records) <= index < len(self.records):
             raise IndexError(f"index {index} out of range for a dataset of {len(self.records)} images")
         record = self.records[index]
-        image = load_rgb_image(record.file_path)
+        image = load_rgb_image(record.file_path, self.skip_hint(record))
         h0, w0 = int(image.shape[-2]), int(image.shape[-1])
         if (h0, w0) != (record.height, record.width):
-            raise ValueError(
+            raise DataError(
                 f"image {record.image_id} ({record.file_path}): decoded size (h, w) = ({h0}, {w0}) differs from "
                 f"the annotated size ({record.height}, {record.width}); the annotation file does not match the image"
             )
@@ -194,6 +386,53 @@ def records_to_coco_dict(records: Sequence[ImageRecord], class_names: Sequence[s
             ann_id += 1
     categories = [{"id": i + 1, "name": n} for i, n in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}
+
+
+# Coordinates further than this many image sizes outside the image are rejected as absurd (an
+# annotation bug: a box of 1e9 px would make a training step allocate gigabytes), the rest is clipped.
+ABSURD_BOX_FACTOR = 10.0
+
+
+def check_image_size(width, height, what: str) -> tuple[int, int]:
+    """The annotated (width, height) of an image as positive ints, or ValueError naming ``what``."""
+    out = []
+    for name, value in (("width", width), ("height", height)):
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else math.nan
+        except ValueError:
+            number = math.nan
+        if not math.isfinite(number) or number < 1:
+            raise ValueError(f"{what}: {name} must be a positive number, got {value!r}")
+        out.append(int(number))
+    return out[0], out[1]
+
+
+def check_box_extent(box: Sequence[float], width: int, height: int, what: str, shown=None) -> None:
+    """ValueError naming ``what`` and the annotated value ``shown`` (default ``box``) when a
+    coordinate of ``box`` [x1, y1, x2, y2] is not finite or lies more than ``ABSURD_BOX_FACTOR``
+    image sizes outside the ``width`` x ``height`` image."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    lim_x, lim_y = ABSURD_BOX_FACTOR * width, ABSURD_BOX_FACTOR * height
+    inside = all(math.isfinite(v) for v in (x1, y1, x2, y2)) and (
+        -lim_x <= min(x1, x2) and max(x1, x2) <= width + lim_x and -lim_y <= min(y1, y2) and max(y1, y2) <= height + lim_y
+    )
+    if not inside:
+        raise ValueError(
+            f"{what}: bbox {list(box) if shown is None else shown} lies far outside the {width} x {height} image "
+            f"(more than {ABSURD_BOX_FACTOR:g}x its size); fix or remove this annotation"
+        )
+
+
+def clip_box_to_image(box: Sequence[float], width: int, height: int) -> list[float] | None:
+    """``box`` [x1, y1, x2, y2] (original image coordinates) clipped to [0, width] x [0, height];
+    None when the clipped box is narrower or lower than 1 px (COCO's w < 1 / h < 1 rule, applied
+    after clipping: a box outside the image, or a sliver of it inside, is dropped)."""
+    x1, y1, x2, y2 = (float(v) for v in box)
+    x1, x2 = min(max(x1, 0.0), float(width)), min(max(x2, 0.0), float(width))
+    y1, y2 = min(max(y1, 0.0), float(height)), min(max(y2, 0.0), float(height))
+    if x2 - x1 < 1 or y2 - y1 < 1:
+        return None
+    return [x1, y1, x2, y2]
 
 
 def check_finite_box(values, what: str) -> list[float]:

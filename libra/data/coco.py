@@ -7,7 +7,10 @@ Expected layout for COCO 2017 (see `build_coco_paths`):
 
 Annotation rules (MMDetection's ``CocoDataset.parse_data_info``; ``filter_empty_gt=True`` of
 `configs/_base_/datasets/coco_detection.py`): COCO boxes [x, y, w, h] become [x, y, x + w, y + h];
-annotations with area <= 0, w < 1 or h < 1 are skipped; ``iscrowd`` boxes go to
+annotations with area <= 0, w < 1 or h < 1 are skipped; the boxes (crowd ones too) are clipped to
+the image and skipped when the clipped box has w < 1 or h < 1 (MMDetection skips the boxes
+without overlap with the image and clips the others in ``Resize``, ``clip_object_border=True``);
+a box reaching more than 10 image sizes outside the image is an error; ``iscrowd`` boxes go to
 ``ignore_boxes``; category ids map to contiguous labels 0..C-1 in increasing id order
 (``label_to_cat_id[label]`` maps back). Training drops images without usable boxes;
 evaluation keeps every image.
@@ -24,7 +27,7 @@ from typing import Any
 import numpy as np
 from pycocotools.coco import COCO
 
-from .base import DetectionDataset, ImageRecord, check_finite_box
+from .base import DetectionDataset, ImageRecord, check_box_extent, check_finite_box, check_image_size, clip_box_to_image
 from .transforms import DetectionTransform
 
 COCO_LAYOUT_HELP = (
@@ -77,10 +80,12 @@ def parse_coco_annotations(
             if "file_name" not in info:
                 raise ValueError(f"{source} image {image_id} has no 'file_name'")
             path = image_root / info["file_name"]
+        width, height = check_image_size(info.get("width"), info.get("height"), f"{source} image {image_id}")
         boxes, labels, ignore = [], [], []
         for ann in coco.imgToAnns.get(image_id, []):
             what = f"{source} annotation {ann.get('id')} of image {image_id}"
             x, y, w, h = check_finite_box(ann.get("bbox"), what)
+            check_box_extent([x, y, x + w, y + h], width, height, what, shown=ann.get("bbox"))
             cat_id = ann.get("category_id")
             if cat_id not in cat_id_to_label:
                 raise ValueError(f"{what}: unknown category_id {cat_id!r} (not in 'categories')")
@@ -89,7 +94,9 @@ def parse_coco_annotations(
                 raise ValueError(f"{what}: area must be a finite number, got {area!r}")
             if area <= 0 or w < 1 or h < 1:
                 continue
-            box = [x, y, x + w, y + h]
+            box = clip_box_to_image([x, y, x + w, y + h], width, height)
+            if box is None:  # outside the image (or a sliver of < 1 px inside it)
+                continue
             if ann.get("iscrowd", 0):
                 ignore.append(box)
             else:
@@ -101,8 +108,8 @@ def parse_coco_annotations(
             ImageRecord(
                 image_id=int(image_id),
                 file_path=path,
-                width=int(info["width"]),
-                height=int(info["height"]),
+                width=width,
+                height=height,
                 boxes=np.asarray(boxes, np.float32).reshape(-1, 4),
                 labels=np.asarray(labels, np.int64),
                 difficult=np.zeros(len(boxes), bool),
@@ -150,6 +157,9 @@ class CocoDetection(DetectionDataset):
     def coco_api(self) -> COCO:
         """The annotation file's own ``COCO`` index (the evaluation ground truth)."""
         return self.coco
+
+    def skip_hint(self, record) -> str:
+        return f"{self.ann_file} (image id {record.image_id})"
 
 
 def build_coco_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:

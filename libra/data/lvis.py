@@ -94,6 +94,9 @@ class LVISDetection(DetectionDataset):
         """The LVIS annotation file as a pycocotools ``COCO`` index (the evaluation ground truth)."""
         return self.lvis
 
+    def skip_hint(self, record) -> str:
+        return f"{self.ann_file} (image id {record.image_id})"
+
 
 def build_lvis_paths(data_root: str | Path, split: str) -> tuple[Path, Path]:
     """(image root, annotation file) for 'train' or 'val'."""

@@ -14,7 +14,9 @@ columns a..b has x1 = a, x2 = b + 1.
 
 `ensure_synthetic_dataset` writes COCO instances JSON + PNG files once and then reuses them;
 it generates into a temporary folder and renames it into place, so concurrent callers (e.g.
-one process per GPU) and interrupted runs never leave a half-written dataset.
+one process per GPU) and interrupted runs never leave a half-written dataset. Its output carries
+a marker file (``.libra_synthetic``); it never deletes or writes into a non-empty folder without
+it (a real dataset given as ``--data-root`` without ``--dataset``), and raises `DataError` instead.
 """
 
 from __future__ import annotations
@@ -24,15 +26,23 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .base import DataError
+
 SYNTHETIC_CLASSES: tuple[str, ...] = ("rectangle", "ellipse", "triangle", "cross")
 _FORMAT_VERSION = 1
 _SPLIT_SALT = {"train": 1, "val": 2}
+# The marker file that says a folder is this builder's output (it holds the generation
+# parameters); a folder without it is never deleted or overwritten.
+SYNTHETIC_MARKER = ".libra_synthetic"
+_GENERATOR = "libra.data.synthetic"
+_OWN_ENTRIES = frozenset(("annotations", "train", "val", "meta.json", SYNTHETIC_MARKER))
 
 
 def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
@@ -160,21 +170,87 @@ def synthetic_paths(root: str | Path) -> dict[str, Path]:
         "train_ann": root / "annotations" / "instances_train.json",
         "val_ann": root / "annotations" / "instances_val.json",
         "meta": root / "meta.json",
+        "marker": root / SYNTHETIC_MARKER,
     }
 
 
-def _is_complete(paths: dict[str, Path], meta: dict) -> bool:
+def _marker_content(meta: dict) -> dict:
+    return {"generator": _GENERATOR, **meta}
+
+
+def _read_json(path: Path):
     try:
-        if json.loads(paths["meta"].read_text()) != meta:
-            return False
+        return json.loads(path.read_text())
     except (OSError, ValueError):
-        return False
+        return None
+
+
+def _files_complete(paths: dict[str, Path], meta: dict) -> bool:
     for split in ("train", "val"):
         if not paths[f"{split}_ann"].is_file():
             return False
         if len(list(paths[f"{split}_images"].glob("*.png"))) != meta[f"num_{split}"]:
             return False
     return True
+
+
+def _is_complete(paths: dict[str, Path], meta: dict) -> bool:
+    """The folder holds this builder's output for exactly ``meta`` (its marker says so and no file is missing)."""
+    return _read_json(paths["marker"]) == _marker_content(meta) and _files_complete(paths, meta)
+
+
+def _is_legacy_folder(root: Path) -> bool:
+    """Written before the marker existed: a ``meta.json`` of this builder and nothing but its layout."""
+    meta = _read_json(root / "meta.json")
+    if not isinstance(meta, dict) or set(meta) != set(_meta(1, 1, (32, 32), 0)):
+        return False
+    return all(_is_own_entry(p.name) for p in root.iterdir())
+
+
+def _is_own_entry(name: str) -> bool:
+    return name in _OWN_ENTRIES or name.startswith(SYNTHETIC_MARKER + ".part-")
+
+
+def _describe(root: Path, entries: list[Path]) -> str:
+    names = sorted(p.name + ("/" if p.is_dir() else "") for p in entries)
+    shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+    return f"{shown} ({len(names)} entr{'y' if len(names) == 1 else 'ies'})"
+
+
+def _dataset_flag_hint(root: Path) -> str:
+    """What to pass instead when ``root`` looks like one of the real datasets' layouts."""
+    if (root / "VOC2007").is_dir() or (root / "VOC2012").is_dir():
+        return "it looks like a VOCdevkit folder: pass --dataset voc to use it"
+    if any(root.glob("lvis_v1_*.json")):
+        return "it looks like an LVIS folder: pass --dataset lvis to use it"
+    if (root / "annotations").is_dir() and any((root / "annotations").glob("instances_*.json")):
+        return "it looks like a COCO folder: pass --dataset coco to use it"
+    return "to use a dataset stored there pass --dataset coco, voc or lvis"
+
+
+def _check_replaceable(root: Path) -> None:
+    """Raise DataError unless ``root`` may be (re)filled: absent, empty, or this builder's own output
+    holding nothing but its own files. Nothing else is ever deleted or overwritten."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if not root.is_dir():
+        raise DataError(f"--data-root {root} is not a folder; choose a new or empty folder for the synthetic dataset")
+    entries = list(root.iterdir())
+    if not entries:
+        return
+    if not (root / SYNTHETIC_MARKER).is_file() and not _is_legacy_folder(root):
+        raise DataError(
+            f"--data-root {root} is not empty and was not made by the synthetic dataset builder (no {SYNTHETIC_MARKER} "
+            f"marker; it holds {_describe(root, entries)}); refusing to overwrite it: {_dataset_flag_hint(root)}, "
+            "or choose an empty or new --data-root for the synthetic shapes"
+        )
+    foreign = [p for p in entries if not _is_own_entry(p.name)]
+    if foreign:
+        raise DataError(
+            f"the synthetic dataset in --data-root {root} must be regenerated (other settings or missing files) but the "
+            f"folder also holds files the builder did not write: {_describe(root, foreign)}; move them out, or choose "
+            "another --data-root"
+        )
 
 
 def _render_and_save(args: tuple) -> list[dict]:
@@ -217,40 +293,76 @@ def ensure_synthetic_dataset(
 ) -> dict[str, Path]:
     """Create the synthetic dataset under ``root`` unless it is already there and complete.
 
-    Layout: root/annotations/instances_{train,val}.json, root/{train,val}/*.png, root/meta.json.
-    A folder made with other parameters is replaced. Returns the dict of `synthetic_paths`.
+    Layout: root/annotations/instances_{train,val}.json, root/{train,val}/*.png, root/meta.json and
+    the marker root/.libra_synthetic (the parameters; written last). Returns the dict of
+    `synthetic_paths`.
+
+    Safety: ``root`` must be absent, empty, or a folder this builder made (its marker, or the
+    ``meta.json`` of versions before the marker, and no other files); its own folder made with
+    other parameters, or with files missing, is replaced. Anything else, e.g. a COCO folder
+    passed without ``--dataset coco``, raises `DataError` and is left untouched.
     """
     if num_train < 1 or num_val < 1:
         raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
     if min(image_size) < 32:
         raise ValueError(f"image_size (h, w) must be at least 32 px, got {image_size}")
     root = Path(root)
+    if root.is_symlink() and root.is_dir():
+        root = root.resolve()  # work on the folder it points to (the link itself stays)
     paths = synthetic_paths(root)
     meta = _meta(num_train, num_val, image_size, seed)
     if _is_complete(paths, meta):
         return paths
+    if not paths["marker"].exists() and _read_json(paths["meta"]) == meta and _files_complete(paths, meta):
+        return paths  # a complete folder of the format before the marker: reused as it is
+    _check_replaceable(root)
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     try:
         tmp_paths = synthetic_paths(tmp)
         for split, count in (("train", num_train), ("val", num_val)):
             _write_split(tmp_paths[f"{split}_images"], tmp_paths[f"{split}_ann"], split, count, image_size, seed)
-        tmp_paths["meta"].write_text(json.dumps(meta))  # written last: marks the folder complete
-        if root.exists():
+        tmp_paths["meta"].write_text(json.dumps(meta))
+        _write_marker(tmp_paths["marker"], meta)  # written last: marks the folder complete
+        if root.is_dir() and any(root.iterdir()):
             if _is_complete(paths, meta):  # another process finished first
                 return paths
-            stale = root.parent / f".{root.name}.stale-{os.getpid()}"
-            os.rename(root, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        try:
-            os.rename(tmp, root)
-        except OSError:
-            if not _is_complete(paths, meta):
-                raise
+            _check_replaceable(root)  # (again: it may have changed meanwhile)
+            stale = root.parent / f".{root.name}.stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+            os.rename(root, stale)  # our own output only (checked above)
+            try:
+                os.rename(tmp, root)
+            except OSError:
+                if not _is_complete(paths, meta):  # (another process may have put its copy in place)
+                    raise
+            finally:
+                shutil.rmtree(stale, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, root)  # also replaces an empty folder
+            except OSError:
+                if _is_complete(paths, meta):  # another process renamed its copy into place first
+                    return paths
+                if not (root.is_dir() and not any(root.iterdir())):
+                    raise
+                _move_contents(tmp, root)  # an empty folder that cannot be replaced (e.g. a mount point)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return paths
+
+
+def _write_marker(path: Path, meta: dict) -> None:
+    part = path.with_name(path.name + f".part-{os.getpid()}")
+    part.write_text(json.dumps(_marker_content(meta), sort_keys=True) + "\n")
+    os.replace(part, path)
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    """Move the entries of ``source`` into the (empty) folder ``target``, the marker last."""
+    entries = sorted(source.iterdir(), key=lambda p: p.name == SYNTHETIC_MARKER)
+    for entry in entries:
+        shutil.move(str(entry), str(target / entry.name))
 
 
 def synthetic_fingerprint(root: str | Path) -> str:

@@ -17,6 +17,10 @@ numbers, so `VOCEvaluator` reproduces the devkit's matching.
 
 ``difficult`` objects: excluded from training (they go to ``ignore_boxes``), kept in the
 evaluation ground truth flagged difficult (neither TP nor FP when matched).
+
+Boxes are clipped to the image (``[0, width] x [0, height]`` of ``<size>``) and dropped when the
+clipped box is narrower or lower than 1 px; coordinates more than 10 image sizes outside the
+image are an error naming the XML file.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .base import DetectionDataset, ImageRecord, records_to_coco_dict
+from .base import DetectionDataset, ImageRecord, check_box_extent, check_image_size, clip_box_to_image
 from .transforms import DetectionTransform
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -72,7 +76,8 @@ def parse_voc_xml(xml_path: Path, image_id: int, image_path: Path, class_names: 
     size = root.find("size")
     if size is None:
         raise ValueError(f"{xml_path}: missing <size>")
-    width, height = int(_number(size, "width", str(xml_path))), int(_number(size, "height", str(xml_path)))
+    width, height = check_image_size(_number(size, "width", str(xml_path)), _number(size, "height", str(xml_path)),
+                                     f"{xml_path} <size>")
     name_to_label = {n: i for i, n in enumerate(class_names)}
     boxes, labels, difficult = [], [], []
     for k, obj in enumerate(root.findall("object")):
@@ -87,6 +92,11 @@ def parse_voc_xml(xml_path: Path, image_id: int, image_path: Path, class_names: 
         box = [xmin - 1.0, ymin - 1.0, xmax, ymax]
         if box[2] <= box[0] or box[3] <= box[1]:
             raise ValueError(f"{where}: empty box (xmin, ymin, xmax, ymax) = {(xmin, ymin, xmax, ymax)}")
+        shown = "(xmin, ymin, xmax, ymax) = (" + ", ".join(_text(bnd, t, where) for t in ("xmin", "ymin", "xmax", "ymax")) + ")"
+        check_box_extent(box, width, height, where, shown=shown)
+        box = clip_box_to_image(box, width, height)
+        if box is None:  # outside the image
+            continue
         diff_node = obj.find("difficult")
         is_difficult = diff_node is not None and diff_node.text is not None and diff_node.text.strip() not in ("", "0")
         boxes.append(box)
@@ -135,6 +145,7 @@ class VOCDetection(DetectionDataset):
         class_names: Sequence[str] = VOC_CLASSES,
     ) -> None:
         records = []
+        self._list_file_of: dict[int, Path] = {}  # image id -> the ImageSets file listing it
         for year_dir, split in year_dirs_and_splits:
             year_dir = Path(year_dir)
             list_file = year_dir / "ImageSets" / "Main" / f"{split}.txt"
@@ -142,6 +153,7 @@ class VOCDetection(DetectionDataset):
                 raise FileNotFoundError(f"VOC split file not found: {list_file} ({VOC_LAYOUT_HELP})")
             stems = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
             for stem in stems:
+                self._list_file_of[voc_image_id(year_dir, stem)] = list_file
                 record = parse_voc_xml(
                     year_dir / "Annotations" / f"{stem}.xml",
                     voc_image_id(year_dir, stem),
@@ -158,6 +170,11 @@ class VOCDetection(DetectionDataset):
         if transform is None:
             transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
         super().__init__(records, class_names, train, transform, seed)
+
+    def skip_hint(self, record: ImageRecord) -> str:
+        list_file = self._list_file_of.get(record.image_id)
+        stem = Path(record.file_path).stem
+        return f"{list_file} (line {stem!r})" if list_file else f"the split files (image {stem!r})"
 
     def ground_truth(self) -> dict[int, dict[str, np.ndarray]]:
         """``{image_id: {"boxes" [G,4], "labels" [G], "difficult" [G]}}`` in original coordinates."""

@@ -6,8 +6,19 @@ Dataset names and their on-disk layouts (see each loader's docstring in ``libra.
 - ``voc``: ``data_root/VOC2007``, ``data_root/VOC2012`` (train = 07+12 trainval, test = 07 test);
 - ``lvis``: ``data_root/lvis_v1_{train,val}.json`` and the COCO image folders under ``data_root``.
 
-Every failure caused by the input (missing folder, missing image file, malformed annotation
-file) is raised as ``DataError`` (a ValueError) with a one-line message.
+Every failure caused by the input (missing folder, missing or undecodable image file, malformed
+annotation file, a non-empty folder given to the synthetic builder) is raised as ``DataError``
+(a ValueError) with a one-line message.
+
+Pre-flight image check (``DataSettings.check_images``, the ``--check-images`` flag), run by
+`build_dataset` before anything is trained: ``header`` (default) reads the first bytes and the
+last 64 bytes of every image file (size against the annotation; a truncated JPEG / PNG has no end
+marker and is then decoded to confirm), ~0.03 ms per file, about 4 s for COCO train2017;
+``full`` decodes every image (6-12 min for COCO train2017 on 2 cores; finds damage a header
+cannot show); ``none`` skips it. Every process of a multi-GPU run checks the whole split (the
+same verdict everywhere, so all ranks stop together). A file that passes the check and still
+fails to decode is reported, on one line naming it, when it is loaded (also from data-loader
+workers).
 """
 from __future__ import annotations
 
@@ -20,14 +31,13 @@ import torch
 from torch.utils.data import DataLoader
 
 from libra import data
+from libra.data.base import IMAGE_CHECKS, DataError, check_image_files, image_fix_hint
 from libra.data.samplers import GroupedBatchSampler, InfiniteOrEpochDistributedSampler, RepeatFactorSampler, compute_repeat_factors
 from libra.data.transforms import collate
 
 DATASETS = ("synthetic", "coco", "voc", "lvis")
 
 
-class DataError(ValueError):
-    """The dataset on disk cannot be used as given."""
 
 
 @dataclass
@@ -43,6 +53,7 @@ class DataSettings:
     synthetic_num_train: int = 256
     synthetic_num_val: int = 64
     synthetic_image_size: int = 256
+    check_images: str = "header"  # pre-flight image check: "header", "full" or "none" (module docstring)
 
 
 def default_data_root(settings: DataSettings) -> Path:
@@ -56,8 +67,9 @@ def default_data_root(settings: DataSettings) -> Path:
 def build_dataset(settings: DataSettings, train: bool, check_files: bool = True):
     """The training (``train=True``) or evaluation split of ``settings.dataset``.
 
-    Checks that every image file exists (one ``stat`` per image), so a missing file is
-    reported before any training starts instead of inside a data-loader worker.
+    With ``check_files`` it checks that every image file exists and, per ``settings.check_images``,
+    that it can be decoded (module docstring), so that a missing or broken file is reported
+    before any training starts instead of inside a data-loader worker.
     """
     name = settings.dataset
     if name not in DATASETS:
@@ -84,6 +96,9 @@ def build_dataset(settings: DataSettings, train: bool, check_files: bool = True)
         raise
     except (FileNotFoundError, NotADirectoryError) as error:
         raise DataError(str(error).splitlines()[0]) from None
+    except OSError as error:  # permissions, a full disk while the synthetic set is written, ...
+        where = f" {error.filename}" if error.filename else f" under {root}"
+        raise DataError(f"cannot use the {name} data{where}: {error.strerror or error}") from None
     except json.JSONDecodeError as error:
         raise DataError(f"malformed annotation file under {root}: {error}") from None
     except (ValueError, KeyError, TypeError) as error:
@@ -96,7 +111,25 @@ def build_dataset(settings: DataSettings, train: bool, check_files: bool = True)
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"image file not found: {missing[0]}{more}")
+        check_images(dataset, settings.check_images)
     return dataset
+
+
+def check_images(dataset, mode: str = "header") -> None:
+    """Raise a one-line DataError naming the first unusable image file of ``dataset`` (and how many more)."""
+    if mode not in IMAGE_CHECKS:
+        raise DataError(f"--check-images must be one of {', '.join(IMAGE_CHECKS)}, got {mode!r}")
+    problems = check_image_files(dataset.records, mode)
+    if not problems:
+        return
+    record, problem = problems[0]
+    more = ""
+    if len(problems) > 1:
+        names = ", ".join(Path(r.file_path).name for r, _ in problems[1:4])
+        more = f" (and {len(problems) - 1} more: {names}{', ...' if len(problems) > 4 else ''})"
+    hint = dataset.skip_hint(record) if hasattr(dataset, "skip_hint") else ""
+    fix = image_fix_hint(hint, many=len(problems) > 1, check_flag=False)
+    raise DataError(f"cannot use image file {record.file_path}: {problem}{more}; {fix}")
 
 
 def build_train_loader(

@@ -8,15 +8,39 @@ and the detector from the result.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import math
+import os
+import re
 from typing import Any
 
 import torch
 
+from libra import presets
 from libra.presets import build_model, preset_config
 from libra.recipes import recipe
 
-from .builders import DATASETS, DataError, DataSettings
+from .builders import DATASETS, IMAGE_CHECKS, DataError, DataSettings
+
+
+class CommandLineError(DataError, SystemExit):
+    """A bad command-line value found while the arguments are resolved (`apply_recipe`).
+
+    A ``DataError`` (so ``except ValueError`` handlers print it as ``error: ...`` and exit 1) that
+    is also a ``SystemExit`` with that text: raised where no handler is in place (``train.py``
+    resolves its arguments before its ``try``), the interpreter prints the one line and exits
+    with status 1 instead of printing a traceback. With ``LIBRA_DEBUG`` set a plain ``DataError``
+    is raised instead (full traceback).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.code = f"error: {message}"
+
+
+def _command_line_error(message: str) -> DataError:
+    return DataError(message) if os.environ.get("LIBRA_DEBUG") else CommandLineError(message)
 
 # Flags that are preset overrides with their own command-line switch.
 ABLATION_FLAGS = ("sampler", "neck", "box_loss", "cls_loss", "box_head")
@@ -35,6 +59,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, dataset_default: str | N
     group.add_argument("--synthetic-num-train", type=int, default=None)
     group.add_argument("--synthetic-num-val", type=int, default=None)
     group.add_argument("--synthetic-image-size", type=int, default=None)
+    group.add_argument(
+        "--check-images", choices=IMAGE_CHECKS, default="header",
+        help="pre-flight check of the image files: header (size and end marker of each file, ~4 s for COCO "
+        "train2017), full (decode every image: minutes), none",
+    )
     return group
 
 
@@ -63,24 +92,110 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
     return group
 
 
-def parse_set_overrides(items: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> ``{key: value}`` with JSON values where they parse (else strings)."""
+def parse_set_overrides(items: list[str], preset: str | None = None) -> dict[str, Any]:
+    """``["key=value", ...]`` -> ``{key: value}`` with JSON values where they parse (else strings).
+
+    With ``preset`` each value is checked against the preset's default for the key (one-line
+    `DataError` naming the item, the expected type and the default): an int key takes an integer,
+    a float key a finite number, a bool key true/false, a key with fixed choices one of them, a
+    str key a string, a list/tuple key a JSON list (as a tuple); ``null`` / ``None`` where None is
+    allowed; keys whose default is None take any value (``width_per_group``: an integer,
+    ``stage_blocks``: 4 integers). Unknown keys are rejected with the closest valid ones.
+    """
+    defaults = preset_config(preset) if preset is not None else None
     overrides: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
-            raise DataError(f"--set expects KEY=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
+            raise DataError(f"--set {item}: expected KEY=VALUE (e.g. --set roi_batch_size=256), got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
         try:
-            overrides[key.strip()] = json.loads(value)
+            value = json.loads(text)
         except json.JSONDecodeError:
-            overrides[key.strip()] = value
+            value = text
+        if defaults is not None:
+            value = _check_override(key, text, value, defaults)
+        overrides[key] = value
     return overrides
+
+
+# Keys whose preset default is None but whose values have a type (libra.presets docstring).
+_NONE_DEFAULT_KINDS = {"width_per_group": "int", "stage_blocks": "4 ints"}
+# Smallest values of integer keys that are sizes or counts (smaller ones crash deep in the model).
+_MIN_INT = {
+    "fpn_channels": 1, "fc_channels": 1, "width_per_group": 1, "num_bins": 1, "rpn_batch_size": 0, "roi_batch_size": 0,
+    "rpn_pre_nms_top_n_train": 0, "rpn_pre_nms_top_n_test": 0, "rpn_post_nms_top_n_train": 0,
+    "rpn_post_nms_top_n_test": 0,
+}
+
+
+def _check_override(key: str, text: str, value: Any, defaults: dict[str, Any]) -> Any:
+    item = f"--set {key}={text}"
+    if key not in defaults:
+        close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
+        if close:
+            raise DataError(f"{item}: unknown key {key!r}; did you mean {' or '.join(close)}? (valid keys: libra/presets.py)")
+        raise DataError(f"{item}: unknown key {key!r}; valid keys: {', '.join(sorted(defaults))}")
+    default = defaults[key]
+    choices = getattr(presets, "_CHOICES", {}).get(key)
+    none_ok = default is None or (choices is not None and None in choices)
+    if none_ok and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
+        return None
+    shown = f"(preset default {default!r})"
+    if choices is not None:
+        if isinstance(value, str) and value in choices:
+            return value
+        listed = ", ".join("null" if c is None else str(c) for c in choices)
+        raise DataError(f"{item}: expected one of {listed} {shown}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        raise DataError(f"{item}: expected true or false {shown}")
+    kind = "int" if isinstance(default, int) else "float" if isinstance(default, float) else None
+    kind = kind or ("str" if isinstance(default, str) else "list" if isinstance(default, (list, tuple)) else None)
+    if default is None:
+        kind = _NONE_DEFAULT_KINDS.get(key)
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DataError(f"{item}: expected an integer {shown}")
+        if key in _MIN_INT and value < _MIN_INT[key]:
+            raise DataError(f"{item}: expected an integer >= {_MIN_INT[key]} {shown}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DataError(f"{item}: expected a number {shown}")
+        if not math.isfinite(value):
+            raise DataError(f"{item}: expected a finite number {shown}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise DataError(f"{item}: expected a string {shown}")
+        return value
+    if kind == "4 ints":
+        if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
+            raise DataError(f"{item}: expected null or a list of 4 integers >= 1, e.g. [1, 1, 1, 1] {shown}")
+        return tuple(value)
+    if kind == "list":
+        if not isinstance(value, list):
+            raise DataError(f"{item}: expected a JSON list such as [1, 2] {shown}")
+        return tuple(value)
+    return value  # None default, no type known: any JSON value (or the text itself)
 
 
 def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Fill the data and model settings that are None in ``args`` from the recipe of
-    ``(args.dataset, the preset's detector)``; sets ``args.overrides``. Returns the recipe."""
-    detector = preset_config(args.model)["detector"]
+    ``(args.dataset, the preset's detector)``; sets ``args.overrides``. Returns the recipe.
+
+    A bad ``--model`` or ``--set`` raises `CommandLineError` (one line, exit status 1 even where
+    the caller has no handler), before any file is read or written."""
+    try:
+        detector = preset_config(args.model)["detector"]
+    except ValueError as error:
+        raise _command_line_error(f"--model {args.model}: {one_line(error)}") from None
     chosen = recipe(args.dataset, detector)
     for key in ("min_size", "max_size", *BACKBONE_FLAGS):
         if getattr(args, key, None) is None:
@@ -93,7 +208,10 @@ def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
     for key in ABLATION_FLAGS:
         if getattr(args, key, None) is not None:
             overrides[key] = getattr(args, key)
-    overrides.update(parse_set_overrides(list(getattr(args, "set", []) or [])))
+    try:
+        overrides.update(parse_set_overrides(list(getattr(args, "set", []) or []), args.model))
+    except ValueError as error:
+        raise _command_line_error(one_line(error)) from None
     args.overrides = overrides
     if getattr(args, "device", None) is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -111,6 +229,7 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
         synthetic_num_train=args.synthetic_num_train,
         synthetic_num_val=args.synthetic_num_val,
         synthetic_image_size=args.synthetic_image_size,
+        check_images=getattr(args, "check_images", None) or "header",
     )
 
 
@@ -125,9 +244,17 @@ def build_detector(args: argparse.Namespace, num_classes: int) -> torch.nn.Modul
 
 
 def one_line(error: BaseException) -> str:
-    """The message of ``error`` on one line (data-loader workers wrap it in a traceback)."""
+    """The message of ``error`` on one line.
+
+    An exception re-raised from a DataLoader worker carries "Caught X in DataLoader worker
+    process N. Original Traceback ..." with the worker's traceback: the message is then the
+    traceback's last line without its ``module.X:`` prefix.
+    """
     text = str(error).strip()
     if "Original Traceback" in text:
         lines = [line for line in text.splitlines() if line.strip()]
-        text = lines[-1] if lines else text
+        caught = re.match(r"Caught (\w+) ", lines[0]) if lines else None
+        text = lines[-1].strip() if lines else text
+        if caught:
+            text = re.sub(rf"^(?:[\w.]+\.)?{caught.group(1)}: ", "", text)
     return " ".join(text.split()) or type(error).__name__
