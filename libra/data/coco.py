@@ -18,14 +18,14 @@ evaluation keeps every image.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import math
 from pathlib import Path
-from typing import Any
+
 
 import numpy as np
 from pycocotools.coco import COCO
+
+from libra import coco_api
 
 from .base import DetectionDataset, ImageRecord, check_box_extent, check_finite_box, check_image_size, clip_box_to_image
 from .transforms import DetectionTransform
@@ -37,24 +37,8 @@ COCO_LAYOUT_HELP = (
 
 
 def load_coco_api(ann_file: str | Path | dict) -> COCO:
-    """Build a quiet pycocotools ``COCO`` from a JSON path or an in-memory dict."""
-    coco = COCO()
-    if isinstance(ann_file, dict):
-        coco.dataset = ann_file
-    else:
-        ann_path = Path(ann_file)
-        if not ann_path.is_file():
-            raise FileNotFoundError(f"annotation file not found: {ann_path} ({COCO_LAYOUT_HELP})")
-        import json
-
-        with open(ann_path) as f:
-            coco.dataset = json.load(f)
-    if not isinstance(coco.dataset, dict) or "images" not in coco.dataset or "categories" not in coco.dataset:
-        raise ValueError(f"{ann_file}: not a COCO instances file (needs 'images', 'annotations', 'categories')")
-    coco.dataset.setdefault("annotations", [])
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco.createIndex()
-    return coco
+    """A quiet pycocotools ``COCO`` from a JSON path or an in-memory dict (the COCO layout named when missing)."""
+    return coco_api.load_coco_api(ann_file, missing_hint=COCO_LAYOUT_HELP)
 
 
 def parse_coco_annotations(

@@ -17,7 +17,7 @@ images, common: 11-100, frequent: > 100).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+
 
 from .base import DetectionDataset
 from .coco import load_coco_api, parse_coco_annotations

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -21,34 +20,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from libra.coco_api import load_coco_api as as_coco_api
+
 COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
-
-
-def as_coco_api(coco_gt: COCO | str | Path | dict) -> COCO:
-    """Accept a pycocotools ``COCO`` object (also for LVIS), a path to an instances JSON or a dict.
-
-    Annotations without ``iscrowd`` (LVIS files) get ``iscrowd = 0``, which COCOeval needs.
-    """
-    if isinstance(coco_gt, COCO):
-        coco = coco_gt
-    else:
-        coco = COCO()
-        if isinstance(coco_gt, dict):
-            coco.dataset = coco_gt
-        else:
-            path = Path(coco_gt)
-            if not path.is_file():
-                raise FileNotFoundError(f"ground-truth annotation file not found: {path}")
-            with open(path) as f:
-                coco.dataset = json.load(f)
-        if not isinstance(coco.dataset, dict) or "images" not in coco.dataset or "categories" not in coco.dataset:
-            raise ValueError(f"{coco_gt if not isinstance(coco_gt, dict) else 'the dict'}: not a COCO-format ground truth")
-        coco.dataset.setdefault("annotations", [])
-        with contextlib.redirect_stdout(io.StringIO()):
-            coco.createIndex()
-    for ann in coco.dataset.get("annotations", []):
-        ann.setdefault("iscrowd", 0)
-    return coco
 
 
 def _to_numpy(x, dtype) -> np.ndarray:
