@@ -110,9 +110,11 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, d
     return args, kind, checkpoint
 
 
-def load_weights(model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int) -> None:
+def load_weights(
+    model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int, class_names=None
+) -> None:
     if kind == "libra":
-        check_model_identity(checkpoint, args.model, num_classes, args.checkpoint)
+        check_model_identity(checkpoint, args.model, num_classes, args.checkpoint, class_names=class_names)
         load_model_state(model, checkpoint["model"], args.checkpoint)
     elif kind == "mmdet":
         from libra.mmdet_checkpoint import load_mmdet_checkpoint
@@ -172,7 +174,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     settings = data_settings(args)
     dataset = build_dataset(settings, train=False)
     model = build_detector(args, dataset.num_classes)
-    load_weights(model, kind, checkpoint, args, dataset.num_classes)
+    load_weights(model, kind, checkpoint, args, dataset.num_classes, dataset.class_names)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)
     if ctx.is_main:

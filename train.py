@@ -15,24 +15,35 @@ and 22 of 24 (2x); 2 images per GPU. VOC follows the paper's Sec. 4.5: lr 0.01 p
 images, short side 600 / long side <= 1000, steps after epoch 9 of 12.
 
 Outputs in ``--work-dir``: ``log.jsonl`` (one JSON object per log line), ``losses.png``,
-``config.json``, ``epoch_N.pth`` checkpoints (written atomically) and ``last_checkpoint``,
-``detections.json`` / ``metrics.json`` of the final evaluation.
+``config.json``, ``epoch_N.pth`` checkpoints (written atomically; ``iter_N.pth`` when
+``--max-iters`` stops inside an epoch) and ``last_checkpoint``, ``detections.json`` /
+``metrics.json`` of the final evaluation. A work dir that already holds a run is refused unless
+``--resume`` continues it or ``--overwrite`` starts over (removing only the files listed above).
 
-Errors caused by the input (missing data, malformed annotations, a checkpoint of another
-model) end with a one-line message and exit code 1 before anything is written; a
-non-finite loss stops training with exit code 3. Set ``LIBRA_DEBUG=1`` for full tracebacks.
+``--resume`` continues exactly (bit-identical weights, also from ``iter_N.pth``: the generator
+states are part of every checkpoint); a checkpoint of another model, class list, optimizer,
+detector switch or batch layout is refused, naming the difference.
+
+Exit codes: 1 for bad input (missing data, malformed annotations, an unusable checkpoint or
+work dir; a one-line ``error:`` message before anything is written), 3 when training diverges
+(non-finite loss, gradient, weights or activations; the message names what and where), 130 on
+Ctrl-C or SIGTERM (the message names the last checkpoint and the command that resumes).
+Set ``LIBRA_DEBUG=1`` for full tracebacks.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
+import shlex
+import signal
 import sys
 from pathlib import Path
 
 import torch
 
-from libra.engine.builders import DataError, build_dataset, build_eval_loader, build_train_loader
+from libra.engine.builders import build_dataset, build_eval_loader, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -40,15 +51,60 @@ from libra.engine.checkpoint import (
     is_libra_checkpoint,
     load_checkpoint_file,
     load_model_state,
+    remove_stale_temp_files,
 )
 from libra.engine.cli import add_data_arguments, add_model_arguments, apply_recipe, build_detector, data_settings, one_line
-from libra.engine.distributed import DistributedContext, launch
+from libra.engine.distributed import (
+    EXIT_INTERRUPTED,
+    DistributedContext,
+    StoppedByLauncher,
+    interrupt_signal,
+    is_peer_failure,
+    launch,
+    stopped_by_launcher,
+    torchrun_environment,
+    wait_for_launcher_stop,
+)
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.lr_schedule import WarmupMultiStepLR
 from libra.engine.trainer import NonFiniteLossError, SkipBatches, TrainConfig, Trainer, seed_everything
 
 EXIT_BAD_INPUT = 1
 EXIT_NON_FINITE = 3
+
+
+class WorkDirError(ValueError):
+    """The work dir cannot be used as given (it holds another run)."""
+
+
+# What a libra run writes into its work dir; a folder holding one of the first group holds a run.
+RUN_MARKERS = ("config.json", "last_checkpoint", "log.jsonl")
+RUN_CHECKPOINT = re.compile(r"^(epoch|iter)_\d+\.pth$")
+RUN_OUTPUTS = ("losses.png", "metrics.json", "detections.json")
+
+# Settings that define what a checkpoint continues: --resume with other values is refused.
+RESUME_IDENTITY = (
+    ("model", "--model"),
+    ("dataset", "--dataset"),
+    ("optimizer", "--optimizer"),
+    ("frozen_stages", "--frozen-stages"),
+    ("backbone_norm", "--backbone-norm"),
+    ("width_per_group", "--width-per-group"),
+    ("stage_blocks", "--stage-blocks"),
+    ("overrides", "detector switches (--sampler/--neck/--box-loss/--cls-loss/--box-head/--set)"),
+    ("repeat_factor_sampling", "--repeat-factor-sampling"),
+)
+RESUME_IDENTITY_SYNTHETIC = (
+    ("synthetic_num_train", "--synthetic-num-train"),
+    ("synthetic_image_size", "--synthetic-image-size"),
+)
+# Settings a resumed run may change on purpose; the change is noted (the run then differs from
+# the uninterrupted one).
+RESUME_NOTED = (
+    ("lr", "--lr"), ("momentum", "--momentum"), ("weight_decay", "--weight-decay"), ("warmup_iters", "--warmup-iters"),
+    ("warmup_ratio", "--warmup-ratio"), ("grad_clip", "--grad-clip"), ("lr_steps", "--lr-steps"), ("amp", "--amp"),
+    ("seed", "--seed"), ("min_size", "--min-size"), ("max_size", "--max-size"), ("multi_scale", "--multi-scale"),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--gpus", type=int, default=1, help="processes on this machine (DDP; gloo with --device cpu)")
     run.add_argument("--work-dir", default=None, help="default work_dirs/<model>_<dataset>")
     run.add_argument("--resume", nargs="?", const="auto", default=None, help="checkpoint to resume (no value: the last in --work-dir)")
+    run.add_argument(
+        "--overwrite", action="store_true",
+        help="start over in a --work-dir that holds a run: removes its config.json, log.jsonl, losses.png, "
+        "metrics.json, detections.json, last_checkpoint, epoch_N.pth / iter_N.pth (nothing else)",
+    )
     run.add_argument("--eval-interval", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation")
     run.add_argument("--log-interval", type=int, default=None)
@@ -130,7 +191,125 @@ def find_resume_checkpoint(args: argparse.Namespace) -> Path:
     pointer = Path(args.work_dir) / "last_checkpoint"
     if not pointer.is_file():
         raise CheckpointError(f"--resume without a path needs {pointer} (no checkpoint in {args.work_dir} yet)")
-    return Path(args.work_dir) / pointer.read_text().strip()
+    name = pointer.read_text().strip()
+    path = Path(args.work_dir) / name
+    if not name or not path.is_file():
+        found = sorted(p.name for p in Path(args.work_dir).iterdir() if RUN_CHECKPOINT.match(p.name))
+        raise CheckpointError(
+            f"{pointer} names {name or 'nothing'!r}, which is not a file in {args.work_dir}: pass --resume PATH"
+            + (f" (checkpoints there: {', '.join(found[-3:])})" if found else "")
+        )
+    return path
+
+
+def previous_run_files(work_dir: Path) -> list[Path]:
+    """The files of a libra run in ``work_dir`` (markers and checkpoints; outputs only with them)."""
+    if not work_dir.is_dir():
+        return []
+    marks = [work_dir / n for n in RUN_MARKERS if (work_dir / n).is_file()]
+    marks += sorted(p for p in work_dir.iterdir() if RUN_CHECKPOINT.match(p.name) and p.is_file())
+    return marks
+
+
+def check_work_dir(args: argparse.Namespace) -> None:
+    """Refuse to mix a new run into a work dir holding another one (before anything is written)."""
+    if args.overwrite and args.resume:
+        raise WorkDirError("--overwrite starts the run in --work-dir over and --resume continues it: pass only one")
+    work_dir = Path(args.work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise WorkDirError(f"--work-dir {work_dir} is a file, not a folder")
+    existing = work_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkDirError(f"cannot write to --work-dir {work_dir} ({existing} is not writable)")
+    if args.resume or args.overwrite:
+        return
+    found = previous_run_files(work_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise WorkDirError(
+            f"work dir {work_dir} already holds a libra run ({names}): continue it with --resume, start over with "
+            "--overwrite (removes that run's files), or pass another --work-dir"
+        )
+
+
+def clear_previous_run(work_dir: Path) -> list[Path]:
+    """``--overwrite``: remove libra's own files of the previous run (nothing else) and stale temp files."""
+    removed = []
+    if not work_dir.is_dir():
+        return removed
+    for path in sorted(work_dir.iterdir()):
+        if path.is_file() and (path.name in RUN_MARKERS or path.name in RUN_OUTPUTS or RUN_CHECKPOINT.match(path.name)):
+            path.unlink()
+            removed.append(path)
+    return removed + remove_stale_temp_files(work_dir)
+
+
+def _normalized(value):
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_resume_settings(checkpoint: dict, args: argparse.Namespace, path: Path) -> list[str]:
+    """Refuse (``CheckpointError``) a resume whose settings make the checkpoint's continuation
+    meaningless; returns notes about deliberate changes (lr, seed, ...). Settings the checkpoint
+    did not record (older checkpoints) are not compared."""
+    saved = checkpoint.get("args") or {}
+    current = vars(args)
+    keys = RESUME_IDENTITY + (RESUME_IDENTITY_SYNTHETIC if args.dataset == "synthetic" else ())
+    differences = [
+        _difference(flag, saved[key], current.get(key))
+        for key, flag in keys
+        if key in saved and _normalized(saved[key]) != _normalized(current.get(key))
+    ]
+    if differences:
+        advice = "resume with the checkpoint's settings, or start a new --work-dir without --resume"
+        if any(d.startswith("--optimizer ") for d in differences):
+            advice = f"resume with --optimizer {saved['optimizer']}, or start a new --work-dir without --resume"
+        raise CheckpointError(f"{path} was trained with {'; '.join(differences[:3])}: {advice}")
+    saved_batch, saved_world = saved.get("batch_size"), checkpoint.get("world_size", saved.get("world_size"))
+    mid_epoch = int(checkpoint.get("iter_in_epoch", 0)) > 0
+    notes = []
+    if saved_batch is not None and saved_world is not None:
+        if int(saved_batch) * int(saved_world) != args.batch_size * args.world_size:
+            raise CheckpointError(
+                f"{path} was trained with {saved_batch} images per process x {saved_world} processes "
+                f"({int(saved_batch) * int(saved_world)} per iteration) but this run has {args.batch_size} x "
+                f"{args.world_size}: the lr schedule and the iteration counts would not continue; resume with "
+                f"--batch-size {saved_batch} on {saved_world} processes, or start a new --work-dir without --resume"
+            )
+        if int(saved_world) != args.world_size:
+            if mid_epoch:
+                raise CheckpointError(
+                    f"{path} was written inside an epoch by {saved_world} processes; this run has {args.world_size}: "
+                    f"resume it with {saved_world} processes (--gpus {saved_world}), or resume from an epoch_N.pth "
+                    "checkpoint"
+                )
+            notes.append(f"{saved_world} processes -> {args.world_size} (the same total batch)")
+    for key, flag in RESUME_NOTED:
+        if key in saved and _normalized(saved[key]) != _normalized(current.get(key)):
+            notes.append(f"changed {flag} {_show(saved[key])} -> {_show(current.get(key))}")
+    return notes
+
+
+def _difference(flag: str, saved, current) -> str:
+    """``--optimizer sgd (this run: adamw)``; for a dict (the detector switches) only the keys that differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in set(saved) | set(current) if _normalized(saved.get(k)) != _normalized(current.get(k)))
+        unset = "(preset default)"
+        return (
+            f"{flag} " + ",".join(f"{k}={_show(saved[k]) if k in saved else unset}" for k in keys)
+            + " (this run: " + ",".join(f"{k}={_show(current[k]) if k in current else unset}" for k in keys) + ")"
+        )
+    return f"{flag} {_show(saved)} (this run: {_show(current)})"
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) if value else "[]"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "{}"
+    return str(value)
 
 
 def say(ctx: DistributedContext | None, message: str) -> None:
@@ -138,25 +317,143 @@ def say(ctx: DistributedContext | None, message: str) -> None:
         print(message, flush=True)
 
 
+def command_for(args: argparse.Namespace, *, resume: str | None = None, overwrite: bool = False) -> str:
+    """This run's command line without --resume / --overwrite, plus the ones asked for."""
+    argv = list(getattr(args, "argv", None) or [])
+    kept = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token == "--resume":
+            if index < len(argv) and not argv[index].startswith("-"):
+                index += 1  # its value
+            continue
+        if token.startswith("--resume=") or token == "--overwrite":
+            continue
+        kept.append(token)
+    if resume == "auto":
+        kept.append("--resume")
+    elif resume:
+        kept += ["--resume", resume]
+    if overwrite:
+        kept.append("--overwrite")
+    script = getattr(args, "script", None) or "train.py"
+    launcher = "the same launcher with: " if torchrun_environment() else "python "
+    return launcher + shlex.join([script, *kept])
+
+
+def interrupt_message(args: argparse.Namespace, trainer: Trainer | None, error: BaseException) -> str:
+    """One line: where the interrupt found the run, the last checkpoint, and the command that resumes."""
+    signum = getattr(error, "signum", None) or interrupt_signal() or signal.SIGINT
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    work_dir = Path(args.work_dir)
+    if trainer is None:
+        where = "before training started"
+    else:
+        if trainer.epoch >= trainer.config.num_epochs or trainer.iteration >= trainer.config.max_iters:
+            where = f"after the last iteration ({trainer.iteration})"
+        else:
+            where = f"at iteration {trainer.iteration} (epoch {trainer.epoch + 1})"
+        if trainer.writing_checkpoint is not None:
+            where += f" while writing {trainer.writing_checkpoint} (not written)"
+        elif trainer.stage == "evaluating":
+            where += " during the evaluation"
+    pointer = work_dir / "last_checkpoint"
+    checkpoint, resume = None, None
+    if pointer.is_file() and (work_dir / pointer.read_text().strip()).is_file():
+        checkpoint, resume = work_dir / pointer.read_text().strip(), "auto"
+    elif trainer is not None and trainer.last_checkpoint is not None and trainer.last_checkpoint.is_file():
+        checkpoint = resume = trainer.last_checkpoint
+    elif args.resume and args.resume != "auto" and Path(args.resume).is_file():
+        checkpoint = resume = Path(args.resume)
+    if checkpoint is not None:
+        at = ""
+        if trainer is not None and trainer.last_checkpoint == checkpoint and trainer.last_checkpoint_iteration is not None:
+            at = f" (iteration {trainer.last_checkpoint_iteration})"
+        return (
+            f"interrupted ({what}) {where}; the last checkpoint is {checkpoint}{at}; resume with: "
+            + command_for(args, resume=str(resume) if resume != "auto" else "auto")
+        )
+    wrote = bool(previous_run_files(work_dir))
+    first = "" if trainer is None else f" (the first is written after epoch {min(args.checkpoint_interval, args.epochs)})"
+    return (
+        f"interrupted ({what}) {where}; no checkpoint was written yet{first}; start again with: "
+        + command_for(args, overwrite=wrote)
+    )
+
+
 def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
     """Everything one process does; returns the exit code."""
+    holder: dict = {}
     try:
-        return _train(ctx, args)
+        return _train(ctx, args, holder)
+    except StoppedByLauncher:
+        return EXIT_BAD_INPUT  # another process failed and reported it
+    except KeyboardInterrupt as error:  # Ctrl-C, or SIGTERM (libra.engine.distributed.interrupt_handlers)
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        _cleanup(ctx, args)
+        if ctx.is_main:
+            print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     except (ValueError, FileNotFoundError) as error:
         # DataError / CheckpointError (bad data or checkpoint) and the ValueErrors by which libra's
         # modules reject bad settings (e.g. an unknown preset override): one line, exit code 1.
+        if interrupt_signal() is not None or stopped_by_launcher():
+            return _after_interrupt(ctx, args, holder, error)
         if os.environ.get("LIBRA_DEBUG"):
             raise
         if ctx.is_main:
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
     except NonFiniteLossError as error:
-        if ctx.is_main:
-            print(f"error: {error}", file=sys.stderr, flush=True)
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        _cleanup(ctx, args)
+        if ctx.is_main or error.rank_local:
+            prefix = f"(process {ctx.rank}) " if ctx.distributed and error.rank_local else ""
+            print(f"error: {prefix}{one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_NON_FINITE
+    except Exception as error:
+        # An error raised while an interrupt is being handled (e.g. a collective whose peer has gone)
+        # belongs to the interrupt; anything else is a bug and keeps its traceback.
+        if interrupt_signal() is not None or stopped_by_launcher():
+            return _after_interrupt(ctx, args, holder, error)
+        if ctx.distributed and is_peer_failure(error):
+            # Another process failed (and reports why); the launcher is about to stop this one.
+            if wait_for_launcher_stop(10.0) or interrupt_signal() is not None:
+                return EXIT_BAD_INPUT
+            if os.environ.get("LIBRA_DEBUG"):
+                raise
+            print(f"error: (process {ctx.rank}) another process of the run has gone ({one_line(error)[:200]}); "
+                  "see its message", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        raise
 
 
-def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
+def _after_interrupt(ctx: DistributedContext, args: argparse.Namespace, holder: dict, error: BaseException) -> int:
+    if stopped_by_launcher():
+        return EXIT_BAD_INPUT
+    if os.environ.get("LIBRA_DEBUG"):
+        raise error
+    _cleanup(ctx, args)
+    if ctx.is_main:
+        print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+    return EXIT_INTERRUPTED
+
+
+def _cleanup(ctx: DistributedContext, args: argparse.Namespace) -> None:
+    """Failure paths: remove temporary files of interrupted writes (rank 0 writes the work dir)."""
+    if ctx.is_main:
+        try:
+            remove_stale_temp_files(Path(args.work_dir))
+        except OSError:
+            pass
+
+
+def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | None = None) -> int:
+    holder = holder if holder is not None else {}
     threads = args.threads or max(1, (os.cpu_count() or 1) // max(1, ctx.world_size if ctx.device.type == "cpu" else 1))
     if ctx.device.type == "cpu":
         torch.set_num_threads(threads)
@@ -171,16 +468,18 @@ def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
         if not ctx.is_main:
             train_set = build_dataset(settings, train=True)
     val_set = None if args.no_eval else build_dataset(settings, train=False)
-    model = build_detector(args, train_set.num_classes).to(ctx.device)
+    class_names = tuple(getattr(train_set, "class_names", ()) or ()) or None
     checkpoint = None
     if args.resume:
         path = find_resume_checkpoint(args)
         checkpoint = load_checkpoint_file(path, map_location="cpu")
         if not is_libra_checkpoint(checkpoint):
             raise CheckpointError(f"{path} is not a libra training checkpoint (use eval.py for MMDetection checkpoints)")
-        check_model_identity(checkpoint, args.model, train_set.num_classes, path)
+        check_model_identity(checkpoint, args.model, train_set.num_classes, path, class_names=class_names)
+        notes = check_resume_settings(checkpoint, args, path)
+    model = build_detector(args, train_set.num_classes).to(ctx.device)
+    if checkpoint is not None:
         load_model_state(model, checkpoint["model"], path)
-        say(ctx, f"resuming from {path}: epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']}")
 
     # 2. Training objects.
     if ctx.distributed:
@@ -197,6 +496,13 @@ def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
         train_set, args.batch_size, args.workers, ctx.rank, ctx.world_size, args.seed, args.repeat_factor_sampling
     )
     iters_per_epoch = len(batch_sampler)
+    if checkpoint is not None and int(checkpoint.get("iter_in_epoch", 0)) > 0:
+        saved_iters = checkpoint.get("iters_per_epoch")
+        if saved_iters is not None and int(saved_iters) != iters_per_epoch:
+            raise CheckpointError(
+                f"{path} was written inside an epoch of {saved_iters} iterations but an epoch of this run has "
+                f"{iters_per_epoch} (other data?): resume with the checkpoint's data, or from an epoch_N.pth checkpoint"
+            )
 
     def make_loader(epoch: int, skip: int):
         batch_sampler.set_epoch(epoch)
@@ -232,7 +538,12 @@ def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
         work_dir=work_dir,
         model_name=args.model,
         num_classes=train_set.num_classes,
-        args={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None)))},
+        class_names=class_names,
+        args={
+            k: v
+            for k, v in vars(args).items()
+            if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) and k not in ("argv", "script")
+        },
     )
     trainer = Trainer(
         model, optimizer, scheduler, scaler, make_loader, ctx, config,
@@ -240,14 +551,29 @@ def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
         print_fn=lambda line: print(line, flush=True),
     )
     if checkpoint is not None:
-        trainer.load_state(checkpoint)
+        trainer.load_state(checkpoint, path)
+        say(ctx, f"resuming from {path}: epoch {checkpoint['epoch']}, iteration {checkpoint['iteration']}")
+        if not trainer.resumes_exactly:
+            notes.append("the checkpoint was written inside an epoch without generator states (older libra): "
+                         "the continuation is not bit-identical")
+        if notes:
+            say(ctx, "note: " + "; ".join(notes))
         del checkpoint
+    holder["trainer"] = trainer
 
     # 3. From here on the work dir is written (rank 0 only).
     if ctx.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        config_text = json.dumps(config.args, indent=2, sort_keys=True, default=str) + "\n"
-        atomic_write_text(config_text, work_dir / "config.json")
+        try:
+            if args.overwrite:
+                removed = clear_previous_run(work_dir)
+                if removed:
+                    say(ctx, f"--overwrite: removed {len(removed)} files of the previous run in {work_dir}")
+            work_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temp_files(work_dir)  # left by a killed run (never by a clean failure)
+            config_text = json.dumps(config.args, indent=2, sort_keys=True, default=str) + "\n"
+            atomic_write_text(config_text, work_dir / "config.json")
+        except OSError as error:
+            raise WorkDirError(f"cannot write to --work-dir {work_dir}: {error.strerror or error}") from None
         say(
             ctx,
             f"{args.dataset}: {len(train_set)} training images, {train_set.num_classes} classes; "
@@ -261,17 +587,33 @@ def _train(ctx: DistributedContext, args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = resolve_args(build_parser().parse_args(argv))
+    raw = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = resolve_args(build_parser().parse_args(raw))
+    except ValueError as error:  # a bad --model / --set value, before anything is read or written
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    args.argv = raw
+    args.script = sys.argv[0] if argv is None and sys.argv and sys.argv[0].endswith(".py") else "train.py"
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
     try:
-        return launch(train_worker, args.gpus, args.device, args)
+        if not torchrun_environment() or int(os.environ.get("RANK", "0")) == 0:
+            check_work_dir(args)  # rank 0 writes the work dir
+        return launch(train_worker, args.gpus, args.device, args, interrupts=True)
     except (ValueError, CheckpointError) as error:  # raised before any process started
         if os.environ.get("LIBRA_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # before the workers' own handling (e.g. while spawning them)
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print("error: interrupted before training started", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

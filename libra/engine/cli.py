@@ -11,7 +11,6 @@ import argparse
 import difflib
 import json
 import math
-import os
 import re
 from typing import Any
 
@@ -23,24 +22,6 @@ from libra.recipes import recipe
 
 from .builders import DATASETS, IMAGE_CHECKS, DataError, DataSettings
 
-
-class CommandLineError(DataError, SystemExit):
-    """A bad command-line value found while the arguments are resolved (`apply_recipe`).
-
-    A ``DataError`` (so ``except ValueError`` handlers print it as ``error: ...`` and exit 1) that
-    is also a ``SystemExit`` with that text: raised where no handler is in place (``train.py``
-    resolves its arguments before its ``try``), the interpreter prints the one line and exits
-    with status 1 instead of printing a traceback. With ``LIBRA_DEBUG`` set a plain ``DataError``
-    is raised instead (full traceback).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.code = f"error: {message}"
-
-
-def _command_line_error(message: str) -> DataError:
-    return DataError(message) if os.environ.get("LIBRA_DEBUG") else CommandLineError(message)
 
 # Flags that are preset overrides with their own command-line switch.
 ABLATION_FLAGS = ("sampler", "neck", "box_loss", "cls_loss", "box_head")
@@ -190,12 +171,12 @@ def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
     """Fill the data and model settings that are None in ``args`` from the recipe of
     ``(args.dataset, the preset's detector)``; sets ``args.overrides``. Returns the recipe.
 
-    A bad ``--model`` or ``--set`` raises `CommandLineError` (one line, exit status 1 even where
-    the caller has no handler), before any file is read or written."""
+    A bad ``--model`` or ``--set`` raises `DataError` (a ValueError with a one-line message), before
+    any file is read or written."""
     try:
         detector = preset_config(args.model)["detector"]
     except ValueError as error:
-        raise _command_line_error(f"--model {args.model}: {one_line(error)}") from None
+        raise DataError(f"--model {args.model}: {one_line(error)}") from None
     chosen = recipe(args.dataset, detector)
     for key in ("min_size", "max_size", *BACKBONE_FLAGS):
         if getattr(args, key, None) is None:
@@ -211,7 +192,7 @@ def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
     try:
         overrides.update(parse_set_overrides(list(getattr(args, "set", []) or []), args.model))
     except ValueError as error:
-        raise _command_line_error(one_line(error)) from None
+        raise DataError(one_line(error)) from None
     args.overrides = overrides
     if getattr(args, "device", None) is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"

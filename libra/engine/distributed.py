@@ -7,15 +7,29 @@ Two ways to run N processes:
   and a free local port.
 The backend is NCCL for CUDA devices and gloo for CPU (``--device cpu``).
 All helpers degrade to no-ops when no process group is initialised (single process).
+
+Interrupts (``launch(..., interrupts=True)``, as train.py does): while a worker runs, SIGINT
+(Ctrl-C) and SIGTERM raise :class:`Interrupted` (a ``KeyboardInterrupt``) in its main thread, so
+both take the same clean path (the worker reports and returns 130). With ``--gpus N`` the
+launcher process waits for its workers: Ctrl-C at a
+terminal reaches every process of the group; a SIGTERM (or a SIGINT sent to the launcher alone)
+is passed on to the workers as SIGTERM. When one worker fails, the launcher stops the others
+(they exit quietly: their peers' failure is not theirs to report) and returns the first failing
+worker's exit code.
 """
 from __future__ import annotations
 
 import datetime
+import multiprocessing.connection
 import os
+import signal
 import socket
 import sys
+import threading
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -110,50 +124,252 @@ def destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
-def _spawned_worker(local_rank: int, worker: Callable, num_processes: int, device_type: str, port: int, args: Any) -> None:
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    ctx = init_process_group(local_rank, num_processes, local_rank, device_type)
+# ---------------------------------------------------------------- interrupts
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's code for a Ctrl-C'd command
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM reached this process (raised by :func:`interrupt_handlers`)."""
+
+    def __init__(self, signum: int) -> None:
+        self.signum = int(signum)
+        super().__init__(signal.Signals(self.signum).name)
+
+
+class StoppedByLauncher(BaseException):
+    """The launcher stops this worker because another worker of the run failed (reported there)."""
+
+
+_interrupts: dict[str, Any] = {"signal": None, "stop_event": None}
+
+
+def interrupt_signal() -> int | None:
+    """The signal number of the interrupt this process received (None if none)."""
+    return _interrupts["signal"]
+
+
+def stopped_by_launcher() -> bool:
+    """True in a ``--gpus N`` worker that the launcher is stopping because another worker failed."""
+    event = _interrupts["stop_event"]
+    return event is not None and event.is_set()
+
+
+def wait_for_launcher_stop(timeout: float) -> bool:
+    """In a ``--gpus N`` worker: wait up to ``timeout`` seconds for the launcher to stop this worker
+    (it does so when another worker failed); False at once outside such workers."""
+    event = _interrupts["stop_event"]
+    return bool(event is not None and event.wait(timeout))
+
+
+_PEER_FAILURE_TEXT = ("connection closed by peer", "connection reset by peer", "remote worker crash", "broken pipe")
+
+
+def is_peer_failure(error: BaseException) -> bool:
+    """True for the error a collective raises when another process of the group has gone away."""
+    dist_error = getattr(dist, "DistError", None)
+    text = str(error).lower()
+    return (dist_error is not None and isinstance(error, dist_error)) or any(t in text for t in _PEER_FAILURE_TEXT)
+
+
+def _raise_interrupt(signum, frame) -> None:  # noqa: ARG001
+    if stopped_by_launcher():
+        raise StoppedByLauncher()
+    _interrupts["signal"] = signum
+    raise Interrupted(signum)
+
+
+_HANDLED_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+
+
+@contextmanager
+def interrupt_handlers() -> Iterator[None]:
+    """For the duration of the block SIGINT and SIGTERM raise :class:`Interrupted` in the main thread
+    (a signal this process ignores, e.g. SIGINT of a background job, stays ignored); the previous
+    handlers are restored afterwards. Outside the main thread it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {}
+    for signum in _HANDLED_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN:
+            continue
+        previous[signum] = handler
+        signal.signal(signum, _raise_interrupt)
+    _interrupts["signal"] = None
     try:
-        code = worker(ctx, args)
+        yield
     finally:
-        destroy_process_group()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+
+
+def _spawned_worker(
+    local_rank: int,
+    worker: Callable,
+    num_processes: int,
+    device_type: str,
+    port: int,
+    args: Any,
+    stop_event: Any = None,
+    interrupts: bool = False,
+) -> None:
+    _interrupts["stop_event"] = stop_event
+    code = 0
+    with interrupt_handlers() if interrupts else nullcontext():
+        try:
+            os.environ["MASTER_ADDR"] = "127.0.0.1"
+            os.environ["MASTER_PORT"] = str(port)
+            ctx = init_process_group(local_rank, num_processes, local_rank, device_type)
+            try:
+                code = worker(ctx, args)
+            finally:
+                destroy_process_group()
+        except StoppedByLauncher:
+            code = 1
+        except KeyboardInterrupt:  # the worker reports its own interrupts; this is one outside it
+            code = EXIT_INTERRUPTED
+        except Exception:
+            if stopped_by_launcher():  # e.g. a collective that failed because a peer is gone
+                code = 1
+            else:
+                raise
     if code:
         sys.exit(int(code))
 
 
-def launch(worker: Callable[[DistributedContext, Any], int | None], num_processes: int, device_type: str, args: Any) -> int:
+def _join_workers(context: Any, stop_event: Any, grace_s: float = 30.0) -> int:
+    """Wait for the spawned workers; returns the exit code for the launcher (see the module doc)."""
+    processes = list(context.processes)
+    received: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _HANDLED_SIGNALS:
+            handler = signal.getsignal(signum)
+            if handler is signal.SIG_IGN:
+                continue
+            previous[signum] = handler
+            signal.signal(signum, lambda signum, frame: received.append(signum))
+    first_failure: int | None = None
+    failed_index: int | None = None
+    forwarded = 0  # signals passed on to the workers
+    signal_time: float | None = None
+    kill_time: float | None = None
+    try:
+        while any(p.is_alive() for p in processes):
+            multiprocessing.connection.wait([p.sentinel for p in processes if p.is_alive()], timeout=0.2)
+            now = time.monotonic()
+            if first_failure is None:
+                failed = [i for i, p in enumerate(processes) if not p.is_alive() and p.exitcode not in (0, None)]
+                if failed:
+                    # Several at once: prefer a worker that reported its own error (exit code, no
+                    # traceback file) over one that crashed, likely because its peer had gone.
+                    failed.sort(key=lambda i: _has_error_file(context, i))
+                    failed_index = failed[0]
+                    first_failure = processes[failed_index].exitcode
+                    if first_failure != EXIT_INTERRUPTED and not received:
+                        # A worker failed on its own: the others are stuck waiting for it. Stop them quietly.
+                        stop_event.set()
+                        for process in processes:
+                            if process.is_alive():
+                                process.terminate()
+                    kill_time = now + grace_s
+            if received and signal_time is None:
+                signal_time = now
+            if received and forwarded < len(received):
+                # SIGTERM at once; a SIGINT probably reached the workers too (Ctrl-C at a terminal):
+                # pass it on only if they are still running a while later.
+                if received[forwarded] != signal.SIGINT or now - signal_time > 10.0:
+                    for process in processes:
+                        if process.is_alive() and process.pid is not None:
+                            try:
+                                os.kill(process.pid, signal.SIGTERM)
+                            except ProcessLookupError:
+                                pass
+                    forwarded += 1
+                    kill_time = kill_time or now + grace_s
+            if kill_time is not None and now > kill_time:
+                for process in processes:
+                    if process.is_alive():
+                        process.kill()
+                kill_time = None
+        for process in processes:
+            process.join()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    if first_failure is None:
+        for index, process in enumerate(processes):
+            if process.exitcode:
+                first_failure, failed_index = process.exitcode, index
+                break
+    if first_failure is None:
+        return EXIT_INTERRUPTED if received else 0
+    if _has_error_file(context, failed_index):
+        error_file = context.error_files[failed_index]
+        # An unexpected exception (not one of libra's reported errors): show its traceback.
+        import pickle
+
+        with open(error_file, "rb") as handle:
+            print(f"-- process {failed_index} terminated with the following error:\n{pickle.load(handle)}",
+                  file=sys.stderr, flush=True)
+    if first_failure < 0:  # killed by a signal
+        return 128 + (-first_failure)
+    return int(first_failure)
+
+
+def _has_error_file(context: Any, index: int) -> bool:
+    """torch's spawn wrapper writes the traceback of an uncaught exception into this file."""
+    error_file = context.error_files[index]
+    return bool(error_file) and os.access(error_file, os.R_OK) and os.path.getsize(error_file) > 0
+
+
+def launch(
+    worker: Callable[[DistributedContext, Any], int | None],
+    num_processes: int,
+    device_type: str,
+    args: Any,
+    interrupts: bool = False,
+) -> int:
     """Run ``worker(ctx, args)`` in every process and return the exit code for the launcher.
 
     - torchrun environment present: this process is one rank; call the worker directly.
     - ``num_processes > 1``: spawn that many local processes (rank = local rank).
     - otherwise: call the worker in this process with world size 1.
     A worker signals an expected failure by returning a non-zero code (after printing a message).
+    With ``interrupts``, SIGINT / SIGTERM raise :class:`Interrupted` in a running worker (see the
+    module doc); the worker is expected to report it and return 130 (``EXIT_INTERRUPTED``).
     """
+    handlers = interrupt_handlers if interrupts else nullcontext
     if torchrun_environment():
         rank = int(os.environ["RANK"])
         world_size = int(os.environ["WORLD_SIZE"])
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
-        ctx = init_process_group(rank, world_size, local_rank, device_type)
-        try:
-            return int(worker(ctx, args) or 0)
-        finally:
-            destroy_process_group()
+        with handlers():
+            ctx = init_process_group(rank, world_size, local_rank, device_type)
+            try:
+                return int(worker(ctx, args) or 0)
+            finally:
+                destroy_process_group()
     if num_processes <= 1:
-        ctx = init_process_group(0, 1, 0, device_type)
-        return int(worker(ctx, args) or 0)
+        with handlers():
+            ctx = init_process_group(0, 1, 0, device_type)
+            return int(worker(ctx, args) or 0)
     if device_type == "cuda" and torch.cuda.device_count() < num_processes:
         raise ValueError(
             f"--gpus {num_processes} needs {num_processes} GPUs but {torch.cuda.device_count()} are visible "
             "(use --device cpu for CPU processes)"
         )
     port = find_free_port()
-    try:
-        mp.spawn(_spawned_worker, args=(worker, num_processes, device_type, port, args), nprocs=num_processes, join=True)
-    except mp.ProcessExitedException as error:
-        # A worker exited with a non-zero code after printing its own message: pass the code on.
-        return int(error.exit_code or 1)
-    return 0
+    stop_event = mp.get_context("spawn").Event()
+    context = mp.start_processes(
+        _spawned_worker,
+        args=(worker, num_processes, device_type, port, args, stop_event, interrupts),
+        nprocs=num_processes,
+        join=False,
+        start_method="spawn",
+    )
+    return _join_workers(context, stop_event)
 
 
 def all_reduce_dict(values: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
@@ -200,7 +416,10 @@ def all_ok(ok: bool) -> bool:
 
 
 __all__ = [
+    "EXIT_INTERRUPTED",
     "DistributedContext",
+    "Interrupted",
+    "StoppedByLauncher",
     "all_gather_object",
     "all_ok",
     "all_reduce_dict",
@@ -210,8 +429,13 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "init_process_group",
+    "interrupt_handlers",
+    "interrupt_signal",
     "is_main_process",
+    "is_peer_failure",
     "launch",
+    "stopped_by_launcher",
     "synchronize",
     "torchrun_environment",
+    "wait_for_launcher_stop",
 ]

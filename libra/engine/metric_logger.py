@@ -125,15 +125,30 @@ class MetricLogger:
 
 
 class JSONLinesLog:
-    """Appends one JSON object per line (flushed at once, so a crash keeps everything logged)."""
+    """Appends one JSON object per line (flushed at once, so a crash keeps everything logged).
+
+    Each record is one ``write`` of a complete line; a line that a killed process left incomplete
+    is skipped by :meth:`read` (and dropped by :meth:`keep_until`).
+    """
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            if os.fstat(fd).st_size and not self._ends_with_newline(fd):
+                line = b"\n" + line  # after a partial line of a killed run
+            os.write(fd, line)
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _ends_with_newline(fd: int) -> bool:
+        size = os.fstat(fd).st_size
+        return os.pread(fd, 1, size - 1) == b"\n" if size else True
 
     def read(self) -> list[dict]:
         if not self.path.is_file():
@@ -142,9 +157,30 @@ class JSONLinesLog:
         with open(self.path) as handle:
             for line in handle:
                 line = line.strip()
-                if line:
-                    records.append(json.loads(line))
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a partial line (killed while writing)
+                    continue
+                if isinstance(record, dict):
+                    records.append(record)
         return records
+
+    def keep_until(self, iteration: int) -> int:
+        """Drop the records after ``iteration`` (those of iterations a resumed run repeats), atomically.
+        Returns how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        records = self.read()
+        kept = [r for r in records if int(r.get("iter", 0) or 0) <= iteration]
+        with open(self.path, "rb") as handle:
+            lines = sum(1 for line in handle if line.strip())
+        if len(kept) == lines:
+            return 0
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(self.path, lambda handle: handle.write(text.encode("utf-8")))
+        return lines - len(kept)
 
 
 _PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]

@@ -13,6 +13,20 @@ Reproducibility: at the start of every epoch all random generators are re-seeded
 (seed, epoch, rank) and the sampler gets ``set_epoch(epoch)``, so the data order,
 augmentation and RoI sampling of an epoch do not depend on what happened before it;
 ``--resume`` from an epoch checkpoint therefore continues exactly as the uninterrupted run.
+Inside an epoch the data side is a pure function of (seed, index, epoch) (the samplers' order
+and each sample's augmentation generator), but the RoI / anchor samplers draw from the global
+generators; so every checkpoint also holds each rank's global generator states (torch CPU and
+CUDA, ``random``, NumPy) as they were after its last iteration, and a run resumed from a
+checkpoint written inside an epoch (``iter_N.pth``) re-seeds the epoch, skips the batches
+already trained, and restores those states before its first batch: the continuation is
+bit-identical to the uninterrupted run (same world size and settings, which ``train.py``
+enforces; on CUDA as far as the uninterrupted run is itself deterministic: kernels that
+accumulate with atomics, e.g. RoIAlign's backward, are not).
+
+Failures: a non-finite loss or gradient, and any error of the forward / backward pass that
+comes with non-finite weights or activations (e.g. NaN proposals reaching an op that rejects
+them), raise :class:`NonFiniteLossError` ("training diverged ...": exit code 3 in ``train.py``);
+a checkpoint write is never left half done by Ctrl-C (``libra.engine.checkpoint``).
 """
 from __future__ import annotations
 
@@ -27,14 +41,22 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from .checkpoint import atomic_save, atomic_write_text, make_checkpoint
-from .distributed import DistributedContext, all_reduce_dict, synchronize
+from .checkpoint import CheckpointError, atomic_save, atomic_write_text, deferred_interrupts, make_checkpoint
+from .distributed import DistributedContext, all_gather_object, all_reduce_dict, synchronize
 from .lr_schedule import WarmupMultiStepLR
 from .metric_logger import JSONLinesLog, MetricLogger, Timer, format_duration, max_memory_mb, plot_losses
 
 
 class NonFiniteLossError(RuntimeError):
-    """A loss became NaN or infinite: training stops (on every process)."""
+    """Training diverged (a loss, gradient, weight or activation became NaN or infinite): training stops.
+
+    ``rank_local`` is True when only this process found it (an error of its own forward pass);
+    otherwise every process raises it together (the checks run on all-reduced values).
+    """
+
+    def __init__(self, message: str, rank_local: bool = False) -> None:
+        super().__init__(message)
+        self.rank_local = rank_local
 
 
 def seed_everything(seed: int) -> None:
@@ -43,6 +65,57 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def get_rng_state(device: torch.device | None = None) -> dict:
+    """The global generators' states: torch CPU (and CUDA of ``device``), ``random``, NumPy."""
+    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    """Restore what :func:`get_rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _optimizer_family(group: dict) -> str:
+    """'adam' (betas), 'sgd' (momentum) or the sorted keys of a param group: what its state needs."""
+    if "betas" in group:
+        return "adam"
+    if "momentum" in group:
+        return "sgd"
+    return ",".join(sorted(k for k in group if k != "params"))
+
+
+def _first_non_finite(obj: Any, depth: int = 0) -> str | None:
+    """Describe the first NaN / inf floating tensor inside ``obj`` (tensors, sequences, dicts, simple
+    objects such as dataclasses); None when all are finite."""
+    if depth > 4:
+        return None
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
+            kind = "NaN" if bool(torch.isnan(obj).any()) else "inf"
+            return f"{kind} in a {list(obj.shape)} tensor"
+        return None
+    if isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+        items = vars(obj).values()
+    else:
+        return None
+    for item in items:
+        found = _first_non_finite(item, depth + 1)
+        if found:
+            return found
+    return None
 
 
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
@@ -108,6 +181,7 @@ class TrainConfig:
     work_dir: Path | None = None
     model_name: str = ""
     num_classes: int = 0
+    class_names: tuple[str, ...] | None = None  # the dataset's, in label order (recorded in checkpoints)
     args: dict | None = None
 
 
@@ -155,9 +229,15 @@ class Trainer:
         self.log = JSONLinesLog(config.work_dir / "log.jsonl") if (ctx.is_main and config.work_dir) else None
         self.last_metrics: dict = {}
         self.evaluated_at: int | None = None  # iteration of the last evaluation
+        self.last_checkpoint: Path | None = None  # written by this run (or resumed from)
+        self.last_checkpoint_iteration: int | None = None
+        self.writing_checkpoint: Path | None = None  # set while a checkpoint is being written
+        self.stage = "setup"  # "training" / "evaluating" / "checkpoint": where an interrupt found the run
+        self._rng_after_step: dict | None = None  # global generator states after the last iteration
+        self._resume_rng: dict | None = None  # states to restore before the first batch of a mid-epoch resume
 
     # ---------------------------------------------------------------- checkpoints
-    def state(self) -> dict:
+    def state(self, rng_states: list | None = None) -> dict:
         checkpoint = make_checkpoint(
             self.model,
             self.optimizer,
@@ -168,36 +248,93 @@ class Trainer:
             model_name=self.config.model_name,
             num_classes=self.config.num_classes,
             args=self.config.args,
+            class_names=self.config.class_names,
         )
         checkpoint["iter_in_epoch"] = self.iter_in_epoch
+        checkpoint["iters_per_epoch"] = self.config.iters_per_epoch
+        checkpoint["world_size"] = self.ctx.world_size
+        checkpoint["rng_states"] = rng_states if rng_states is not None else [self._rng_now()]
         return checkpoint
 
-    def load_state(self, checkpoint: dict) -> None:
-        """Restore optimizer / scaler / counters (the model weights are loaded by the caller)."""
-        if checkpoint.get("optimizer") is not None:
-            self.optimizer.load_state_dict(checkpoint["optimizer"])
+    def _rng_now(self) -> dict:
+        """This rank's generator states as of the end of its last iteration."""
+        return self._rng_after_step if self._rng_after_step is not None else get_rng_state(self.ctx.device)
+
+    def load_state(self, checkpoint: dict, path: Any = "checkpoint") -> None:
+        """Restore optimizer / scaler / counters / generator states (the model weights are loaded by
+        the caller). Raises ``CheckpointError`` when the optimizer state is of another kind or size."""
+        saved = checkpoint.get("optimizer")
+        if saved is not None:
+            saved_type = checkpoint.get("optimizer_type")
+            own_type = type(self.optimizer).__name__
+            saved_groups = saved.get("param_groups", [])
+            own_groups = self.optimizer.param_groups
+            if (saved_type is not None and saved_type != own_type) or (
+                saved_groups and own_groups and _optimizer_family(saved_groups[0]) != _optimizer_family(own_groups[0])
+            ):
+                raise CheckpointError(
+                    f"{path} holds the state of another optimizer ({saved_type or _optimizer_family(saved_groups[0])}) "
+                    f"than this run's {own_type}: resume with the checkpoint's --optimizer, or start a new --work-dir "
+                    "without --resume"
+                )
+            sizes = [len(g["params"]) for g in saved_groups]
+            own_sizes = [len(g["params"]) for g in own_groups]
+            if sizes != own_sizes:
+                raise CheckpointError(
+                    f"{path} holds optimizer state for {sum(sizes)} trainable parameter tensors but this model has "
+                    f"{sum(own_sizes)} (groups {sizes} vs {own_sizes}): resume with the settings of the checkpoint "
+                    "(e.g. the same --frozen-stages / --backbone-norm), or start a new --work-dir without --resume"
+                )
+            try:
+                self.optimizer.load_state_dict(saved)
+            except (ValueError, KeyError, TypeError, RuntimeError) as error:
+                raise CheckpointError(f"{path}: cannot restore the optimizer state: {error}") from None
         self.epoch = int(checkpoint["epoch"])
         self.iteration = int(checkpoint["iteration"])
         self.iter_in_epoch = int(checkpoint.get("iter_in_epoch", 0))
         self.scheduler.set_position(self.iteration, self.epoch)
         if checkpoint.get("scaler") is not None and self.scaler.is_enabled():
             self.scaler.load_state_dict(checkpoint["scaler"])
+        rng_states = checkpoint.get("rng_states")
+        self._resume_rng = None
+        if self.iter_in_epoch > 0 and rng_states and len(rng_states) == self.ctx.world_size:
+            self._resume_rng = rng_states[self.ctx.rank]
+        self.last_checkpoint = Path(path) if path != "checkpoint" else None
+        self.last_checkpoint_iteration = self.iteration
+
+    @property
+    def resumes_exactly(self) -> bool:
+        """False for a mid-epoch checkpoint without the generator states of every rank (an old one)."""
+        return self.iter_in_epoch == 0 or self._resume_rng is not None
 
     def save_checkpoint(self, name: str) -> Path | None:
-        """Rank 0 writes ``work_dir/name`` atomically and points ``work_dir/last_checkpoint`` at it."""
-        if not (self.ctx.is_main and self.config.work_dir):
+        """Rank 0 writes ``work_dir/name`` atomically and points ``work_dir/last_checkpoint`` at it.
+
+        Called on every rank (the generator states of all ranks are gathered into the checkpoint).
+        Ctrl-C / SIGTERM are deferred until checkpoint and pointer are both written.
+        """
+        if not self.config.work_dir:
+            return None
+        rng_states = all_gather_object(self._rng_now())
+        if not self.ctx.is_main:
             return None
         path = self.config.work_dir / name
-        atomic_save(self.state(), path)
-        atomic_write_text(name + "\n", self.config.work_dir / "last_checkpoint")
-        self.print(f"saved checkpoint {path}")
-        if self.config.keep_checkpoints > 0:
-            epochs = sorted(
-                (int(p.stem.split("_")[1]), p) for p in self.config.work_dir.glob("epoch_*.pth") if p.stem.split("_")[1].isdigit()
-            )
-            for _, old in epochs[: -self.config.keep_checkpoints]:
-                if old != path:
-                    old.unlink(missing_ok=True)
+        previous_stage, self.stage, self.writing_checkpoint = self.stage, "checkpoint", path
+        with deferred_interrupts():
+            atomic_save(self.state(rng_states), path)
+            atomic_write_text(name + "\n", self.config.work_dir / "last_checkpoint")
+            self.last_checkpoint, self.last_checkpoint_iteration = path, self.iteration
+            self.writing_checkpoint, self.stage = None, previous_stage
+            self.print(f"saved checkpoint {path}")
+            if self.config.keep_checkpoints > 0:
+                epochs = sorted(
+                    (int(p.stem.split("_")[1]), p)
+                    for p in self.config.work_dir.glob("epoch_*.pth")
+                    if p.stem.split("_")[1].isdigit()
+                )
+                for _, old in epochs[: -self.config.keep_checkpoints]:
+                    if old != path:
+                        old.unlink(missing_ok=True)
         return path
 
     # ---------------------------------------------------------------- loop
@@ -205,6 +342,9 @@ class Trainer:
         """Run the remaining epochs; returns the last evaluation metrics (or {})."""
         config = self.config
         start_time = time.perf_counter()
+        if self.log is not None:
+            # A resumed run repeats the iterations after its checkpoint: their old records go.
+            self.log.keep_until(self.iteration)
         self.print(
             f"training {config.model_name}: {config.num_epochs} epochs x {config.iters_per_epoch} iterations, "
             f"world size {self.ctx.world_size}, device {self.ctx.device}"
@@ -216,6 +356,7 @@ class Trainer:
             # on earlier epochs, so a resumed run repeats them exactly.
             seed_everything(epoch_seed(config.seed, epoch, self.ctx.rank))
             loader = self.make_loader(epoch, self.iter_in_epoch)
+            self.stage = "training"
             completed = self.train_one_epoch(loader, epoch)
             if completed:
                 self.epoch, self.iter_in_epoch = epoch + 1, 0
@@ -233,17 +374,84 @@ class Trainer:
         self.print(f"training done in {format_duration(time.perf_counter() - start_time)} ({self.iteration} iterations)")
         return self.last_metrics
 
-    def _raise_if_diverged(self, epoch: int, error: BaseException) -> None:
-        """A forward pass that fails on a diverged model (NaN boxes reach an op that cannot take
-        them) is reported as divergence, not as the op's error."""
+    def _max_parameter_norm(self) -> float:
         with torch.no_grad():
             norms = torch.stack(torch._foreach_norm([p.detach().float() for p in self.model.parameters()]))
-        if not bool(torch.isfinite(norms).all()) or float(norms.max()) > 1e15:
+        return float(norms.max()) if bool(torch.isfinite(norms).all()) else math.inf
+
+    def _first_non_finite_output(
+        self, images: torch.Tensor, image_sizes: list, targets: list, rng: dict | None
+    ) -> str | None:
+        """Run the failed forward pass again (the generator states of its start when known, no autograd,
+        no DDP) with a hook on every module; the first (innermost) module whose output holds NaN / inf."""
+        module = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
+        names = {m: n or type(module).__name__ for n, m in module.named_modules()}
+        found: list[str] = []
+
+        def hook(mod, inputs, output):  # noqa: ARG001
+            if not found:
+                what = _first_non_finite(output)
+                if what:
+                    found.append(f"{names.get(mod, type(mod).__name__)} ({what})")
+
+        handles = [m.register_forward_hook(hook) for m in module.modules()]
+        after = get_rng_state(self.ctx.device)
+        try:
+            if rng is not None:
+                set_rng_state(rng, self.ctx.device)
+            with torch.no_grad(), autocast_context(self.ctx.device, self.config.amp):
+                module(images, image_sizes, targets)
+        except Exception:  # noqa: BLE001 - expected: it is the failing pass
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+            set_rng_state(after, self.ctx.device)
+        return found[0] if found else None
+
+    def _raise_if_diverged(
+        self,
+        epoch: int,
+        error: BaseException,
+        where: str,
+        images: torch.Tensor | None = None,
+        image_sizes: list | None = None,
+        targets: list | None = None,
+        rng: dict | None = None,
+    ) -> None:
+        """An error of the forward / backward pass is reported as divergence (``NonFiniteLossError``)
+        when there is evidence of non-finite values: non-finite or huge weights, a non-finite
+        gradient, or a module whose output holds NaN / inf when the pass is run again on the same
+        (finite) inputs, e.g. NaN proposals that an op downstream rejects. Without such evidence it
+        returns and the caller re-raises the error as it is (a bad input's message, or a bug's
+        traceback): the error text alone is not trusted (input checks also say "not finite")."""
+        text = " ".join(str(error).split()) or type(error).__name__
+        if len(text) > 300:
+            text = text[:300] + " ..."
+        head = f"training diverged at iteration {self.iteration + 1} (epoch {epoch + 1})"
+        advice = "lower --lr or set --grad-clip"
+        max_norm = self._max_parameter_norm()
+        if not math.isfinite(max_norm) or max_norm > 1e15:
             raise NonFiniteLossError(
-                f"training diverged before iteration {self.iteration + 1} (epoch {epoch + 1}): the weights are "
-                f"non-finite or huge (max parameter norm {float(norms.max()):.3g}) and the forward pass failed "
-                f"({str(error).splitlines()[0]}); lower --lr or set --grad-clip"
+                f"{head}: the weights are non-finite or huge (max parameter norm {max_norm:.3g}) and the {where} failed "
+                f"({text}); {advice}",
+                rank_local=True,
             ) from error
+        if where == "backward pass":
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+                raise NonFiniteLossError(
+                    f"{head}: non-finite gradients and the backward pass failed ({text}); {advice}", rank_local=True
+                ) from error
+        # Non-finite inputs are the data's fault (the detector rejects them: exit code 1, "bad input").
+        if images is not None and bool(torch.isfinite(images).all()) and _first_non_finite(targets) is None:
+            culprit = self._first_non_finite_output(images, image_sizes, targets, rng)
+            if culprit is not None:
+                raise NonFiniteLossError(
+                    f"{head}: non-finite activations (first in the output of {culprit}; weights finite, max parameter "
+                    f"norm {max_norm:.3g}) and the {where} failed ({text}); {advice}",
+                    rank_local=True,
+                ) from error
 
     def _check_gradients(self, epoch: int) -> None:
         """Stop before the step when a gradient is NaN/inf although the loss was finite.
@@ -260,7 +468,7 @@ class Trainer:
         finite = torch.isfinite(norms).tolist()
         names = [n for (n, _), ok in zip(named, finite) if not ok]
         raise NonFiniteLossError(
-            f"non-finite gradient at iteration {self.iteration + 1} (epoch {epoch + 1}) in "
+            f"training diverged: non-finite gradient at iteration {self.iteration + 1} (epoch {epoch + 1}) in "
             f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} parameters); "
             "lower --lr, set --grad-clip, or check the data"
         )
@@ -268,7 +476,9 @@ class Trainer:
     def _evaluate(self) -> None:
         if self.evaluate_fn is None:
             return
+        previous_stage, self.stage = self.stage, "evaluating"
         self.last_metrics = self.evaluate_fn(self.model, self.epoch) or {}
+        self.stage = previous_stage
         self.evaluated_at = self.iteration
         if self.log is not None and self.last_metrics:
             numbers = {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
@@ -283,7 +493,14 @@ class Trainer:
         total_iters = min(config.max_iters, config.num_epochs * config.iters_per_epoch)
         logger = MetricLogger(total_iters)
         timer = Timer(device)
-        for images, targets in loader:
+        iterator = iter(loader)
+        if self._resume_rng is not None:
+            # Mid-epoch resume: the epoch was re-seeded and its first iter_in_epoch batches skipped;
+            # continue with the generator states the interrupted run had after its last iteration.
+            set_rng_state(self._resume_rng, device)
+            self._resume_rng = None
+        self._rng_after_step = get_rng_state(device)  # the states before this epoch's next batch
+        for images, targets in iterator:
             if self.iteration >= config.max_iters:
                 return False
             data_time = timer.lap()
@@ -292,11 +509,14 @@ class Trainer:
             image_sizes = image_sizes_of(targets, images)
             self.scheduler.set_position(self.iteration, epoch)
 
+            rng_before = self._rng_after_step  # (the data fetch draws nothing from the global generators)
             try:
                 with autocast_context(device, config.amp):
                     loss_dict = model(images, image_sizes, targets)
-            except RuntimeError as error:
-                self._raise_if_diverged(epoch, error)
+            except Exception as error:
+                if isinstance(error, NonFiniteLossError):
+                    raise
+                self._raise_if_diverged(epoch, error, "forward pass", images, image_sizes, targets, rng_before)
                 raise
             losses = {k: v for k, v in loss_dict.items() if k.startswith("loss")}
             total = sum(v.float() for v in losses.values())
@@ -309,12 +529,16 @@ class Trainer:
             if bad or not math.isfinite(values["loss"]):
                 names = bad or ["loss"]
                 raise NonFiniteLossError(
-                    f"non-finite loss at iteration {self.iteration + 1} (epoch {epoch + 1}): "
+                    f"training diverged: non-finite loss at iteration {self.iteration + 1} (epoch {epoch + 1}): "
                     + ", ".join(f"{k} = {values[k]}" for k in names)
                     + "; lower --lr or check the data"
                 )
             self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(total).backward()
+            try:
+                self.scaler.scale(total).backward()
+            except Exception as error:
+                self._raise_if_diverged(epoch, error, "backward pass")
+                raise
             if not self.scaler.is_enabled():  # with AMP the scaler skips steps with inf gradients itself
                 self._check_gradients(epoch)
             if config.grad_clip > 0:
@@ -329,6 +553,7 @@ class Trainer:
             self.scaler.update()
             self.iteration += 1
             self.iter_in_epoch += 1
+            self._rng_after_step = get_rng_state(device)  # what a checkpoint of this point must restore
             iter_time = timer.lap() + data_time
             logger.update(**values, lr=self.optimizer.param_groups[0]["lr"], time=iter_time, data_time=data_time)
 
