@@ -1,7 +1,8 @@
-"""Builds libra and its C++/CUDA extension ``libra._C``.
+"""Builds the C++/CUDA extension ``libra._C``; the package metadata is in pyproject.toml.
 
     pip install --no-build-isolation -e .
 
+--no-build-isolation builds against the torch already installed (see pyproject.toml).
 CUDA kernels are compiled when CUDA_HOME is set and either a GPU is visible or
 FORCE_CUDA=1 (e.g. to compile them on a machine without a GPU). TORCH_CUDA_ARCH_LIST
 selects the architectures (e.g. "8.0;9.0"); without it torch picks the visible GPU's.
@@ -9,9 +10,26 @@ selects the architectures (e.g. "8.0;9.0"); without it torch picks the visible G
 import glob
 import os
 
-import torch
-from setuptools import find_packages, setup
+import setuptools
+from setuptools import setup
+
+try:
+    import torch
+except ModuleNotFoundError as error:  # the usual cause: pip's build isolation
+    raise SystemExit(
+        "libra._C is compiled against the installed torch, but torch cannot be imported "
+        "by this build. Install torch first, then build without isolation:\n"
+        "    pip install torch torchvision\n"
+        "    pip install --no-build-isolation -e ."
+    ) from error
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+if int(setuptools.__version__.split(".")[0]) < 77:
+    # With --no-build-isolation pip does not install [build-system].requires.
+    raise SystemExit(
+        f"setuptools {setuptools.__version__} is too old to build libra (>= 77 needed): "
+        "pip install -U setuptools"
+    )
 
 
 def build_with_cuda() -> bool:
@@ -41,15 +59,8 @@ def extension():
     return CppExtension("libra._C", sources, extra_compile_args=extra_compile_args)
 
 
+# name, version, dependencies and packages: pyproject.toml.
 setup(
-    name="libra",
-    version="0.1.0",
-    description="Libra R-CNN: a readable PyTorch reference implementation with C++/CUDA ops",
-    license="Apache-2.0",
-    packages=find_packages(include=["libra", "libra.*"]),
-    python_requires=">=3.10",
-    install_requires=["torch", "torchvision", "numpy", "pycocotools", "tqdm"],
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
-    zip_safe=False,
 )
