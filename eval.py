@@ -10,7 +10,7 @@ A libra checkpoint (written by train.py) carries its model name, class count and
 command line, so the same detector (and the synthetic data settings) are rebuilt from it;
 flags given here win. An MMDetection checkpoint (``state_dict`` with ``rpn_head.*`` /
 ``roi_head.bbox_head.*`` keys) is loaded with ``libra.mmdet_checkpoint.load_mmdet_checkpoint``
-into ``--model`` (default ``libra_faster_rcnn_r50_fpn``).
+into ``--model`` (default: the preset its keys describe, see ``guess_mmdet_preset``).
 
 Outputs (rank 0, written atomically, so an interrupted run can simply be re-run): the
 detections JSON (COCO results format) and a metrics JSON in ``--work-dir`` (default: a folder
@@ -79,12 +79,25 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
     if is_libra_checkpoint(checkpoint):
         return "libra", checkpoint
     state = checkpoint.get("state_dict", checkpoint)
-    if isinstance(state, dict) and any(k.startswith(("rpn_head.", "roi_head.bbox_head.")) for k in state):
+    if isinstance(state, dict) and any(k.startswith(("rpn_head.", "roi_head.bbox_head.", "bbox_head.")) for k in state):
         return "mmdet", checkpoint
     raise CheckpointError(
         f"{path} is neither a libra checkpoint (train.py) nor an MMDetection detector checkpoint "
-        "(state_dict with rpn_head.* / roi_head.bbox_head.* keys)"
+        "(state_dict with rpn_head.* / roi_head.bbox_head.* / bbox_head.* keys)"
     )
+
+
+def guess_mmdet_preset(state: dict) -> str:
+    """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
+    RetinaNet), Libra (a second neck, the BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the
+    number of layer3 blocks, ResNeXt by its grouped 3x3 convs)."""
+    family = "retinanet" if any(k.startswith("bbox_head.retina_cls") for k in state) else "faster_rcnn"
+    libra = any(k.startswith("neck.1.") for k in state)
+    blocks = {k.split(".")[2] for k in state if k.startswith("backbone.layer3.")}
+    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    grouped = conv2 is not None and conv2.dim() == 4 and conv2.shape[1] < conv2.shape[0]
+    depth = "x101_64x4d" if grouped else ("r101" if len(blocks) > 6 else "r50")
+    return f"{'libra_' if libra else ''}{family}_{depth}_fpn"
 
 
 def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, dict | None]:
@@ -100,6 +113,8 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, d
     if kind == "libra" and saved.get("set") and not args.set:
         args.set = list(saved["set"])
     args.dataset = args.dataset or "synthetic"
+    if args.model is None and kind == "mmdet":
+        args.model = guess_mmdet_preset(checkpoint.get("state_dict", checkpoint))
     args.model = args.model or "libra_faster_rcnn_r50_fpn"
     apply_recipe(args)  # sizes, synthetic settings, backbone knobs and overrides not given or saved
     if args.work_dir is None:
@@ -174,6 +189,8 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     settings = data_settings(args)
     dataset = build_dataset(settings, train=False)
     model = build_detector(args, dataset.num_classes)
+    if args.proposals and not hasattr(model, "predict_proposals"):
+        raise CheckpointError(f"--proposals needs a model with an RPN; {args.model} is a one-stage detector")
     load_weights(model, kind, checkpoint, args, dataset.num_classes, dataset.class_names)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)

@@ -1,11 +1,13 @@
-"""Load released MMDetection v2/v3 two-stage detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN.
+"""Load released MMDetection v2/v3 detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet, Libra RetinaNet.
 
 Key layouts are those of the MMDetection v2/v3 released checkpoints of the configs
 ``faster-rcnn_r50_fpn_1x_coco`` (v2: ``faster_rcnn_r50_fpn_1x_coco``),
 ``pafpn/faster-rcnn_r50_pafpn_1x_coco``, ``libra-faster-rcnn_r50_fpn_1x_coco`` (v2:
-``libra_faster_rcnn_r50_fpn_1x_coco``, Libra R-CNN, Pang et al., CVPR 2019) and of the GN
+``libra_faster_rcnn_r50_fpn_1x_coco``, Libra R-CNN, Pang et al., CVPR 2019), of the GN
 ``Shared4Conv1FCBBoxHead`` (``norm_cfg=dict(type='GN', num_groups=32)``, as in
-``gn/mask-rcnn_r50_fpn_gn-all_2x_coco``; the paper's "4conv-fc head with GN", Sec. 4.1.3).
+``gn/mask-rcnn_r50_fpn_gn-all_2x_coco``; the paper's "4conv-fc head with GN", Sec. 4.1.3), and of
+the one-stage ``retinanet_r50_fpn_1x_coco`` and ``libra-retinanet_r50_fpn_1x_coco`` (v2:
+``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``; paper Table 2).
 
 This project always holds the neck as an ``nn.Sequential``: ``neck.0`` is the FPN or PAFPN,
 ``neck.1`` the balanced feature pyramid (BFP) when there is one. MMDetection indexes its neck
@@ -29,20 +31,25 @@ list of necks: ``neck.{0,1}.X``                                 ``neck.{0,1}.X``
 ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``                       ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
 ``roi_head.bbox_head.*``                                        ``roi_head.box_head.*``
 ``roi_head.bbox_head.shared_convs.{i}.{conv,gn}.*`` (GN head)   ``roi_head.box_head.shared_convs.{i}.{conv,gn}.*``
+``bbox_head.{cls_convs,reg_convs}.{i}.conv.*`` (RetinaNet)      ``dense_head.head.{cls_convs,reg_convs}.{i}.*``
+``bbox_head.{retina_cls,retina_reg}.*`` (RetinaNet)             ``dense_head.head.{retina_cls,retina_reg}.*``
 anything else                                                   unchanged, hence reported as not in the model
 ==============================================================  ==============================================
 
 (``shared_fcs.{0,1}``, ``fc_cls`` ``[C+1, 1024]``, ``fc_reg`` ``[4C, 1024]``; the RPN has
-``rpn_cls`` ``[3, 256, 1, 1]``, ``rpn_reg`` ``[12, 256, 1, 1]``.)
+``rpn_cls`` ``[3, 256, 1, 1]``, ``rpn_reg`` ``[12, 256, 1, 1]``; RetinaNet has ``retina_cls``
+``[9C, 256, 3, 3]`` (channel ``anchor * C + class``, no background) and ``retina_reg``
+``[36, 256, 3, 3]``, and its FPN (from C3) ``lateral_convs.{0,1,2}`` and ``fpn_convs.{0..4}``, where
+``fpn_convs.3`` (on C5, ``[256, 2048, 3, 3]``) and ``fpn_convs.4`` are the P6 / P7 convs.)
 
 MMDetection wraps convs in a ``ConvModule`` (``X.conv.weight``). Only the wrappers listed
 above, which this project replaces by a plain ``nn.Conv2d`` (no norm layer), lose ``.conv``;
 the renaming uses the checkpoint's names only, never the target model's, so a key that no rule
-knows (e.g. a GN neck's ``neck.lateral_convs.0.gn.weight``, RetinaNet's ``bbox_head.*``,
-Mask R-CNN's ``roi_head.mask_head.*``) is kept as is and reported, never silently dropped.
-Both use background as the LAST class, so classifier rows need no reordering. A BFP without a
-refiner (``refine_type=None``) has no parameters, so its checkpoint cannot be told from a plain
-FPN one.
+knows (e.g. a GN neck's ``neck.lateral_convs.0.gn.weight``, Mask R-CNN's
+``roi_head.mask_head.*``) is kept as is and reported, never silently dropped. The two-stage
+models use background as the LAST class, as this project does, so classifier rows need no
+reordering; RetinaNet has no background class. A BFP without a refiner (``refine_type=None``)
+has no parameters, so its checkpoint cannot be told from a plain FPN one.
 """
 
 from __future__ import annotations
@@ -58,14 +65,23 @@ from torch import Tensor, nn
 _PREFIXES = (
     ("rpn_head.", "rpn.head."),
     ("roi_head.bbox_head.", "roi_head.box_head."),
+    ("bbox_head.", "dense_head.head."),  # RetinaNet: the dense head's predictor
 )
 
 # ConvModule wrappers that are plain nn.Conv2d here: drop their ``.conv`` level (after the neck
-# has been given its Sequential index).
+# has been given its Sequential index and the prefixes have been renamed).
 _PLAIN_CONVS = re.compile(
     r"^(neck\.0\.(?:lateral_convs|fpn_convs|downsample_convs|pafpn_convs)\.\d+"
-    r"|neck\.1\.refine\.(?:g|theta|phi|conv_out))\.conv\.(weight|bias)$"
+    r"|neck\.1\.refine\.(?:g|theta|phi|conv_out)"
+    r"|dense_head\.head\.(?:cls_convs|reg_convs)\.\d+)\.conv\.(weight|bias)$"
 )
+
+# What the head keys show the detector to be (this project's names), and presets that build it.
+_DETECTOR_PREFIXES = {"faster_rcnn": ("rpn.", "roi_head."), "retinanet": ("dense_head.",)}
+_DETECTOR_PRESETS = {
+    "faster_rcnn": "faster_rcnn_r50_fpn, libra_faster_rcnn_r50_fpn",
+    "retinanet": "retinanet_r50_fpn, libra_retinanet_r50_fpn",
+}
 
 _SINGLE_NECK_KEY = re.compile(r"^neck\.(?!\d+\.)")  # neck.<name>.*: one neck, no Sequential index
 _LIST_NECK_KEY = re.compile(r"^neck\.\d+\.")
@@ -142,6 +158,12 @@ def convert_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
     return _convert(state_dict)[0]
 
 
+def _detector(keys: Mapping[str, object] | set[str]) -> str | None:
+    """``'faster_rcnn'`` or ``'retinanet'`` when this project's keys show exactly one of them, else None."""
+    found = [name for name, prefixes in _DETECTOR_PREFIXES.items() if any(key.startswith(prefixes) for key in keys)]
+    return found[0] if len(found) == 1 else None
+
+
 def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:
     """The preset overrides (``neck``, ``box_head``) that a set of this project's keys implies.
 
@@ -161,13 +183,16 @@ def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:
 
 
 def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping) -> nn.Module:
-    """Load an MMDetection v2/v3 Faster R-CNN, PAFPN or Libra R-CNN checkpoint into ``model`` (in place).
+    """Load an MMDetection v2/v3 Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet or Libra RetinaNet
+    checkpoint into ``model`` (in place).
 
     Args:
         model: a detector from :func:`libra.presets.build_model` with the same architecture (e.g.
             ``build_model("libra_faster_rcnn_r50_fpn", num_classes=80)`` for
             ``libra-faster-rcnn_r50_fpn_1x_coco``, ``build_model("faster_rcnn_r50_fpn", 80)`` for
-            ``faster-rcnn_r50_fpn_1x_coco``, ``neck="pafpn"`` for ``faster-rcnn_r50_pafpn_1x_coco``).
+            ``faster-rcnn_r50_fpn_1x_coco``, ``neck="pafpn"`` for ``faster-rcnn_r50_pafpn_1x_coco``,
+            ``build_model("libra_retinanet_r50_fpn", 80)`` for ``libra-retinanet_r50_fpn_1x_coco``,
+            ``build_model("retinanet_r50_fpn", 80)`` for ``retinanet_r50_fpn_1x_coco``).
         path_or_state_dict: a ``.pth`` path, a dict with ``'state_dict'`` (MMDetection's format),
             or a raw state_dict (a ``module.`` prefix on every key is stripped).
 
@@ -176,9 +201,10 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
 
     Raises:
         ValueError: when a model key is missing from the checkpoint, a checkpoint key has no
-            place in the model (e.g. a RetinaNet or Mask R-CNN checkpoint, or a BFP checkpoint into a
-            plain-FPN model), or a shape differs (e.g. another class count); the message names them
-            (checkpoint keys by their MMDetection name) and the preset overrides that would fit.
+            place in the model (e.g. a RetinaNet checkpoint into a Faster R-CNN, a Mask R-CNN
+            checkpoint, or a BFP checkpoint into a plain-FPN model), or a shape differs (e.g. another
+            class count); the message names them (checkpoint keys by their MMDetection name) and the
+            preset overrides (or presets) that would fit.
     """
     expected = model.state_dict()
     converted, origin = _convert(_read_state_dict(path_or_state_dict))
@@ -211,6 +237,22 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             hint = (
                 f" The checkpoint has {converted[cls_key].shape[0] - 1} classes, the model "
                 f"{expected[cls_key].shape[0] - 1}: build the model with num_classes={converted[cls_key].shape[0] - 1}."
+            )
+        retina_key = "dense_head.head.retina_cls.weight"
+        if retina_key in converted and retina_key in expected and converted[retina_key].shape != expected[retina_key].shape:
+            # A * C rows (no background); the anchors per location are the model's.
+            num_anchors = expected[retina_key].shape[0] // getattr(model, "num_classes", 1)
+            classes = converted[retina_key].shape[0] / max(num_anchors, 1)
+            if classes == int(classes):
+                hint = (
+                    f" The checkpoint has {int(classes)} classes ({num_anchors} anchors per location), the model "
+                    f"{expected[retina_key].shape[0] // num_anchors}: build the model with num_classes={int(classes)}."
+                )
+        checkpoint_detector, model_detector = _detector(converted), _detector(expected)
+        if checkpoint_detector and model_detector and checkpoint_detector != model_detector:
+            hint += (
+                f" The checkpoint holds a {checkpoint_detector} detector, the model is a {model_detector}: "
+                f"build it with a {checkpoint_detector} preset ({_DETECTOR_PRESETS[checkpoint_detector]})."
             )
         checkpoint_layout, model_layout = _layout(converted), _layout(expected)
         differ = {k: v for k, v in checkpoint_layout.items() if model_layout.get(k, v) != v}

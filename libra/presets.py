@@ -12,6 +12,17 @@ their protocols are in the README):
 - ``libra_faster_rcnn_r50_fpn_lgr``: the journal version: LGR-L1 (Eq. 11-14) and LGR-CE
   (Eq. 15-19, alpha 0.8, gamma 1.0, Table 7) instead of balanced L1 and CE.
 - ``faster_rcnn_r101_fpn``, ``libra_faster_rcnn_r101_fpn``, ``libra_faster_rcnn_x101_64x4d_fpn``.
+- ``retinanet_r50_fpn``: one-stage RetinaNet, MMDetection ``retinanet_r50_fpn_1x_coco``: FPN P3..P7
+  (conv extra levels on C5), RetinaNet head, sigmoid focal loss, L1 box loss, no sampling.
+- ``libra_retinanet_r50_fpn``: MMDetection ``libra-retinanet_r50_fpn_1x_coco`` (paper Table 2): + balanced
+  feature pyramid refined at P4 (``refine_level=1``) and balanced L1 with beta 0.11; RetinaNet has no
+  sampler, so IoU-balanced sampling does not apply (paper Sec. 4.1.3).
+- ``retinanet_r101_fpn``, ``retinanet_x101_64x4d_fpn``, ``libra_retinanet_r101_fpn``,
+  ``libra_retinanet_x101_64x4d_fpn``.
+
+A preset's ``detector`` (``'faster_rcnn'`` or ``'retinanet'``) says which composition
+:func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no ``rpn_*``,
+``roi_*``, sampler or box-head keys), and the detector itself cannot be overridden.
 
 Every component is a keyword override of :func:`build_model`, so the paper's ablation
 (Table 3) is a list of flags, see ``TABLE3_ABLATION``::
@@ -44,6 +55,10 @@ Overrides (any key of a preset dict):
   difficult boxes are left out of training); a value such as 0.5 makes them ignore regions.
 - test settings: ``score_thr``, ``nms_thr``, ``max_per_img``, ``rpn_pre_nms_top_n_train``,
   ``rpn_pre_nms_top_n_test``, ``rpn_post_nms_top_n_train``, ``rpn_post_nms_top_n_test``, ``rpn_nms_thr``.
+- RetinaNet presets: the backbone and neck keys above, ``ignore_iof_thr``, ``box_loss`` (with its
+  parameters; beta 0.11), ``head_channels`` / ``head_stacked_convs`` (the towers), ``focal_alpha`` /
+  ``focal_gamma``, and the test settings ``pre_nms_top_n_test`` (pairs per level), ``score_thr``,
+  ``nms_thr``, ``max_per_img``.
 """
 
 from __future__ import annotations
@@ -52,9 +67,11 @@ from typing import Any
 
 from torch import nn
 
+from libra.anchor_generator import AnchorGenerator
 from libra.backbone import build_resnet, load_pretrained
-from libra.dense_heads import RegionProposalNetwork, RPNHead
-from libra.detectors import FasterRCNN
+from libra.dense_heads import RegionProposalNetwork, RetinaHead, RetinaNetDenseHead, RPNHead
+from libra.dense_heads.retina_head import RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES
+from libra.detectors import Detector, FasterRCNN, RetinaNet
 from libra.losses import (
     BalancedL1Loss,
     CrossEntropyLoss,
@@ -62,6 +79,7 @@ from libra.losses import (
     LGRCrossEntropyLoss,
     LGRL1Loss,
     SigmoidCrossEntropyLoss,
+    SigmoidFocalLoss,
     SmoothL1Loss,
 )
 from libra.necks import FPN, PAFPN, BalancedFeaturePyramid
@@ -128,6 +146,48 @@ _LIBRA: dict[str, Any] = {
     "box_loss": "balanced_l1",
 }
 
+# RetinaNet (MMDetection retinanet_r50_fpn_1x_coco; backbone as above: model.backbone frozen_stages=1,
+# norm_eval=True). Only the keys a one-stage detector reads.
+_RETINANET: dict[str, Any] = {
+    "detector": "retinanet",
+    "backbone": "resnet50",
+    "frozen_stages": 1,
+    "backbone_norm": "frozen",
+    "width_per_group": None,
+    "stage_blocks": None,
+    # model.neck: FPN(start_level=1, add_extra_convs='on_input', num_outs=5): P3..P7, P6 a 3x3
+    # stride-2 conv on C5, P7 one on P6 without a ReLU in between (relu_before_extra_convs=False).
+    "neck": "fpn",
+    "fpn_channels": 256,
+    "fpn_start_level": 1,
+    "fpn_num_outs": 5,
+    "fpn_extra_levels": "on_input",
+    # libra-retinanet_r50_fpn_1x_coco: model.neck[1] BFP(num_levels=5, refine_level=1,
+    # refine_type='non_local'): P3..P7 gathered at P4.
+    "refine_type": "non_local",
+    "refine_level": 1,
+    "ignore_iof_thr": -1.0,  # train_cfg.assigner.ignore_iof_thr=-1
+    # model.bbox_head: feat_channels=256, stacked_convs=4; loss_cls FocalLoss(alpha=0.25, gamma=2.0)
+    "head_channels": 256,
+    "head_stacked_convs": 4,
+    "focal_alpha": 0.25,
+    "focal_gamma": 2.0,
+    # model.bbox_head.loss_bbox: L1Loss; libra-retinanet_r50_fpn_1x_coco: BalancedL1Loss(alpha=0.5,
+    # gamma=1.5, beta=0.11) (beta is unused by L1)
+    "box_loss": "l1",
+    "box_loss_alpha": 0.5,
+    "box_loss_gamma": 1.5,
+    "box_loss_beta": 0.11,
+    "box_loss_weight": 1.0,
+    # test_cfg: nms_pre=1000 (pairs per level), score_thr=0.05, nms iou_threshold=0.5, max_per_img=100
+    "pre_nms_top_n_test": 1000,
+    "score_thr": 0.05,
+    "nms_thr": 0.5,
+    "max_per_img": 100,
+}
+
+_LIBRA_RETINANET: dict[str, Any] = {**_RETINANET, "neck": "bfp", "box_loss": "balanced_l1"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn": dict(_BASELINE),
     "libra_faster_rcnn_r50_fpn": dict(_LIBRA),
@@ -135,6 +195,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r101_fpn": {**_BASELINE, "backbone": "resnet101"},
     "libra_faster_rcnn_r101_fpn": {**_LIBRA, "backbone": "resnet101"},
     "libra_faster_rcnn_x101_64x4d_fpn": {**_LIBRA, "backbone": "resnext101_64x4d"},
+    "retinanet_r50_fpn": dict(_RETINANET),
+    "libra_retinanet_r50_fpn": dict(_LIBRA_RETINANET),
+    "retinanet_r101_fpn": {**_RETINANET, "backbone": "resnet101"},
+    "retinanet_x101_64x4d_fpn": {**_RETINANET, "backbone": "resnext101_64x4d"},
+    "libra_retinanet_r101_fpn": {**_LIBRA_RETINANET, "backbone": "resnet101"},
+    "libra_retinanet_x101_64x4d_fpn": {**_LIBRA_RETINANET, "backbone": "resnext101_64x4d"},
 }
 
 # The paper's Table 3 (ResNet-50 FPN, COCO val2017): each row adds one component to the baseline,
@@ -153,7 +219,7 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 ]
 
 _CHOICES = {
-    "detector": ("faster_rcnn",),
+    "detector": ("faster_rcnn", "retinanet"),
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "rpn_sampler": ("random", "iou_balanced"),
@@ -182,14 +248,21 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     unknown = sorted(set(overrides) - set(config))
     if unknown:
         raise ValueError(f"unknown override(s) {unknown}; valid overrides: {', '.join(sorted(config))}")
+    if overrides.get("detector", config["detector"]) != config["detector"]:
+        # The other detector's keys are not in this preset: pick a preset of that detector.
+        others = sorted(n for n, c in PRESETS.items() if c["detector"] == overrides["detector"])
+        raise ValueError(
+            f"detector={overrides['detector']!r} cannot override the {config['detector']} preset {name!r}; "
+            f"choose a preset of that detector ({', '.join(others) or 'none'})"
+        )
     config.update(overrides)
     for key, choices in _CHOICES.items():
-        if config[key] not in choices:
+        if key in config and config[key] not in choices:
             raise ValueError(f"{key}={config[key]!r} is not supported; choose one of {list(choices)}")
     return config
 
 
-def build_model(name: str, num_classes: int, pretrained: str | None = None, **overrides: Any) -> FasterRCNN:
+def build_model(name: str, num_classes: int, pretrained: str | None = None, **overrides: Any) -> Detector:
     """Assemble the detector of preset ``name``.
 
     Args:
@@ -199,27 +272,14 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
         **overrides: component switches and settings (module docstring).
 
     Returns:
-        A :class:`FasterRCNN` in training mode.
+        A :class:`FasterRCNN` or :class:`RetinaNet` (the preset's ``detector``) in training mode.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     config = preset_config(name, **overrides)
-
-    backbone = config["backbone"]
-    if isinstance(backbone, str):
-        backbone = build_resnet(
-            backbone,
-            frozen_stages=config["frozen_stages"],
-            norm_eval=config["backbone_norm"] == "frozen",
-            width_per_group=config["width_per_group"],
-            stage_blocks=config["stage_blocks"],
-        )
-        if pretrained is not None:
-            load_pretrained(backbone, pretrained)
-    elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "out_channels"):
-        raise ValueError("backbone must be a name or an nn.Module with an out_channels list")
-    elif pretrained is not None:
-        raise ValueError("pretrained weights can only be loaded into a named backbone")
+    backbone = _build_backbone(config, pretrained)
+    if config["detector"] == "retinanet":
+        return _build_retinanet(config, num_classes, backbone)
 
     channels = config["fpn_channels"]
     neck = _build_neck(config, list(backbone.out_channels), channels)
@@ -241,6 +301,61 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
     )
     roi_head = _build_roi_head(config, num_classes, channels)
     return FasterRCNN(backbone, neck, rpn, roi_head)
+
+
+def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module:
+    backbone = config["backbone"]
+    if isinstance(backbone, str):
+        backbone = build_resnet(
+            backbone,
+            frozen_stages=config["frozen_stages"],
+            norm_eval=config["backbone_norm"] == "frozen",
+            width_per_group=config["width_per_group"],
+            stage_blocks=config["stage_blocks"],
+        )
+        if pretrained is not None:
+            load_pretrained(backbone, pretrained)
+    elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "out_channels"):
+        raise ValueError("backbone must be a name or an nn.Module with an out_channels list")
+    elif pretrained is not None:
+        raise ValueError("pretrained weights can only be loaded into a named backbone")
+    return backbone
+
+
+def _build_retinanet(config: dict[str, Any], num_classes: int, backbone: nn.Module) -> RetinaNet:
+    channels = config["fpn_channels"]
+    neck = _build_neck(config, list(backbone.out_channels), channels)
+    # Output j of the FPN is backbone level start_level + j, stride 4 * 2^(start_level + j):
+    # (8, 16, 32, 64, 128) for P3..P7 (model.bbox_head.anchor_generator.strides).
+    strides = tuple(4 * 2 ** (config["fpn_start_level"] + j) for j in range(config["fpn_num_outs"]))
+    # octave_base_scale=4, scales_per_octave=3: scales 4 * 2^(i/3) of the stride; ratios 0.5, 1, 2.
+    anchor_generator = AnchorGenerator(strides, RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES)
+    head = RetinaHead(
+        num_classes,
+        channels,
+        anchor_generator.num_anchors,
+        feat_channels=config["head_channels"],
+        stacked_convs=config["head_stacked_convs"],
+    )
+    box_loss = _box_loss(
+        config["box_loss"],
+        alpha=config["box_loss_alpha"],
+        gamma=config["box_loss_gamma"],
+        beta=config["box_loss_beta"],
+        loss_weight=config["box_loss_weight"],
+    )
+    dense_head = RetinaNetDenseHead(
+        head,
+        anchor_generator,
+        ignore_iof_thr=config["ignore_iof_thr"],
+        cls_loss=SigmoidFocalLoss(alpha=config["focal_alpha"], gamma=config["focal_gamma"]),
+        box_loss=box_loss,
+        score_thresh=config["score_thr"],
+        pre_nms_top_n=config["pre_nms_top_n_test"],
+        nms_thresh=config["nms_thr"],
+        detections_per_img=config["max_per_img"],
+    )
+    return RetinaNet(backbone, neck, dense_head)
 
 
 def _build_neck(config: dict[str, Any], in_channels: list[int], channels: int) -> nn.Sequential:

@@ -2,9 +2,10 @@
 
 Fake MMDetection state_dicts are made from a libra model with the INVERSE renaming, written
 here independently of the loader from the released checkpoints' key names: single-neck models
-(``faster-rcnn_r50_fpn_1x_coco``, ``faster-rcnn_r50_pafpn_1x_coco``, the GN ``4conv1fc`` head)
-have ``neck.X``, a list of necks (``libra-faster-rcnn_r50_fpn_1x_coco``, PAFPN + BFP) has
-``neck.0.X`` / ``neck.1.X``.
+(``faster-rcnn_r50_fpn_1x_coco``, ``faster-rcnn_r50_pafpn_1x_coco``, the GN ``4conv1fc`` head,
+``retinanet_r50_fpn_1x_coco``) have ``neck.X``, a list of necks (``libra-faster-rcnn_r50_fpn_1x_coco``,
+PAFPN + BFP, ``libra-retinanet_r50_fpn_1x_coco``) has ``neck.0.X`` / ``neck.1.X``; RetinaNet's head
+is ``bbox_head.*``.
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from torch import nn
 
 from conftest import TinyBackbone
 from libra.mmdet_checkpoint import convert_mmdet_state_dict, load_mmdet_checkpoint
-from libra.presets import build_model
+from libra.presets import PRESETS, build_model
 
 NUM_CLASSES = 5
 # A named ResNet keeps the backbone.* key names; one block per stage and 32-channel neck / heads keep it cheap.
-SMALL = {"backbone": "resnet50", "stage_blocks": (1, 1, 1, 1), "fpn_channels": 32, "fc_channels": 32}
+SMALL = {"backbone": "resnet50", "stage_blocks": (1, 1, 1, 1), "fpn_channels": 32}
+# the head width key of each detector's presets
+HEAD_CHANNELS = {"faster_rcnn": {"fc_channels": 32}, "retinanet": {"head_channels": 32}}
 
 # layout id -> (preset, overrides, MMDetection holds ONE neck, i.e. without a Sequential index)
 LAYOUTS = {
@@ -32,22 +35,30 @@ LAYOUTS = {
     "4conv1fc_gn": ("faster_rcnn_r50_fpn", {"box_head": "4conv1fc"}, True),
     "libra_4conv1fc_gn": ("libra_faster_rcnn_r50_fpn", {"box_head": "4conv1fc"}, False),
     "libra_conv_refine": ("libra_faster_rcnn_r50_fpn", {"refine_type": "conv"}, False),
+    "retinanet_r50_fpn": ("retinanet_r50_fpn", {}, True),
+    "libra_retinanet_r50_fpn": ("libra_retinanet_r50_fpn", {}, False),
 }
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
+def head_channels(preset: str) -> dict[str, int]:
+    return HEAD_CHANNELS[PRESETS[preset]["detector"]]
+
+
 def small(layout: str, seed: int = 0, **extra) -> nn.Module:
     preset, overrides, _ = LAYOUTS[layout]
     torch.manual_seed(seed)
     # score_thr 0: random weights still give detections to compare.
-    return build_model(preset, NUM_CLASSES, score_thr=0.0, **{**SMALL, **overrides, **extra})
+    return build_model(preset, NUM_CLASSES, score_thr=0.0, **{**SMALL, **head_channels(preset), **overrides, **extra})
 
 
 def tiny(preset: str, num_classes: int = NUM_CLASSES, **overrides) -> nn.Module:
     torch.manual_seed(0)
-    return build_model(preset, num_classes, backbone=TinyBackbone((8, 8, 8, 8)), fpn_channels=32, fc_channels=32, **overrides)
+    return build_model(
+        preset, num_classes, backbone=TinyBackbone((8, 8, 8, 8)), fpn_channels=32, **head_channels(preset), **overrides
+    )
 
 
 # ------------------------------------------------------------------ inverse mapping (test side)
@@ -55,6 +66,9 @@ def to_mmdet_key(key: str, single_neck: bool) -> str:
     """This project's key -> MMDetection's (released v2/v3 checkpoints)."""
     key = re.sub(r"^rpn\.head\.", "rpn_head.", key)
     key = re.sub(r"^roi_head\.box_head\.", "roi_head.bbox_head.", key)
+    # RetinaNet: the predictor is bbox_head; its tower convs are ConvModules, retina_cls/reg plain convs.
+    key = re.sub(r"^dense_head\.head\.((cls|reg)_convs\.\d+)\.(weight|bias)$", r"bbox_head.\1.conv.\3", key)
+    key = re.sub(r"^dense_head\.head\.", "bbox_head.", key)
     # ConvModule wrappers (no norm) of FPN / PAFPN and of the non-local refiner's 1x1 convs.
     key = re.sub(r"^(neck\.0\.(lateral|fpn|downsample|pafpn)_convs\.\d+)\.(weight|bias)$", r"\1.conv.\3", key)
     key = re.sub(r"^(neck\.1\.refine\.(g|theta|phi|conv_out))\.(weight|bias)$", r"\1.conv.\3", key)
@@ -135,17 +149,47 @@ EXPECTED_KEYS = {
         "neck.1.refine.conv.weight": (32, 32, 3, 3),
         "neck.1.refine.conv.bias": (32,),
     },
+    # retinanet_r50_fpn_1x_coco: FPN from C3 (3 laterals), fpn_convs.3 on C5 (P6) and .4 on P6 (P7)
+    "retinanet_r50_fpn": {
+        "neck.lateral_convs.0.conv.weight": (32, 512, 1, 1),
+        "neck.lateral_convs.2.conv.weight": (32, 2048, 1, 1),
+        "neck.fpn_convs.2.conv.bias": (32,),
+        "neck.fpn_convs.3.conv.weight": (32, 2048, 3, 3),
+        "neck.fpn_convs.4.conv.weight": (32, 32, 3, 3),
+        "neck.fpn_convs.4.conv.bias": (32,),
+    },
+    "libra_retinanet_r50_fpn": {
+        "neck.0.lateral_convs.2.conv.weight": (32, 2048, 1, 1),
+        "neck.0.fpn_convs.3.conv.weight": (32, 2048, 3, 3),
+        "neck.0.fpn_convs.4.conv.bias": (32,),
+        "neck.1.refine.theta.conv.weight": (32, 32, 1, 1),
+        "neck.1.refine.conv_out.conv.bias": (32,),
+    },
 }
-COMMON_KEYS = {
+BACKBONE_KEYS = {
     "backbone.conv1.weight": (64, 3, 7, 7),
     "backbone.bn1.running_var": (64,),
     "backbone.layer1.0.downsample.1.running_var": (256,),
     "backbone.layer4.0.conv2.weight": (512, 512, 3, 3),
-    "rpn_head.rpn_conv.weight": (256, 32, 3, 3),  # the RPN's 256 feature channels
-    "rpn_head.rpn_cls.weight": (3, 256, 1, 1),
-    "rpn_head.rpn_reg.weight": (12, 256, 1, 1),
-    "roi_head.bbox_head.fc_cls.weight": (NUM_CLASSES + 1, 32),
-    "roi_head.bbox_head.fc_reg.weight": (4 * NUM_CLASSES, 32),
+}
+HEAD_KEYS = {
+    "faster_rcnn": {
+        "rpn_head.rpn_conv.weight": (256, 32, 3, 3),  # the RPN's 256 feature channels
+        "rpn_head.rpn_cls.weight": (3, 256, 1, 1),
+        "rpn_head.rpn_reg.weight": (12, 256, 1, 1),
+        "roi_head.bbox_head.fc_cls.weight": (NUM_CLASSES + 1, 32),
+        "roi_head.bbox_head.fc_reg.weight": (4 * NUM_CLASSES, 32),
+    },
+    "retinanet": {
+        "bbox_head.cls_convs.0.conv.weight": (32, 32, 3, 3),
+        "bbox_head.cls_convs.3.conv.bias": (32,),
+        "bbox_head.reg_convs.0.conv.weight": (32, 32, 3, 3),
+        "bbox_head.reg_convs.3.conv.bias": (32,),
+        "bbox_head.retina_cls.weight": (9 * NUM_CLASSES, 32, 3, 3),  # A * C, no background
+        "bbox_head.retina_cls.bias": (9 * NUM_CLASSES,),
+        "bbox_head.retina_reg.weight": (9 * 4, 32, 3, 3),
+        "bbox_head.retina_reg.bias": (36,),
+    },
 }
 ABSENT_KEYS = {
     "faster_rcnn_r50_fpn": ["neck.0.", "neck.1.", "neck.downsample_convs.", "roi_head.bbox_head.shared_convs."],
@@ -155,13 +199,17 @@ ABSENT_KEYS = {
     "4conv1fc_gn": ["neck.0.", "roi_head.bbox_head.shared_convs.0.conv.bias", "roi_head.bbox_head.shared_fcs.1."],
     "libra_4conv1fc_gn": ["neck.lateral_convs.", "roi_head.bbox_head.shared_convs.1.conv.bias"],
     "libra_conv_refine": ["neck.1.refine.theta.", "neck.1.refine.conv.conv."],
+    "retinanet_r50_fpn": ["neck.0.", "neck.lateral_convs.3.", "neck.fpn_convs.5.", "rpn_head.", "roi_head.",
+                          "bbox_head.retina_cls.conv.", "bbox_head.cls_convs.4."],
+    "libra_retinanet_r50_fpn": ["neck.lateral_convs.", "neck.0.lateral_convs.3.", "rpn_head.", "bbox_head.retina_reg.conv."],
 }
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_fake_checkpoint_has_the_released_key_layout(layout):
     state = fake_for(layout, small(layout))
-    for key, shape in {**COMMON_KEYS, **EXPECTED_KEYS[layout]}.items():
+    detector = PRESETS[LAYOUTS[layout][0]]["detector"]
+    for key, shape in {**BACKBONE_KEYS, **HEAD_KEYS[detector], **EXPECTED_KEYS[layout]}.items():
         assert key in state, key
         assert tuple(state[key].shape) == shape, key
     for prefix in ABSENT_KEYS[layout]:
@@ -216,6 +264,12 @@ def test_loaded_model_detects_like_its_own_state_dict(loaded):
         ("rpn_head.rpn_reg.bias", "rpn.head.rpn_reg.bias"),
         ("roi_head.bbox_head.shared_convs.1.conv.weight", "roi_head.box_head.shared_convs.1.conv.weight"),
         ("roi_head.bbox_head.shared_convs.1.gn.bias", "roi_head.box_head.shared_convs.1.gn.bias"),
+        # RetinaNet
+        ("neck.fpn_convs.4.conv.weight", "neck.0.fpn_convs.4.weight"),
+        ("bbox_head.cls_convs.2.conv.weight", "dense_head.head.cls_convs.2.weight"),
+        ("bbox_head.reg_convs.0.conv.bias", "dense_head.head.reg_convs.0.bias"),
+        ("bbox_head.retina_cls.bias", "dense_head.head.retina_cls.bias"),
+        ("bbox_head.retina_reg.weight", "dense_head.head.retina_reg.weight"),
         # unknown to every rule: kept (and then reported by the loader)
         ("neck.lateral_convs.0.gn.weight", "neck.0.lateral_convs.0.gn.weight"),
         ("roi_head.mask_head.convs.0.conv.weight", "roi_head.mask_head.convs.0.conv.weight"),
@@ -234,6 +288,8 @@ def test_single_neck_key_renames(mmdet_key, libra_key):
         ("neck.1.refine.conv_out.conv.bias", "neck.1.refine.conv_out.bias"),
         ("neck.1.refine.conv.weight", "neck.1.refine.conv.weight"),
         ("roi_head.bbox_head.fc_cls.weight", "roi_head.box_head.fc_cls.weight"),
+        ("neck.0.fpn_convs.3.conv.bias", "neck.0.fpn_convs.3.bias"),  # Libra RetinaNet's P6 conv
+        ("bbox_head.cls_convs.3.conv.weight", "dense_head.head.cls_convs.3.weight"),
     ],
 )
 def test_list_of_necks_key_renames(mmdet_key, libra_key):
@@ -354,6 +410,75 @@ def test_two_keys_onto_one_name_are_refused():
         load_mmdet_checkpoint(tiny("libra_faster_rcnn_r50_fpn"), state)
 
 
+# ------------------------------------------------------------------------------ RetinaNet
+def test_libra_retinanet_release_file_loads(tmp_path):
+    """A file named as the released one (``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``,
+    mmdet v2: ``meta`` + ``state_dict``) with its key layout loads into the matching preset."""
+    model = small("libra_retinanet_r50_fpn")
+    state = fake_for("libra_retinanet_r50_fpn", model)
+    path = tmp_path / "libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth"
+    torch.save({"meta": {"epoch": 12, "CLASSES": ["c"] * NUM_CLASSES}, "state_dict": state}, path)
+    load_mmdet_checkpoint(model, path)
+    assert torch.equal(model.dense_head.head.retina_cls.weight, state["bbox_head.retina_cls.weight"])
+    assert torch.equal(model.dense_head.head.cls_convs[2].bias, state["bbox_head.cls_convs.2.conv.bias"])
+    assert torch.equal(model.neck[0].fpn_convs[4].weight, state["neck.0.fpn_convs.4.conv.weight"])
+    assert torch.equal(model.neck[1].refine.conv_out.weight, state["neck.1.refine.conv_out.conv.weight"])
+
+
+@pytest.mark.parametrize(
+    "source, target, hint",
+    [
+        ("retinanet_r50_fpn", "faster_rcnn_r50_fpn", "build it with a retinanet preset (retinanet_r50_fpn, libra_retinanet_r50_fpn)"),
+        ("libra_faster_rcnn_r50_fpn", "libra_retinanet_r50_fpn", "build it with a faster_rcnn preset"),
+        ("libra_retinanet_r50_fpn", "retinanet_r50_fpn", "build the model with neck='bfp'"),
+        ("retinanet_r50_fpn", "libra_retinanet_r50_fpn", "build the model with neck='fpn'"),
+    ],
+)
+def test_retinanet_mismatches_raise_with_the_preset_to_use(source, target, hint):
+    state = fake_mmdet(tiny(source), single_neck=not source.startswith("libra"))
+    with pytest.raises(ValueError, match="does not match the model") as info:
+        load_mmdet_checkpoint(tiny(target), state)
+    assert hint in str(info.value)
+
+
+def test_retinanet_wrong_class_count_raises_with_num_classes_hint():
+    state = fake_mmdet(tiny("retinanet_r50_fpn"), single_neck=True)
+    with pytest.raises(
+        ValueError,
+        match=r"retina_cls\.weight: checkpoint \(45, 32, 3, 3\) vs model \(180, 32, 3, 3\).*"
+        r"5 classes \(9 anchors per location\), the model 20: build the model with num_classes=5",
+    ):
+        load_mmdet_checkpoint(tiny("retinanet_r50_fpn", num_classes=20), state)
+
+
 def test_not_a_dict_raises():
     with pytest.raises(ValueError, match="must be a dict"):
         load_mmdet_checkpoint(tiny("faster_rcnn_r50_fpn"), [1, 2])
+
+
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("faster_rcnn_r50_fpn", {}),
+        ("libra_faster_rcnn_r50_fpn", {}),
+        ("retinanet_r50_fpn", {}),
+        ("libra_retinanet_r50_fpn", {}),
+        ("libra_faster_rcnn_r101_fpn", {}),
+        ("libra_faster_rcnn_x101_64x4d_fpn", {}),
+    ],
+)
+def test_eval_guesses_the_preset_of_an_mmdet_checkpoint(preset, overrides):
+    """eval.py --checkpoint <mmdet .pth> without --model builds the preset the keys describe."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    eval_script = importlib.import_module("eval")
+    model = build_model(preset, 3, **overrides)
+    # the checkpoint's own key layout: the names the guesser reads are the same in both
+    state = {k.replace("dense_head.head.", "bbox_head.").replace("roi_head.box_head.", "roi_head.bbox_head."): v
+             for k, v in model.state_dict().items()}
+    if "neck.1.refine.g.weight" not in state:
+        state = {k.replace("neck.0.", "neck."): v for k, v in state.items()}
+    assert eval_script.guess_mmdet_preset(state) == preset

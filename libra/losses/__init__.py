@@ -2,7 +2,8 @@
 
 Regression losses are elementwise functions plus modules with
 ``forward(pred[N,4], target[N,4], weight, avg_factor) -> scalar``; classification
-losses take ``(logits[N,C+1], labels[N], weight[N], avg_factor)`` and return a scalar.
+losses take ``(logits[N,C+1], labels[N], weight[N], avg_factor)`` and return a scalar
+(the sigmoid focal loss of RetinaNet takes ``logits[..., C]`` without a background column).
 Each file depends on torch only.
 """
 from .balanced_l1_loss import BalancedL1Loss, balanced_l1_loss
@@ -18,6 +19,7 @@ from .basic import (
     weighted_sum,
 )
 from .bucketed_class_reweighting import BCRSigmoidCrossEntropyLoss, bcr_sigmoid_cross_entropy, bucketed_class_weights
+from .focal_loss import SigmoidFocalLoss, sigmoid_focal_loss
 from .lgr_cross_entropy_loss import LGRCrossEntropyLoss, lgr_ce_sample_weight, lgr_cross_entropy
 from .lgr_l1_loss import LGRL1Loss, lgr_l1_loss
 
@@ -29,6 +31,8 @@ __all__ = [
     "LGRCrossEntropyLoss",
     "lgr_cross_entropy",
     "lgr_ce_sample_weight",
+    "SigmoidFocalLoss",
+    "sigmoid_focal_loss",
     "BCRSigmoidCrossEntropyLoss",
     "bcr_sigmoid_cross_entropy",
     "bucketed_class_weights",
