@@ -3,7 +3,9 @@
 RoIAlign (Mask R-CNN) averages ``sampling_grid_h x sampling_grid_w`` bilinear samples
 inside each of the ``pooled_height x pooled_width`` bins of a RoI. Libra R-CNN pools
 7x7 features from the FPN level of each RoI with ``sampling_ratio=0`` (adaptive grid,
-``ceil(roi_size / pooled_size)`` samples per bin) and ``aligned=True`` (SPEC.md).
+``ceil(roi_size / pooled_size)`` samples per bin) and ``aligned=True`` (MMDetection
+``faster-rcnn_r50_fpn_1x_coco``: ``roi_layer=dict(type='RoIAlign', output_size=7, sampling_ratio=0)``,
+mmcv's default ``aligned=True``).
 
 Any ``sampling_ratio <= 0`` is adaptive (torchvision's default is -1). The adaptive grid
 is capped at ``MAX_ADAPTIVE_SAMPLING_GRID`` samples per bin side, like the kernels in
