@@ -235,6 +235,14 @@ _CHOICES = {
 }
 
 
+# Widths and counts: a zero or negative value would fail deep inside a module with a raw error.
+_POSITIVE_INTS = (
+    "fpn_channels", "fpn_num_outs", "fc_channels", "head_channels", "head_stacked_convs", "num_bins",
+    "rpn_batch_size", "roi_batch_size", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
+    "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "pre_nms_top_n_test", "max_per_img",
+)
+
+
 def available_presets() -> list[str]:
     """Names accepted by :func:`build_model`."""
     return sorted(PRESETS)
@@ -259,6 +267,10 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
     for key, choices in _CHOICES.items():
         if key in config and config[key] not in choices:
             raise ValueError(f"{key}={config[key]!r} is not supported; choose one of {list(choices)}")
+    for key in _POSITIVE_INTS:
+        value = config.get(key)
+        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{key} must be a positive integer (a width or a count), got {value!r}")
     return config
 
 

@@ -261,3 +261,12 @@ def test_load_mmdet_checkpoint_errors(libra_r50):
 
     with pytest.raises(ValueError, match="must be a dict"):
         load_mmdet_checkpoint(libra_r50, [1, 2])
+
+
+@pytest.mark.parametrize("override", [{"fpn_channels": 0}, {"fc_channels": -4}, {"rpn_pre_nms_top_n_train": -1},
+                                      {"roi_batch_size": 2.5}, {"max_per_img": True}])
+def test_non_positive_widths_and_counts_are_refused_before_building(override):
+    """From Python too, not only the command line: a zero width would fail deep inside a module."""
+    key = next(iter(override))
+    with pytest.raises(ValueError, match=f"{key} must be a positive integer"):
+        build_model("libra_faster_rcnn_r50_fpn", 3, **override)
