@@ -76,6 +76,24 @@ class DeltaXYWHBoxCoder:
             [(d - mean) / std for d, mean, std in zip(deltas, self.means, self.stds)], dim=-1
         )
 
+    def encode_matched(self, boxes: Tensor, gt_boxes: Tensor, gt_index: Tensor, keep: Tensor) -> Tensor:
+        """Regression targets of assigned boxes: ``boxes[i] -> gt_boxes[gt_index[i]]`` where ``keep[i]``.
+
+        Args:
+            boxes: ``[N, 4]`` anchors or RoIs.
+            gt_boxes: ``[G, 4]`` ground truth (G may be 0).
+            gt_index: ``[N]`` int64 index into ``gt_boxes``; any value where ``keep`` is False.
+            keep: ``[N]`` bool, the rows that get targets (the positives).
+
+        Returns:
+            ``[N, 4]``; rows not kept (and every row when G = 0) are zero. Those rows may pair a box
+            with an unrelated gt and give inf deltas; zeroing them keeps a 0 weight from meeting an inf.
+        """
+        if gt_boxes.shape[0] == 0:
+            return torch.zeros_like(boxes)
+        encoded = self.encode(boxes, gt_boxes[gt_index.clamp(min=0)])
+        return torch.where(keep[:, None], encoded, torch.zeros_like(encoded))
+
     def decode(
         self, boxes: Tensor, deltas: Tensor, max_shape: tuple[int, int] | None = None
     ) -> Tensor:

@@ -95,3 +95,15 @@ def test_decode_broadcasts_over_classes():
 def test_coder_rejects_bad_stds():
     with pytest.raises(ValueError):
         DeltaXYWHBoxCoder(stds=(0.1, 0.1, 0.0, 0.2))
+
+
+def test_encode_matched_targets_only_the_kept_rows():
+    coder = DeltaXYWHBoxCoder(stds=(0.1, 0.1, 0.2, 0.2))
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 15.0, 25.0], [0.0, 0.0, 4.0, 4.0]])
+    gts = torch.tensor([[1.0, 1.0, 11.0, 12.0], [0.0, 0.0, 0.0, 0.0]])  # gt 1 is degenerate: inf deltas
+    index = torch.tensor([0, -1, 1])
+    keep = torch.tensor([True, False, False])
+    targets = coder.encode_matched(boxes, gts, index, keep)
+    torch.testing.assert_close(targets[0], coder.encode(boxes[:1], gts[:1])[0])
+    assert (targets[1:] == 0).all() and torch.isfinite(targets).all()
+    assert (coder.encode_matched(boxes, gts[:0], index, keep) == 0).all()  # no gt: all zero

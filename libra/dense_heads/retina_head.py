@@ -282,15 +282,7 @@ class RetinaNetDenseHead(nn.Module):
             # No sampler: negatives (0) and positives count; ignored and invalid anchors (-1) do not.
             counted.append((assignment.gt_inds >= 0).to(cls_logits.dtype))
             labels.append(torch.where(positive, assignment.labels, torch.full_like(assignment.labels, background)))
-            if gt_boxes.shape[0] > 0:
-                matched = gt_boxes[(assignment.gt_inds - 1).clamp(min=0)]  # [N, 4]
-                encoded = self.box_coder.encode(anchors, matched)
-                # Non-positive rows may pair an anchor with an unrelated gt; zero them so that a
-                # 0 weight never meets an inf.
-                encoded = torch.where(positive[:, None], encoded, torch.zeros_like(encoded))
-            else:
-                encoded = torch.zeros_like(anchors)
-            delta_targets.append(encoded)
+            delta_targets.append(self.box_coder.encode_matched(anchors, gt_boxes, assignment.gt_inds - 1, positive))
             positives.append(positive.to(cls_logits.dtype))
             num_positives.append(positive.sum().clamp(min=1))  # MMDetection v2: max(#pos, 1) per image
 

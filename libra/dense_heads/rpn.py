@@ -312,14 +312,7 @@ class RegionProposalNetwork(nn.Module):
                 generator=self.generator,
                 **self.neg_sampler_kwargs,
             )
-            if gt_boxes.shape[0] > 0:
-                matched = gt_boxes[(assignment.gt_inds - 1).clamp(min=0)]  # [N, 4]
-                encoded = self.box_coder.encode(anchors, matched)
-                # Non-positive rows may pair an anchor with an unrelated gt; zero them so that a
-                # 0 weight never meets an inf.
-                encoded = torch.where(positive[:, None], encoded, torch.zeros_like(encoded))
-            else:
-                encoded = torch.zeros_like(anchors)
+            encoded = self.box_coder.encode_matched(anchors, gt_boxes, assignment.gt_inds - 1, positive)
             objectness_targets.append(positive.to(logits.dtype))
             sampled_masks.append((positive | negative).to(logits.dtype))
             positive_masks.append(positive.to(logits.dtype))

@@ -206,12 +206,7 @@ class RoIHead(nn.Module):
             slot_boxes = candidates[slots]
 
             slot_gt = torch.where(slot_positive, gt_inds[slots] - 1, torch.full_like(gt_inds[slots], -1))
-            if num_gts > 0:
-                matched = gt_boxes[slot_gt.clamp(min=0)]
-                encoded = self.box_coder.encode(slot_boxes, matched)
-                encoded = torch.where(slot_positive[:, None], encoded, torch.zeros_like(encoded))
-            else:
-                encoded = torch.zeros_like(slot_boxes)
+            encoded = self.box_coder.encode_matched(slot_boxes, gt_boxes, slot_gt, slot_positive)
             background = torch.full_like(assigned_labels[slots], self.num_classes)
             rois.append(slot_boxes)
             labels.append(torch.where(slot_positive, assigned_labels[slots], background))
