@@ -3,7 +3,8 @@
 The dataset says how its benchmark is scored (``'coco'``, ``'lvis'`` federated, ``'voc'``) and
 hands over its ground truth as a pycocotools ``COCO`` object; the model says what it outputs
 (``iou_types``: ``'bbox'`` for detections, ``'proposal'`` for proposals; ``'segm'`` joins with
-masks), as torchvision's detection references choose the evaluator with ``_get_iou_types``.
+masks: ``("bbox", "segm")`` evaluates both, mask metrics prefixed ``segm_``), as torchvision's
+detection references choose the evaluator with ``_get_iou_types``.
 """
 
 from __future__ import annotations
@@ -32,7 +33,9 @@ def build_evaluator(
         protocol: ``'coco'`` (COCOeval), ``'lvis'`` (federated COCOeval) or ``'voc'`` (mAP@0.5).
         coco_gt: the ground truth as a pycocotools ``COCO`` (or a JSON path or dict).
         label_to_cat_id: contiguous label -> category id.
-        iou_types: ``("bbox",)`` or ``("proposal",)`` (proposal recall AR@100/300/1000, any protocol).
+        iou_types: ``("bbox",)``; ``("bbox", "segm")`` (COCO / LVIS: box and mask AP, the
+            detections carry ``masks`` [D, H0, W0] bool; the ground truth needs segmentations);
+            or ``("proposal",)`` (proposal recall AR@100/300/1000, any protocol).
         class_names: C names (VOC's per-class table).
         verbose: print the evaluator's table.
     """

@@ -1,4 +1,4 @@
-"""LVIS v1 box AP with the federated rules, built on pycocotools' COCOeval.
+"""LVIS v1 box and mask AP with the federated rules, built on pycocotools' COCOeval.
 
 Method (how it relates to the official ``lvis`` API, ``LVISEval``):
   1. Detections: at most ``max_dets_per_image`` (300) per image over all categories, highest
@@ -14,6 +14,10 @@ Method (how it relates to the official ``lvis`` API, ``LVISEval``):
   4. COCOeval then runs with ``maxDets=[300]`` and the usual IoU thresholds 0.5:0.95, 101
      recall points and area ranges. AP = mean over categories with gts (precision > -1);
      APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f'.
+  5. Masks (``"segm"`` in ``iou_types``): the same steps with mask IoU (COCOeval
+     ``iouType='segm'``) on RLEs of the detections' ``masks`` [D, H0, W0] bool; the same top-300
+     detections per image are kept for boxes and masks. Mask metrics are named with the prefix
+     ``segm_`` (``segm_AP``, ..., ``segm_APr``); box metrics keep their names.
 The ``lvis`` package is not a dependency, so agreement with it is by construction of the
 rules above, not checked in the tests. Metrics are fractions in [0, 1] (-1 when undefined,
 e.g. APr when no rare category has a gt in the evaluated images).
@@ -31,7 +35,15 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from .coco_evaluator import COCOEvaluator, as_coco_api, check_iou_types, detections_to_coco_results
+from .coco_evaluator import (
+    METRIC_PREFIXES,
+    COCOEvaluator,
+    as_coco_api,
+    check_iou_types,
+    check_segm_ground_truth,
+    detections_to_coco_results,
+    detections_to_segm_results,
+)
 
 LVIS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl", "APr", "APc", "APf")
 
@@ -39,8 +51,8 @@ LVIS_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl",
 class FederatedCOCOeval(COCOeval):
     """COCOeval whose unmatched detections of not-exhaustive (image, category) pairs are ignored."""
 
-    def __init__(self, coco_gt: COCO, coco_dt: COCO, not_exhaustive: Mapping[int, set[int]]) -> None:
-        super().__init__(coco_gt, coco_dt, iouType="bbox")
+    def __init__(self, coco_gt: COCO, coco_dt: COCO, not_exhaustive: Mapping[int, set[int]], iou_type: str = "bbox") -> None:
+        super().__init__(coco_gt, coco_dt, iouType=iou_type)
         self.not_exhaustive = not_exhaustive
 
     def evaluateImg(self, imgId, catId, aRng, maxDet):  # noqa: N802 (pycocotools' name)
@@ -53,7 +65,8 @@ class FederatedCOCOeval(COCOeval):
 
 
 class LVISEvaluator(COCOEvaluator):
-    """Federated LVIS box AP (AP, AP50, AP75, APs, APm, APl, APr, APc, APf).
+    """Federated LVIS box AP (AP, AP50, AP75, APs, APm, APl, APr, APc, APf) and, with ``"segm"``,
+    mask AP (``segm_AP``, ..., ``segm_APf``).
 
     Collects results like `COCOEvaluator` (``reset``, ``state_dict``, ``merge``, ``results``
     are inherited); ``update`` keeps the top ``max_dets_per_image`` per image and ``evaluate``
@@ -63,6 +76,7 @@ class LVISEvaluator(COCOEvaluator):
         lvis_gt: LVIS ground truth (a pycocotools ``COCO`` over the LVIS JSON, a JSON
             path or a dict); images need ``neg_category_ids`` / ``not_exhaustive_category_ids``.
         label_to_cat_id: contiguous label -> LVIS category id.
+        iou_types: ``("bbox",)``, ``("bbox", "segm")`` or ``("segm",)``.
         max_dets_per_image: 300 for LVIS.
     """
 
@@ -74,14 +88,17 @@ class LVISEvaluator(COCOEvaluator):
         max_dets_per_image: int = 300,
         verbose: bool = True,
     ) -> None:
-        self.iou_types = check_iou_types(iou_types, ("bbox",), type(self).__name__)
+        self.iou_types = check_iou_types(iou_types, ("bbox", "segm"), type(self).__name__)
         self.lvis_gt = as_coco_api(lvis_gt)
+        check_segm_ground_truth(self.lvis_gt, self.iou_types, type(self).__name__)
         self.label_to_cat_id = [int(c) for c in label_to_cat_id]
         self.max_dets_per_image = int(max_dets_per_image)
         self.verbose = verbose
         self.image_ids: list[int] = []
-        self.detections: list[dict] = []
-        self.coco_eval: FederatedCOCOeval | None = None
+        self.detections: list[dict] = []  # bbox results
+        self.segm_detections: list[dict] = []  # segm results (RLE)
+        self.coco_eval: FederatedCOCOeval | None = None  # of the last IoU type evaluated
+        self.coco_evals: dict[str, FederatedCOCOeval] = {}
         # Federated sets per image.
         self.pos_cats: dict[int, set[int]] = defaultdict(set)
         for ann in self.lvis_gt.dataset["annotations"]:
@@ -91,6 +108,10 @@ class LVISEvaluator(COCOEvaluator):
             int(i): set(int(c) for c in info.get("not_exhaustive_category_ids", [])) for i, info in self.lvis_gt.imgs.items()
         }
 
+    @property
+    def coco_gt(self) -> COCO:  # the ground truth under COCOEvaluator's name (used by its helpers)
+        return self.lvis_gt
+
     def update(self, image_ids: Iterable[int], detections: Sequence[Mapping]) -> None:
         image_ids = [int(i) for i in image_ids]
         if len(image_ids) != len(detections):
@@ -99,33 +120,49 @@ class LVISEvaluator(COCOEvaluator):
             if image_id not in self.lvis_gt.imgs:
                 raise ValueError(f"image id {image_id} is not in the LVIS ground truth")
             results = detections_to_coco_results(image_id, det, self.label_to_cat_id)
-            results.sort(key=lambda r: -r["score"])
+            # The top max_dets_per_image by (rounded) score, stable: the same rows for boxes and masks.
+            order = sorted(range(len(results)), key=lambda i: -results[i]["score"])[: self.max_dets_per_image]
             self.image_ids.append(image_id)
-            self.detections.extend(results[: self.max_dets_per_image])
+            if "bbox" in self.iou_types:
+                self.detections.extend(results[i] for i in order)
+            if "segm" in self.iou_types:
+                self.segm_detections.extend(
+                    detections_to_segm_results(image_id, det, self.label_to_cat_id, self._image_size(image_id), keep=order)
+                )
 
-    def federated_detections(self) -> list[dict]:
+    def federated_detections(self, iou_type: str = "bbox") -> list[dict]:
         """Detections whose category is in the image's positive or negative set (step 2)."""
         return [
-            d for d in self.detections
+            d for d in (self.detections if iou_type == "bbox" else self.segm_detections)
             if d["category_id"] in self.pos_cats.get(d["image_id"], ()) or d["category_id"] in self.neg_cats.get(d["image_id"], ())
         ]
 
     def evaluate(self) -> dict[str, float]:
+        """Federated metrics of every IoU type: ``AP ... APf`` (boxes), ``segm_AP ... segm_APf`` (masks)."""
         image_ids = sorted(set(self.image_ids)) or sorted(self.lvis_gt.getImgIds())
-        detections = self.federated_detections()
+        metrics: dict[str, float] = {}
+        self.coco_evals = {}
+        for iou_type in self.iou_types:
+            prefix = METRIC_PREFIXES[iou_type]
+            metrics.update({prefix + k: v for k, v in self._evaluate_federated(iou_type, image_ids).items()})
+        return metrics
+
+    def _evaluate_federated(self, iou_type: str, image_ids: Sequence[int]) -> dict[str, float]:
+        detections = [dict(d) for d in self.federated_detections(iou_type)]  # loadRes adds keys: copies
         if not detections:
             if self.verbose:
-                print("LVISEvaluator: no detections (after federated filtering); every AP is 0")
+                kind = "mask " if iou_type == "segm" else ""
+                print(f"LVISEvaluator: no {kind}detections (after federated filtering); every {METRIC_PREFIXES[iou_type]}AP is 0")
             return {k: 0.0 for k in LVIS_METRIC_NAMES}
         with contextlib.redirect_stdout(io.StringIO()):
             lvis_dt = self.lvis_gt.loadRes(detections)
-        coco_eval = FederatedCOCOeval(self.lvis_gt, lvis_dt, self.not_exhaustive)
-        coco_eval.params.imgIds = image_ids
+        coco_eval = FederatedCOCOeval(self.lvis_gt, lvis_dt, self.not_exhaustive, iou_type=iou_type)
+        coco_eval.params.imgIds = list(image_ids)
         coco_eval.params.maxDets = [self.max_dets_per_image]
         with contextlib.redirect_stdout(io.StringIO()):
             coco_eval.evaluate()
             coco_eval.accumulate()
-        self.coco_eval = coco_eval
+        self.coco_eval = self.coco_evals[iou_type] = coco_eval
         precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
         cat_ids = list(coco_eval.params.catIds)
 
@@ -146,5 +183,5 @@ class LVISEvaluator(COCOEvaluator):
             ks = [k for k, c in enumerate(cat_ids) if self.lvis_gt.cats[c].get("frequency") == group]
             out[f"AP{group}"] = mean_ap(precision[:, :, ks, 0, -1]) if ks else -1.0
         if self.verbose:
-            print("LVIS federated bbox: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            print(f"LVIS federated {iou_type}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
