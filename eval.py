@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from libra.data.proposals import top_proposals
 from libra.engine.builders import DataError, build_dataset, build_eval_loader
 from libra.engine.checkpoint import (
     CheckpointError,
@@ -36,7 +37,15 @@ from libra.engine.checkpoint import (
     load_checkpoint_file,
     load_model_state,
 )
-from libra.engine.cli import add_data_arguments, add_model_arguments, apply_recipe, build_detector, data_settings, one_line
+from libra.engine.cli import (
+    add_data_arguments,
+    add_model_arguments,
+    apply_recipe,
+    build_detector,
+    check_proposals_flags,
+    data_settings,
+    one_line,
+)
 from libra.engine.distributed import DistributedContext, launch
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.trainer import autocast_context
@@ -60,6 +69,16 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--workers", type=int, default=2)
     add_model_arguments(parser, model_default=None)
     parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
+    parser.add_argument(
+        "--save-proposals", nargs="?", const="auto", default=None, metavar="FILE",
+        help="also write the top --proposals-per-image proposals of every image (Fast R-CNN input, format in "
+        "libra/data/proposals.py); no value: proposals_<split>.pt in --work-dir. Implies --proposals",
+    )
+    parser.add_argument("--proposals-per-image", type=int, default=1000, help="proposals kept per image by --save-proposals")
+    parser.add_argument(
+        "--split", choices=("train", "val"), default="val",
+        help="the split to run on (train: e.g. to save the training images' proposals; test transform either way)",
+    )
     parser.add_argument("--fps", action="store_true", help="measure inference images/s (batch 1, after warm-up)")
     parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
@@ -89,9 +108,15 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
 
 def guess_mmdet_preset(state: dict) -> str:
     """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
-    RetinaNet), Libra (a second neck, the BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the
-    number of layer3 blocks, ResNeXt by its grouped 3x3 convs)."""
-    family = "retinanet" if any(k.startswith("bbox_head.retina_cls") for k in state) else "faster_rcnn"
+    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN; only ``rpn_head.*``: a standalone RPN;
+    only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the BFP: ``neck.1.*``) and backbone
+    (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its grouped 3x3 convs)."""
+    rpn = any(k.startswith("rpn_head.") for k in state)
+    roi = any(k.startswith("roi_head.") for k in state)
+    if any(k.startswith("bbox_head.retina_cls") for k in state):
+        family = "retinanet"
+    else:
+        family = "faster_rcnn" if rpn and roi else ("rpn" if rpn else "fast_rcnn")
     libra = any(k.startswith("neck.1.") for k in state)
     blocks = {k.split(".")[2] for k in state if k.startswith("backbone.layer3.")}
     conv2 = state.get("backbone.layer1.0.conv2.weight")
@@ -117,6 +142,14 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, d
         args.model = guess_mmdet_preset(checkpoint.get("state_dict", checkpoint))
     args.model = args.model or "libra_faster_rcnn_r50_fpn"
     apply_recipe(args)  # sizes, synthetic settings, backbone knobs and overrides not given or saved
+    if args.proposals_file is None and kind == "libra":
+        # A Fast R-CNN checkpoint names the proposals it was trained and evaluated on.
+        args.proposals_file = saved.get("val_proposals_file" if args.split == "val" else "proposals_file")
+    check_proposals_flags(args, [("proposals_file", "--proposals-file")])
+    if args.save_proposals:
+        args.proposals = True
+        if args.proposals_per_image < 1:
+            raise DataError(f"--proposals-per-image must be >= 1, got {args.proposals_per_image}")
     if args.work_dir is None:
         if args.checkpoint:
             args.work_dir = str(Path(args.checkpoint).resolve().parent / f"eval_{Path(args.checkpoint).stem}")
@@ -187,10 +220,12 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     if ctx.device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world_size))
     settings = data_settings(args)
-    dataset = build_dataset(settings, train=False)
+    dataset = build_dataset(settings, train=False, split=args.split, proposals_file=args.proposals_file)
     model = build_detector(args, dataset.num_classes)
     if args.proposals and not hasattr(model, "predict_proposals"):
-        raise CheckpointError(f"--proposals needs a model with an RPN; {args.model} is a one-stage detector")
+        raise CheckpointError(
+            f"--proposals / --save-proposals need a model with an RPN; {args.model} makes no proposals of its own"
+        )
     load_weights(model, kind, checkpoint, args, dataset.num_classes, dataset.class_names)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)
@@ -226,15 +261,67 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             )
             to_show["left"] -= 1
 
+    collected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def keep_proposals(images, targets, outputs):
+        for target, (boxes, scores) in zip(targets, top_proposals(outputs, args.proposals_per_image)):
+            collected[int(target["image_id"])] = (boxes, scores)
+
     loader = build_eval_loader(dataset, args.batch_size, args.workers, ctx.rank, ctx.world_size)
     tag = "proposals_" if args.proposals else ""
-    metrics = evaluate_model(
+    if args.split != "val":
+        tag = f"{args.split}_{tag}"
+    callback = keep_proposals if args.save_proposals else (on_batch if args.show and not args.proposals else None)
+    evaluate_model(
         model, dataset, loader, ctx, work_dir=work_dir, amp=args.amp, proposals=args.proposals,
-        progress=True, tag=tag, on_batch=on_batch if args.show and not args.proposals else None,
+        progress=True, tag=tag, on_batch=callback,
     )
     if ctx.is_main:
-        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f" and {work_dir / 'detections.json'}"), flush=True)
+        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f" and {work_dir / (tag + 'detections.json')}"), flush=True)
+    if args.save_proposals:
+        path = Path(args.save_proposals) if args.save_proposals != "auto" else work_dir / f"proposals_{args.split}.pt"
+        meta = {
+            "dataset": args.dataset, "split": args.split, "model": args.model,
+            "checkpoint": str(args.checkpoint or ""), "max_per_image": int(args.proposals_per_image),
+        }
+        total = write_proposals_file(collected, path, meta, ctx)
+        if ctx.is_main:
+            print(f"wrote {path}: {total} proposals of {len(dataset)} images (at most {args.proposals_per_image} each)", flush=True)
     return 0
+
+
+def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: DistributedContext) -> int:
+    """Gather every process's proposals and write them (rank 0, atomically); returns the proposal count.
+
+    Each process saves its share beside the target (``<file>.rank<r>``, atomically), rank 0 merges the
+    shares into one file and removes them: no process holds everybody's proposals in a collective.
+    """
+    from libra.data.proposals import ProposalSet, save_proposals
+    from libra.engine.checkpoint import atomic_save
+    from libra.engine.distributed import synchronize
+
+    if ctx.world_size == 1:
+        proposals = ProposalSet.from_images(collected, meta["max_per_image"], meta)
+        save_proposals(proposals, path)
+        return int(proposals.counts.sum())
+    shard = path.with_name(f"{path.name}.rank{ctx.rank}")
+    atomic_save(ProposalSet.from_images(collected, meta["max_per_image"]).to_dict(), shard)
+    synchronize()
+    total = 0
+    if ctx.is_main:
+        merged: dict = {}
+        shards = [path.with_name(f"{path.name}.rank{r}") for r in range(ctx.world_size)]
+        for name in shards:
+            part = torch.load(name, map_location="cpu", weights_only=True)
+            part = ProposalSet(part["image_ids"], part["counts"], part["boxes"], part["scores"])
+            merged.update({int(i): part.get(int(i)) for i in part.image_ids.tolist()})
+        proposals = ProposalSet.from_images(merged, meta["max_per_image"], meta)
+        save_proposals(proposals, path)
+        total = int(proposals.counts.sum())
+        for name in shards:
+            name.unlink(missing_ok=True)
+    synchronize()
+    return total
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,15 @@ from libra.engine.checkpoint import (
     load_model_state,
     remove_stale_temp_files,
 )
-from libra.engine.cli import add_data_arguments, add_model_arguments, apply_recipe, build_detector, data_settings, one_line
+from libra.engine.cli import (
+    add_data_arguments,
+    add_model_arguments,
+    apply_recipe,
+    build_detector,
+    check_proposals_flags,
+    data_settings,
+    one_line,
+)
 from libra.engine.distributed import (
     EXIT_INTERRUPTED,
     DistributedContext,
@@ -116,6 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--multi-scale", action="store_true", help="short side drawn from [640, 800] (paper 4.1.3)")
     data.add_argument("--repeat-factor-sampling", action="store_true", help="LVIS repeat-factor sampling (thr 0.001)")
     data.add_argument("--workers", type=int, default=None, help="data-loader processes per GPU")
+    data.add_argument(
+        "--val-proposals-file", default=None, metavar="FILE",
+        help="pre-computed proposals of the evaluation split (Fast R-CNN presets; eval.py --save-proposals)",
+    )
 
     model = add_model_arguments(parser, model_default="libra_faster_rcnn_r50_fpn")
     model.add_argument("--pretrained", default=None, help="torchvision ImageNet ResNet weights (.pth)")
@@ -161,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
     defaults = apply_recipe(args)
+    check_proposals_flags(args, [("proposals_file", "--proposals-file")] + (
+        [] if args.no_eval else [("val_proposals_file", "--val-proposals-file")]
+    ))
     for key in ("warmup_iters", "batch_size", "workers", "log_interval", "grad_clip", "optimizer", "keep_checkpoints"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
@@ -462,12 +477,12 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     # 1. Everything that can fail because of the input, before anything is written.
     settings = data_settings(args)
     if ctx.is_main or args.dataset != "synthetic":
-        train_set = build_dataset(settings, train=True)
+        train_set = build_dataset(settings, train=True, proposals_file=args.proposals_file)
     if ctx.distributed and args.dataset == "synthetic":
         torch.distributed.barrier()  # rank 0 generated the synthetic files; the others read them now
         if not ctx.is_main:
-            train_set = build_dataset(settings, train=True)
-    val_set = None if args.no_eval else build_dataset(settings, train=False)
+            train_set = build_dataset(settings, train=True, proposals_file=args.proposals_file)
+    val_set = None if args.no_eval else build_dataset(settings, train=False, proposals_file=args.val_proposals_file)
     class_names = tuple(getattr(train_set, "class_names", ()) or ()) or None
     checkpoint = None
     if args.resume:

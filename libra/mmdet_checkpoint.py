@@ -1,4 +1,5 @@
-"""Load released MMDetection v2/v3 detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet, Libra RetinaNet.
+"""Load released MMDetection v2/v3 detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet,
+Libra RetinaNet, the standalone RPN and Fast R-CNN.
 
 Key layouts are those of the MMDetection v2/v3 released checkpoints of the configs
 ``faster-rcnn_r50_fpn_1x_coco`` (v2: ``faster_rcnn_r50_fpn_1x_coco``),
@@ -7,7 +8,9 @@ Key layouts are those of the MMDetection v2/v3 released checkpoints of the confi
 ``Shared4Conv1FCBBoxHead`` (``norm_cfg=dict(type='GN', num_groups=32)``, as in
 ``gn/mask-rcnn_r50_fpn_gn-all_2x_coco``; the paper's "4conv-fc head with GN", Sec. 4.1.3), and of
 the one-stage ``retinanet_r50_fpn_1x_coco`` and ``libra-retinanet_r50_fpn_1x_coco`` (v2:
-``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``; paper Table 2).
+``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``; paper Table 2), of the proposal model
+``rpn_r50_fpn_1x_coco`` (``backbone.*``, single ``neck.*``, ``rpn_head.*``: the rules of Faster R-CNN's
+RPN) and of ``fast-rcnn_r50_fpn_1x_coco`` (no ``rpn_head.*``).
 
 This project always holds the neck as an ``nn.Sequential``: ``neck.0`` is the FPN or PAFPN,
 ``neck.1`` the balanced feature pyramid (BFP) when there is one. MMDetection indexes its neck
@@ -77,10 +80,13 @@ _PLAIN_CONVS = re.compile(
 )
 
 # What the head keys show the detector to be (this project's names), and presets that build it.
-_DETECTOR_PREFIXES = {"faster_rcnn": ("rpn.", "roi_head."), "retinanet": ("dense_head.",)}
+_HEAD_PREFIXES = {"rpn": "rpn.", "roi": "roi_head.", "dense": "dense_head."}
+_DETECTOR_OF_HEADS = {("roi", "rpn"): "faster_rcnn", ("rpn",): "rpn", ("roi",): "fast_rcnn", ("dense",): "retinanet"}
 _DETECTOR_PRESETS = {
     "faster_rcnn": "faster_rcnn_r50_fpn, libra_faster_rcnn_r50_fpn",
     "retinanet": "retinanet_r50_fpn, libra_retinanet_r50_fpn",
+    "rpn": "rpn_r50_fpn, libra_rpn_r50_fpn",
+    "fast_rcnn": "fast_rcnn_r50_fpn, libra_fast_rcnn_r50_fpn",
 }
 
 _SINGLE_NECK_KEY = re.compile(r"^neck\.(?!\d+\.)")  # neck.<name>.*: one neck, no Sequential index
@@ -159,9 +165,11 @@ def convert_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
 
 
 def _detector(keys: Mapping[str, object] | set[str]) -> str | None:
-    """``'faster_rcnn'`` or ``'retinanet'`` when this project's keys show exactly one of them, else None."""
-    found = [name for name, prefixes in _DETECTOR_PREFIXES.items() if any(key.startswith(prefixes) for key in keys)]
-    return found[0] if len(found) == 1 else None
+    """The detector this project's keys show: ``'faster_rcnn'`` (RPN and R-CNN heads), ``'rpn'``
+    (only the RPN's: a standalone proposal model), ``'fast_rcnn'`` (only the R-CNN's), ``'retinanet'``;
+    None when they show none or a mix."""
+    heads = tuple(sorted(name for name, prefix in _HEAD_PREFIXES.items() if any(key.startswith(prefix) for key in keys)))
+    return _DETECTOR_OF_HEADS.get(heads)
 
 
 def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:

@@ -19,10 +19,19 @@ their protocols are in the README):
   sampler, so IoU-balanced sampling does not apply (paper Sec. 4.1.3).
 - ``retinanet_r101_fpn``, ``retinanet_x101_64x4d_fpn``, ``libra_retinanet_r101_fpn``,
   ``libra_retinanet_x101_64x4d_fpn``.
+- ``rpn_r50_fpn`` (and ``rpn_r101_fpn``): the standalone proposal model, MMDetection
+  ``rpn_r50_fpn_1x_coco`` (paper Table 2): 2000 candidates per level before NMS, 1000 proposals.
+- ``libra_rpn_r50_fpn``: "Libra RPN" (Table 2); the paper gives no config, the choice (balanced
+  feature pyramid, negatives capped at 5 x positives, balanced L1 with beta 0.11) is argued at
+  ``_LIBRA_RPN`` below.
+- ``fast_rcnn_r50_fpn``, ``libra_fast_rcnn_r50_fpn``: the R-CNN stage alone on pre-computed
+  proposals (MMDetection ``fast-rcnn_r50_fpn_1x_coco`` / ``libra-fast-rcnn_r50_fpn_1x_coco``), the
+  protocol of the paper's ablations; ``TABLE3_ABLATION`` applied to ``fast_rcnn_r50_fpn`` is Table 3.
 
-A preset's ``detector`` (``'faster_rcnn'`` or ``'retinanet'``) says which composition
-:func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no ``rpn_*``,
-``roi_*``, sampler or box-head keys), and the detector itself cannot be overridden.
+A preset's ``detector`` (``'faster_rcnn'``, ``'retinanet'``, ``'rpn'`` or ``'fast_rcnn'``) says which
+composition :func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no
+``rpn_*``, ``roi_*``, sampler or box-head keys, a Fast R-CNN preset no ``rpn_*`` keys, an RPN preset
+only backbone, neck and ``rpn_*`` keys), and the detector itself cannot be overridden.
 
 Every component is a keyword override of :func:`build_model`, so the paper's ablation
 (Table 3) is a list of flags, see ``TABLE3_ABLATION``::
@@ -44,7 +53,8 @@ Overrides (any key of a preset dict):
 - ``box_loss``: ``'smooth_l1' | 'l1' | 'balanced_l1' | 'lgr_l1'`` with ``box_loss_alpha``,
   ``box_loss_gamma``, ``box_loss_beta`` and ``box_loss_weight`` (paper Table 6; alpha and gamma
   apply to balanced L1 / LGR-L1, beta to all but L1); ``rpn_box_loss`` and ``rpn_box_loss_beta``
-  for the RPN (``'l1'`` in every paper config).
+  (with ``rpn_box_loss_alpha``, ``rpn_box_loss_gamma``) for the RPN (``'l1'`` in every paper config
+  but Libra RPN's).
 - ``cls_loss``: ``'ce' | 'lgr_ce' | 'sigmoid_ce'`` with ``lgr_ce_alpha``, ``lgr_ce_gamma``; a sigmoid
   loss makes the test-time scores per-class sigmoids (paper Sec. 3.3.3).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
@@ -71,7 +81,7 @@ from libra.anchor_generator import AnchorGenerator
 from libra.backbone import build_resnet, load_pretrained
 from libra.dense_heads import RegionProposalNetwork, RetinaHead, RetinaNetDenseHead, RPNHead
 from libra.dense_heads.retina_head import RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES
-from libra.detectors import Detector, FasterRCNN, RetinaNet
+from libra.detectors import Detector, FastRCNN, FasterRCNN, ProposalNetwork, RetinaNet
 from libra.losses import (
     BalancedL1Loss,
     CrossEntropyLoss,
@@ -109,6 +119,8 @@ _BASELINE: dict[str, Any] = {
     "rpn_sampler": "random",
     "rpn_neg_pos_ub": -1,
     "rpn_box_loss": "l1",
+    "rpn_box_loss_alpha": 0.5,
+    "rpn_box_loss_gamma": 1.5,
     "rpn_box_loss_beta": 1.0,
     "rpn_pre_nms_top_n_train": 2000,
     "rpn_pre_nms_top_n_test": 1000,
@@ -188,6 +200,51 @@ _RETINANET: dict[str, Any] = {
 
 _LIBRA_RETINANET: dict[str, Any] = {**_RETINANET, "neck": "bfp", "box_loss": "balanced_l1"}
 
+# The standalone RPN (MMDetection rpn_r50_fpn_1x_coco): backbone + FPN + the RPN of Faster R-CNN,
+# trained alone; test_cfg.rpn nms_pre=2000 (per level), max_per_img=1000, nms 0.7. Only the keys a
+# proposal model reads (its proposals are not used in training, so there are no train top-n keys).
+_RPN_KEYS = (
+    "backbone", "frozen_stages", "backbone_norm", "width_per_group", "stage_blocks", "neck", "fpn_channels",
+    "fpn_start_level", "fpn_num_outs", "fpn_extra_levels", "refine_type", "refine_level", "ignore_iof_thr",
+    "rpn_batch_size", "rpn_sampler", "rpn_neg_pos_ub", "rpn_box_loss", "rpn_box_loss_alpha", "rpn_box_loss_gamma",
+    "rpn_box_loss_beta", "rpn_nms_thr", "num_bins", "floor_thr", "floor_fraction",
+)
+_RPN: dict[str, Any] = {
+    "detector": "rpn",
+    **{key: _BASELINE[key] for key in _RPN_KEYS},
+    "rpn_pre_nms_top_n_test": 2000,
+    "rpn_post_nms_top_n_test": 1000,
+}
+
+# "Libra RPN" (paper Table 2, AR@100 52.1 vs 42.5): the paper gives no config, so this preset applies
+# the balancing components that exist for an RPN, each as in the Libra configs of MMDetection:
+# - the balanced feature pyramid on the FPN (Sec. 3.2; libra-faster-rcnn neck[1], refined at P4);
+# - negatives capped at 5 x positives (libra-faster-rcnn train_cfg.rpn.sampler.neg_pos_ub=5): with
+#   few gts most of the 256 anchors per image are easy negatives;
+# - balanced L1 for the anchor regression (Sec. 3.3.1, alpha 0.5, gamma 1.5) with beta 0.11, the
+#   value libra-retinanet_r50_fpn_1x_coco uses for its anchor deltas, which like the RPN's are not
+#   normalised (stds 1; the R-CNN's beta 1.0 belongs to deltas divided by stds 0.1 / 0.2).
+# IoU-balanced sampling is left out: the RPN's negatives have IoU < 0.3 with every gt, below the
+# range the IoU bins split (paper Fig. 3 concerns R-CNN negatives); ``rpn_sampler='iou_balanced'``
+# turns it on. README "Standalone RPN" gives the synthetic-data measurements of each component.
+_LIBRA_RPN: dict[str, Any] = {
+    **_RPN,
+    "neck": "bfp",
+    "rpn_neg_pos_ub": 5,
+    "rpn_box_loss": "balanced_l1",
+    "rpn_box_loss_beta": 0.11,
+}
+
+# Fast R-CNN (MMDetection fast-rcnn_r50_fpn_1x_coco): the R-CNN stage of Faster R-CNN on
+# pre-computed proposals, the protocol of the paper's ablations (Sec. 4.1.4, Tables 3-7). All the
+# keys of the two-stage presets except the RPN's.
+_FAST_RCNN: dict[str, Any] = {
+    "detector": "fast_rcnn",
+    **{key: value for key, value in _BASELINE.items() if key != "detector" and not key.startswith("rpn_")},
+}
+# libra-fast-rcnn_r50_fpn_1x_coco: the Libra R-CNN components of the R-CNN stage.
+_LIBRA_FAST_RCNN: dict[str, Any] = {**_FAST_RCNN, "neck": "bfp", "sampler": "iou_balanced", "box_loss": "balanced_l1"}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn": dict(_BASELINE),
     "libra_faster_rcnn_r50_fpn": dict(_LIBRA),
@@ -201,12 +258,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "retinanet_x101_64x4d_fpn": {**_RETINANET, "backbone": "resnext101_64x4d"},
     "libra_retinanet_r101_fpn": {**_LIBRA_RETINANET, "backbone": "resnet101"},
     "libra_retinanet_x101_64x4d_fpn": {**_LIBRA_RETINANET, "backbone": "resnext101_64x4d"},
+    "rpn_r50_fpn": dict(_RPN),
+    "libra_rpn_r50_fpn": dict(_LIBRA_RPN),
+    "rpn_r101_fpn": {**_RPN, "backbone": "resnet101"},
+    "fast_rcnn_r50_fpn": dict(_FAST_RCNN),
+    "libra_fast_rcnn_r50_fpn": dict(_LIBRA_FAST_RCNN),
 }
 
 # The paper's Table 3 (ResNet-50 FPN, COCO val2017): each row adds one component to the baseline,
 # whose box loss is smooth L1 (beta 1): Table 6 lists "Baseline 35.9" apart from "L1 loss (1.0)
-# 36.4". The paper ran these rows as Fast R-CNN on the same pre-computed proposals (Sec. 4.1.4);
-# applied to the end-to-end ``faster_rcnn_r50_fpn`` they are the same components, not the same numbers.
+# 36.4". The paper ran these rows as Fast R-CNN on the same pre-computed proposals (Sec. 4.1.4):
+# apply them to ``fast_rcnn_r50_fpn`` with a proposals file for the paper's protocol; applied to the
+# end-to-end ``faster_rcnn_r50_fpn`` they are the same components, not the same numbers.
 TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ("baseline (35.9 AP)", {"box_loss": "smooth_l1"}),
     ("+ IoU-balanced sampling (36.8)", {"sampler": "iou_balanced", "box_loss": "smooth_l1"}),
@@ -219,7 +282,7 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 ]
 
 _CHOICES = {
-    "detector": ("faster_rcnn", "retinanet"),
+    "detector": ("faster_rcnn", "retinanet", "rpn", "fast_rcnn"),
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "rpn_sampler": ("random", "iou_balanced"),
@@ -284,7 +347,8 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
         **overrides: component switches and settings (module docstring).
 
     Returns:
-        A :class:`FasterRCNN` or :class:`RetinaNet` (the preset's ``detector``) in training mode.
+        A :class:`FasterRCNN`, :class:`RetinaNet`, :class:`ProposalNetwork` or :class:`FastRCNN` (the
+        preset's ``detector``) in training mode.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -295,24 +359,41 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
 
     channels = config["fpn_channels"]
     neck = _build_neck(config, list(backbone.out_channels), channels)
+    if config["detector"] == "fast_rcnn":
+        return FastRCNN(backbone, neck, _build_roi_head(config, num_classes, channels))
+    rpn = _build_rpn(config, channels)
+    if config["detector"] == "rpn":
+        return ProposalNetwork(backbone, neck, rpn, num_classes)
+    return FasterRCNN(backbone, neck, rpn, _build_roi_head(config, num_classes, channels))
+
+
+def _build_rpn(config: dict[str, Any], channels: int) -> RegionProposalNetwork:
     rpn_pos, rpn_neg, rpn_neg_kwargs = _samplers(config, config["rpn_sampler"], None, None)
-    rpn = RegionProposalNetwork(
+    box_loss = _box_loss(
+        config["rpn_box_loss"],
+        alpha=config["rpn_box_loss_alpha"],
+        gamma=config["rpn_box_loss_gamma"],
+        beta=config["rpn_box_loss_beta"],
+    )
+    # A standalone RPN has no train top-n keys (its training proposals are never computed).
+    train_top_n = {
+        f"{kind}_nms_top_n_train": config.get(f"rpn_{kind}_nms_top_n_train", default)
+        for kind, default in (("pre", 2000), ("post", 1000))
+    }
+    return RegionProposalNetwork(
         RPNHead(channels, num_anchors=3),
         batch_size_per_image=config["rpn_batch_size"],
         pos_sampler=rpn_pos,
         neg_sampler=rpn_neg,
         neg_sampler_kwargs=rpn_neg_kwargs,
         neg_pos_ub=config["rpn_neg_pos_ub"],
-        box_loss=_box_loss(config["rpn_box_loss"], beta=config["rpn_box_loss_beta"]),
-        pre_nms_top_n_train=config["rpn_pre_nms_top_n_train"],
+        box_loss=box_loss,
         pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
-        post_nms_top_n_train=config["rpn_post_nms_top_n_train"],
         post_nms_top_n_test=config["rpn_post_nms_top_n_test"],
         nms_thresh=config["rpn_nms_thr"],
         ignore_iof_thr=config["ignore_iof_thr"],
+        **train_top_n,
     )
-    roi_head = _build_roi_head(config, num_classes, channels)
-    return FasterRCNN(backbone, neck, rpn, roi_head)
 
 
 def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module:

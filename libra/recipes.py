@@ -111,6 +111,10 @@ DETECTOR_RECIPES: dict[str, dict[str, Any]] = {
     # for 16 images (half the two-stage lr), otherwise schedule_1x; VOC keeps its 0.01
     # (pascal_voc/retinanet_r50_fpn_1x_voc0712: lr=0.01).
     "retinanet": {"lr_per_16_images": 0.01},
+    # rpn_r50_fpn_1x_coco and fast-rcnn_r50_fpn_1x_coco: schedule_1x with lr 0.02 per 16 images, as
+    # Faster R-CNN.
+    "rpn": {},
+    "fast_rcnn": {},
 }
 
 # What a detector changes in one dataset's recipe, applied after both entries above.
@@ -126,6 +130,10 @@ DATASET_DETECTOR_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
             "rpn_post_nms_top_n_test": 300,
         },
     },
+    # Synthetic, standalone RPN: the preset's test settings (2000 per level, 1000 proposals) are
+    # kept, so that AR@1000 means what it means on COCO.
+    # Synthetic, Fast R-CNN: the two-stage entry's R-CNN sizes.
+    ("synthetic", "fast_rcnn"): {"overrides": {"fc_channels": 256, "roi_batch_size": 128}},
     # Synthetic, RetinaNet: the synthetic recipe's own AdamW lr 3e-4 used as is (the lr per 16
     # images of the entry above is an SGD lr for ImageNet-initialised COCO training, not scaled
     # here), and 128-channel towers to match the 128-channel FPN. 3e-4 was the best of 1e-4 / 3e-4

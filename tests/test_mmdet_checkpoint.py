@@ -476,9 +476,41 @@ def test_eval_guesses_the_preset_of_an_mmdet_checkpoint(preset, overrides):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     eval_script = importlib.import_module("eval")
     model = build_model(preset, 3, **overrides)
-    # the checkpoint's own key layout: the names the guesser reads are the same in both
-    state = {k.replace("dense_head.head.", "bbox_head.").replace("roi_head.box_head.", "roi_head.bbox_head."): v
-             for k, v in model.state_dict().items()}
-    if "neck.1.refine.g.weight" not in state:
-        state = {k.replace("neck.0.", "neck."): v for k, v in state.items()}
+    # the checkpoint's own key layout (single neck unless there is a BFP)
+    single = "neck.1.refine.g.weight" not in model.state_dict()
+    state = {to_mmdet_key(k, single_neck=single): v for k, v in model.state_dict().items()}
+    assert eval_script.guess_mmdet_preset(state) == preset
+
+
+# ------------------------------------------------------------------ standalone RPN and Fast R-CNN
+@pytest.mark.parametrize("preset", ["rpn_r50_fpn", "fast_rcnn_r50_fpn", "libra_fast_rcnn_r50_fpn"])
+def test_rpn_and_fast_rcnn_checkpoints_load(preset):
+    """rpn_r50_fpn_1x_coco (backbone, neck, rpn_head) and fast-rcnn_r50_fpn_1x_coco (no rpn_head)."""
+    extra = {} if preset.startswith("rpn") else {"fc_channels": 32}
+    model = build_model(preset, NUM_CLASSES, **SMALL, **extra)
+    single = not preset.startswith("libra")
+    state = fake_mmdet(model, single_neck=single)
+    heads = {key.split(".")[0] for key in state}
+    assert heads == ({"backbone", "neck", "rpn_head"} if preset.startswith("rpn") else {"backbone", "neck", "roi_head"})
+    loaded = load_mmdet_checkpoint(build_model(preset, NUM_CLASSES, **SMALL, **extra), {"state_dict": state})
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, state[to_mmdet_key(key, single)]), key
+
+
+def test_rpn_checkpoint_into_faster_rcnn_names_the_rpn_presets():
+    state = fake_mmdet(build_model("rpn_r50_fpn", NUM_CLASSES, **SMALL), single_neck=True)
+    with pytest.raises(ValueError, match=r"holds a rpn detector.*build it with a rpn preset \(rpn_r50_fpn, libra_rpn_r50_fpn\)"):
+        load_mmdet_checkpoint(build_model("faster_rcnn_r50_fpn", NUM_CLASSES, **SMALL, fc_channels=32), state)
+
+
+@pytest.mark.parametrize("preset", ["rpn_r50_fpn", "libra_rpn_r50_fpn", "rpn_r101_fpn", "fast_rcnn_r50_fpn", "libra_fast_rcnn_r50_fpn"])
+def test_eval_guesses_rpn_and_fast_rcnn_checkpoints(preset):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    eval_script = importlib.import_module("eval")
+    model = build_model(preset, 3, stage_blocks=None)
+    state = {to_mmdet_key(k, single_neck="neck.1.refine.g.weight" not in model.state_dict()): v for k, v in model.state_dict().items()}
     assert eval_script.guess_mmdet_preset(state) == preset

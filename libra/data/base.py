@@ -7,7 +7,8 @@ target dict of the interface contract:
 
     boxes [G, 4] float32 (resized image coords), labels [G] int64, ignore_boxes [Gi, 4],
     image_id int, img_shape (h, w), ori_shape (h0, w0), scale_factor (sx, sy), flip bool,
-    and in evaluation mode also difficult [G] bool (VOC; all False elsewhere).
+    and in evaluation mode also difficult [G] bool (VOC; all False elsewhere); with pre-computed
+    proposals attached (Fast R-CNN) also proposals [P, 4] (resized image coords) and proposal_scores [P].
 
 Bad input: the loaders clip ground-truth (and ignore) boxes to the image in original
 coordinates and drop those that end up narrower or lower than 1 px (`clip_box_to_image`);
@@ -271,6 +272,7 @@ class DetectionDataset(Dataset):
         if not hasattr(self, "label_to_cat_id"):
             self.label_to_cat_id = list(range(1, len(self.class_names) + 1))
         self._coco_api = None
+        self.proposals = None  # a ProposalSet (libra.data.proposals) for Fast R-CNN, see attach_proposals
 
     # How the benchmark of this data is scored: 'coco', 'lvis' (federated) or 'voc' (mAP@0.5);
     # ``libra.evaluation.build_evaluator`` reads it together with ``coco_api``.
@@ -314,6 +316,18 @@ class DetectionDataset(Dataset):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
+    def attach_proposals(self, proposals, source: str = "the proposals file", dataset: str = "", split: str = "") -> None:
+        """Give every sample the pre-computed proposals of its image (``target["proposals"]``, resized
+        and flipped with the image, and ``target["proposal_scores"]``).
+
+        ``proposals`` is a :class:`~libra.data.proposals.ProposalSet`; one of another dataset / split,
+        or without some image of this one, is refused with a `DataError` naming ``source``.
+        """
+        from .proposals import check_coverage
+
+        check_coverage(proposals, self.image_ids, source, dataset, split)
+        self.proposals = proposals
+
     def skip_hint(self, record: ImageRecord) -> str:
         """Where ``record``'s image is listed (said in errors about its file: remove it there to skip it)."""
         return f"the annotations (image id {record.image_id})"
@@ -352,7 +366,11 @@ class DetectionDataset(Dataset):
             difficult = difficult[~difficult]
 
         generator = sample_generator(self.seed, index, *keys) if self.train else None
-        image, out_boxes, meta = self.transform(image, {"boxes": boxes, "ignore_boxes": ignore}, generator)
+        boxes_by_key = {"boxes": boxes, "ignore_boxes": ignore}
+        if self.proposals is not None:
+            proposal_boxes, proposal_scores = self.proposals.get(record.image_id)
+            boxes_by_key["proposals"] = proposal_boxes
+        image, out_boxes, meta = self.transform(image, boxes_by_key, generator)
         target = {
             "boxes": out_boxes["boxes"],
             "labels": labels,
@@ -360,6 +378,9 @@ class DetectionDataset(Dataset):
             "image_id": record.image_id,
             **meta,
         }
+        if self.proposals is not None:
+            target["proposals"] = out_boxes["proposals"]
+            target["proposal_scores"] = proposal_scores.clone()
         if not self.train:
             target["difficult"] = difficult
         return image, target

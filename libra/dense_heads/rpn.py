@@ -171,17 +171,19 @@ class RegionProposalNetwork(nn.Module):
         features: Sequence[Tensor],
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[dict[str, Tensor]] | None = None,
-    ) -> tuple[Proposals, dict[str, Tensor]]:
+        with_proposals: bool = True,
+    ) -> tuple[Proposals | None, dict[str, Tensor]]:
         """Proposals for every image, and the RPN losses when training with targets.
 
         Args:
             features: pyramid levels ``[B, C, H_l, W_l]``, one per anchor stride (P2..P6).
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
+            with_proposals: False skips the proposals (a standalone RPN in training needs only the loss).
 
         Returns:
-            ``(proposals, losses)``; ``losses`` is ``{"loss_rpn_cls", "loss_rpn_bbox"}`` (scalars)
-            in training with targets, else empty.
+            ``(proposals or None, losses)``; ``losses`` is ``{"loss_rpn_cls", "loss_rpn_bbox"}``
+            (scalars) in training with targets, else empty.
         """
         objectness, deltas = self.head(features)
         anchors = self.anchor_generator(
@@ -192,7 +194,7 @@ class RegionProposalNetwork(nn.Module):
         logits_per_level = [f[0] for f in flat]
         deltas_per_level = [f[1] for f in flat]
 
-        proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes)
+        proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes) if with_proposals else None
         losses: dict[str, Tensor] = {}
         if self.training and targets is not None:
             feature_sizes = [tuple(f.shape[-2:]) for f in features]

@@ -2,11 +2,18 @@
 
 - :class:`Detector`: the shared base (input checks, target validation, the one final rescale);
 - :class:`FasterRCNN`: two-stage (RPN + R-CNN), the detector of Libra R-CNN;
-- :class:`RetinaNet`: one-stage (dense head with the focal loss), RetinaNet and Libra RetinaNet.
+- :class:`RetinaNet`: one-stage (dense head with the focal loss), RetinaNet and Libra RetinaNet;
+- :class:`ProposalNetwork`: a standalone RPN (proposals only), RPN and Libra RPN;
+- :class:`FastRCNN`: the R-CNN stage alone on pre-computed proposals (the paper's ablation protocol).
 """
 
 from .base import Detector, check_images, check_targets, rescale_boxes
+from .fast_rcnn import FastRCNN, pad_proposals
 from .faster_rcnn import FasterRCNN
 from .retinanet import RetinaNet
+from .rpn import ProposalNetwork
 
-__all__ = ["Detector", "FasterRCNN", "RetinaNet", "check_images", "check_targets", "rescale_boxes"]
+__all__ = [
+    "Detector", "FastRCNN", "FasterRCNN", "ProposalNetwork", "RetinaNet", "check_images", "check_targets",
+    "pad_proposals", "rescale_boxes",
+]

@@ -64,12 +64,22 @@ def default_data_root(settings: DataSettings) -> Path:
     raise DataError(f"--data-root is required for --dataset {settings.dataset}")
 
 
-def build_dataset(settings: DataSettings, train: bool, check_files: bool = True):
+def build_dataset(
+    settings: DataSettings,
+    train: bool,
+    check_files: bool = True,
+    split: str | None = None,
+    proposals_file: str | None = None,
+):
     """The training (``train=True``) or evaluation split of ``settings.dataset``.
 
     With ``check_files`` it checks that every image file exists and, per ``settings.check_images``,
     that it can be decoded (module docstring), so that a missing or broken file is reported
     before any training starts instead of inside a data-loader worker.
+
+    ``split`` (``'train'`` or ``'val'``) reads that split whatever ``train`` says, e.g. the training
+    images with the test transform (``eval.py --split train``, to save their proposals);
+    ``proposals_file`` attaches pre-computed proposals (:mod:`libra.data.proposals`, Fast R-CNN).
     """
     name = settings.dataset
     if name not in DATASETS:
@@ -81,11 +91,14 @@ def build_dataset(settings: DataSettings, train: bool, check_files: bool = True)
         multiscale_min_sizes=settings.multiscale_min_sizes if train else None,
         seed=settings.seed,
     )
-    if name == "voc":
+    if split not in (None, "train", "val"):
+        raise DataError(f"unknown split {split!r}; choose train or val")
+    role = split or ("train" if train else "val")
+    if name == "voc" and role == "val":
         # Evaluation on VOC2007 test (the paper's); a VOC2012-only root evaluates on its val split.
-        split = "train" if train else ("test" if (root / "VOC2007").is_dir() else "val")
+        split = "test" if (root / "VOC2007").is_dir() else "val"
     else:
-        split = "train" if train else "val"
+        split = role
     size = int(settings.synthetic_image_size)
     synthetic_kwargs = dict(
         num_train=settings.synthetic_num_train, num_val=settings.synthetic_num_val, image_size=(size, size), seed=0
@@ -112,6 +125,10 @@ def build_dataset(settings: DataSettings, train: bool, check_files: bool = True)
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             raise DataError(f"image file not found: {missing[0]}{more}")
         check_images(dataset, settings.check_images)
+    if proposals_file:
+        from libra.data.proposals import load_proposals
+
+        dataset.attach_proposals(load_proposals(proposals_file), proposals_file, name, role)
     return dataset
 
 

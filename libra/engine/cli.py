@@ -41,6 +41,11 @@ def add_data_arguments(parser: argparse.ArgumentParser, dataset_default: str | N
     group.add_argument("--synthetic-num-val", type=int, default=None)
     group.add_argument("--synthetic-image-size", type=int, default=None)
     group.add_argument(
+        "--proposals-file", default=None, metavar="FILE",
+        help="pre-computed proposals of this split (train.py: of the training split) for the Fast R-CNN "
+        "presets; eval.py --save-proposals writes them",
+    )
+    group.add_argument(
         "--check-images", choices=IMAGE_CHECKS, default="header",
         help="pre-flight check of the image files: header (size and end marker of each file, ~4 s for COCO "
         "train2017), full (decode every image: minutes), none",
@@ -197,6 +202,25 @@ def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "device", None) is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return chosen
+
+
+def check_proposals_flags(args: argparse.Namespace, flags: list[tuple[str, str]]) -> None:
+    """A Fast R-CNN preset needs each proposals file of ``flags`` (``(attribute, flag)``); any other
+    model reads none (it makes its own proposals, or has none). One-line `DataError` otherwise."""
+    fast_rcnn = preset_config(args.model)["detector"] == "fast_rcnn"
+    for attribute, flag in flags:
+        given = getattr(args, attribute, None)
+        if fast_rcnn and not given:
+            split = "val" if "val" in attribute or getattr(args, "split", "train") == "val" else "train"
+            raise DataError(
+                f"--model {args.model} runs the R-CNN stage on pre-computed proposals: pass {flag} FILE "
+                f"(written by: python eval.py --checkpoint <RPN checkpoint> --split {split} --save-proposals FILE)"
+            )
+        if given and not fast_rcnn:
+            raise DataError(
+                f"{flag} is read by the Fast R-CNN presets only (fast_rcnn_r50_fpn, libra_fast_rcnn_r50_fpn); "
+                f"--model {args.model} does not take pre-computed proposals"
+            )
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:

@@ -19,7 +19,7 @@ from libra.evaluation import build_evaluator
 
 from .checkpoint import atomic_write_text
 from .distributed import DistributedContext, all_gather_object, synchronize
-from .trainer import autocast_context
+from .trainer import autocast_context, proposal_inputs
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -61,7 +61,7 @@ def run_inference(
                     outputs = detector.predict_proposals(images, image_sizes, original_sizes)
                     outputs = [{"boxes": o["proposals"], "scores": o["proposal_scores"]} for o in outputs]
                 else:
-                    outputs = detector(images, image_sizes, original_sizes=original_sizes)
+                    outputs = detector(images, image_sizes, original_sizes=original_sizes, **proposal_inputs(detector, targets))
             # fp32 on the host (AMP outputs may be half precision; labels stay int64).
             outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()} for o in outputs]
             evaluator.update([int(t["image_id"]) for t in targets], outputs)
@@ -138,6 +138,6 @@ def evaluate_model(
             if hasattr(evaluator, "results") and not proposals:
                 atomic_write_text(json.dumps(evaluator.results()), work_dir / f"{tag}detections.json")
             atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", work_dir / f"{tag}metrics.json")
-        print(format_metrics_table(metrics, f"{'proposal recall' if proposals else 'box metrics'} on {len(dataset)} images ({elapsed:.1f}s)"))
+        print(format_metrics_table(metrics, f"{'proposal recall' if 'proposal' in iou_types else 'box metrics'} on {len(dataset)} images ({elapsed:.1f}s)"))
     synchronize()
     return metrics

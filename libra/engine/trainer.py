@@ -133,6 +133,20 @@ def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
     return moved
 
 
+def proposal_inputs(model: torch.nn.Module, targets: list[dict]) -> dict:
+    """``{"proposals": [per image [P_i, 4]]}`` for a model that takes pre-computed proposals
+    (``takes_proposals``, Fast R-CNN: the data pipeline put them in ``target["proposals"]``), else {}."""
+    detector = model.module if hasattr(model, "module") else model
+    if not getattr(detector, "takes_proposals", False):
+        return {}
+    if any("proposals" not in target for target in targets):
+        raise ValueError(
+            "this model trains and tests on pre-computed proposals but the data has none: pass "
+            "--proposals-file (train.py: and --val-proposals-file) written by eval.py --save-proposals"
+        )
+    return {"proposals": [target["proposals"] for target in targets]}
+
+
 def image_sizes_of(targets: list[dict], images: torch.Tensor) -> list[tuple[int, int]]:
     """``(h, w)`` of each image before padding (``img_shape`` of the dataset target)."""
     sizes = []
@@ -400,7 +414,7 @@ class Trainer:
             if rng is not None:
                 set_rng_state(rng, self.ctx.device)
             with torch.no_grad(), autocast_context(self.ctx.device, self.config.amp):
-                module(images, image_sizes, targets)
+                module(images, image_sizes, targets, **proposal_inputs(module, targets))
         except Exception:  # noqa: BLE001 - expected: it is the failing pass
             pass
         finally:
@@ -512,7 +526,7 @@ class Trainer:
             rng_before = self._rng_after_step  # (the data fetch draws nothing from the global generators)
             try:
                 with autocast_context(device, config.amp):
-                    loss_dict = model(images, image_sizes, targets)
+                    loss_dict = model(images, image_sizes, targets, **proposal_inputs(model, targets))
             except Exception as error:
                 if isinstance(error, NonFiniteLossError):
                     raise
