@@ -1,9 +1,15 @@
 """Benchmark libra.ops against torchvision.ops on the same inputs in the same run.
 
     python tests/benchmarks/bench_ops.py --device cpu
-    python tests/benchmarks/bench_ops.py --device cuda --repeats 50
+    python tests/benchmarks/bench_ops.py --device cuda --repeats 50 --json ops.json
+    python tests/benchmarks/bench_ops.py --device cpu --tiny --repeats 1   # seconds: a smoke run
 
-Prints median wall time per call and the ratio libra / torchvision (< 1: libra faster).
+Prints median wall time per call and the ratio libra / torchvision (< 1: libra faster), and with
+``--json`` writes the same rows (rewritten after each row, so a run stopped early keeps what it
+measured). Each row also says whether the two libraries agree on its inputs: RoIAlign's largest
+absolute difference (forward outputs; forward+backward: the input gradients), and for NMS whether
+the kept indices are identical (``batched_nms``: libra is exact per class, torchvision shifts
+coordinates by class, so a mismatch there is reported, not asserted).
 
 RoIAlign inputs mimic the R-CNN stage of Libra R-CNN on a 2-image batch at 800x1216:
 FPN maps P2..P5 of 256 channels (200x304, 100x152, 50x76, 25x38), 7x7 output,
@@ -12,9 +18,11 @@ have log-uniform sizes 16..800 px and are assigned to levels with the detector's
 k = floor(log2(sqrt(wh) / 56 + 1e-6)) clamped to [0, 3]; each op is called once per
 level, and the time of all four calls is reported. Forward+backward includes the
 scatter into all four feature maps. NMS uses clustered random boxes (many overlaps)
-with IoU threshold 0.7; batched_nms uses 80 classes and threshold 0.5.
+with IoU threshold 0.7; batched_nms uses 80 classes and threshold 0.5. ``--tiny`` shrinks
+everything (maps / 4, 64 RoIs, 200 / 500 boxes) for a dry run on a CPU.
 """
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -31,6 +39,27 @@ import torchvision.ops as tv_ops  # noqa: E402
 FPN_SHAPES = [(200, 304), (100, 152), (50, 76), (25, 38)]
 STRIDES = [4, 8, 16, 32]
 IMAGE_SIZE = (800, 1216)
+ROI_COUNTS = (512, 1000)
+NMS_SIZES = (1000, 5000, 20000)
+TINY = {"fpn_shapes": [(h // 4, w // 4) for h, w in FPN_SHAPES], "roi_counts": (64,), "nms_sizes": (200, 500)}
+
+
+class Rows(list):
+    """The measured rows; with a path, the JSON file is rewritten after every row."""
+
+    def __init__(self, path: str | None, header: dict) -> None:
+        super().__init__()
+        self.path, self.header = path, header
+
+    def add(self, row: dict) -> None:
+        self.append(row)
+        lib, tv = row["libra_ms"], row["torchvision_ms"]
+        print(f"| {row['case']:<26} | {lib:>9.3f} | {tv:>14.3f} | {lib / tv:>6.2f} | {row['agreement']} |", flush=True)
+        self.write()
+
+    def write(self, **extra) -> None:
+        if self.path:
+            Path(self.path).write_text(json.dumps({**self.header, **extra, "rows": list(self)}, indent=2) + "\n")
 
 
 def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 2) -> float:
@@ -48,9 +77,9 @@ def median_ms(fn: Callable[[], object], device: torch.device, repeats: int, warm
     return statistics.median(times)
 
 
-def make_rois_per_level(num_rois: int, device: torch.device) -> list[torch.Tensor]:
+def make_rois_per_level(num_rois: int, device: torch.device, image_size=IMAGE_SIZE) -> list[torch.Tensor]:
     """[Kl, 5] rois for each FPN level (batch of 2), assigned like the RoI extractor."""
-    h, w = IMAGE_SIZE
+    h, w = image_size
     size = torch.exp(torch.empty(num_rois).uniform_(torch.log(torch.tensor(16.0)), torch.log(torch.tensor(800.0))))
     aspect = torch.exp(torch.empty(num_rois).uniform_(-0.7, 0.7))
     bw, bh = size * aspect.sqrt(), size / aspect.sqrt()
@@ -73,67 +102,108 @@ def make_boxes(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor
     return boxes.to(device), torch.rand(n, device=device)
 
 
-def roi_align_rows(device: torch.device, repeats: int) -> list[tuple[str, float, float]]:
-    rows = []
-    feats = [torch.randn(2, 256, h, w, device=device) for h, w in FPN_SHAPES]
-    for num_rois in (512, 1000):
-        rois = make_rois_per_level(num_rois, device)
+def roi_align_rows(device: torch.device, timer, rows: Rows, fpn_shapes, roi_counts, deadline: float) -> None:
+    feats = [torch.randn(2, 256, h, w, device=device) for h, w in fpn_shapes]
+    image_size = (fpn_shapes[0][0] * STRIDES[0], fpn_shapes[0][1] * STRIDES[0])
+    for num_rois in roi_counts:
+        if time.perf_counter() > deadline:
+            return
+        rois = make_rois_per_level(num_rois, device, image_size)
 
         def forward(op):
             return [op(f, r, 7, 1.0 / s, 0, True) for f, r, s in zip(feats, rois, STRIDES)]
 
-        def forward_backward(op, leaves=[f.detach().requires_grad_() for f in feats]):
+        leaves = [f.detach().requires_grad_() for f in feats]
+
+        def forward_backward(op):
             outs = [op(f, r, 7, 1.0 / s, 0, True) for f, r, s in zip(leaves, rois, STRIDES)]
             torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
+            grads = [leaf.grad for leaf in leaves]
             for leaf in leaves:
                 leaf.grad = None
+            return grads
 
         with torch.no_grad():
-            lib = median_ms(lambda: forward(libra.ops.roi_align), device, repeats)
-            tv = median_ms(lambda: forward(tv_ops.roi_align), device, repeats)
-        rows.append((f"roi_align fwd      K={num_rois}", lib, tv))
-        lib = median_ms(lambda: forward_backward(libra.ops.roi_align), device, repeats)
-        tv = median_ms(lambda: forward_backward(tv_ops.roi_align), device, repeats)
-        rows.append((f"roi_align fwd+bwd  K={num_rois}", lib, tv))
-    return rows
+            difference = max((a - b).abs().max().item() if a.numel() else 0.0
+                             for a, b in zip(forward(libra.ops.roi_align), forward(tv_ops.roi_align)))
+            lib = timer(lambda: forward(libra.ops.roi_align))
+            tv = timer(lambda: forward(tv_ops.roi_align))
+        rows.add({"case": f"roi_align fwd      K={num_rois}", "op": "roi_align", "pass": "forward", "n": num_rois,
+                  "libra_ms": lib, "torchvision_ms": tv, "ratio": lib / tv, "max_abs_diff": difference,
+                  "agreement": f"max |diff| {difference:.1e}"})
+        grad_difference = max((a - b).abs().max().item() for a, b in
+                              zip(forward_backward(libra.ops.roi_align), forward_backward(tv_ops.roi_align)))
+        lib = timer(lambda: forward_backward(libra.ops.roi_align))
+        tv = timer(lambda: forward_backward(tv_ops.roi_align))
+        rows.add({"case": f"roi_align fwd+bwd  K={num_rois}", "op": "roi_align", "pass": "forward+backward",
+                  "n": num_rois, "libra_ms": lib, "torchvision_ms": tv, "ratio": lib / tv,
+                  "max_abs_diff": grad_difference, "agreement": f"grad max |diff| {grad_difference:.1e}"})
 
 
-def nms_rows(device: torch.device, repeats: int) -> list[tuple[str, float, float]]:
-    rows = []
-    for n in (1000, 5000, 20000):
+def nms_rows(device: torch.device, timer, rows: Rows, sizes, deadline: float) -> None:
+    for n in sizes:
+        if time.perf_counter() > deadline:
+            return
         boxes, scores = make_boxes(n, device)
-        assert torch.equal(libra.ops.nms(boxes, scores, 0.7).cpu(), tv_ops.nms(boxes, scores, 0.7).cpu())
-        lib = median_ms(lambda: libra.ops.nms(boxes, scores, 0.7), device, repeats)
-        tv = median_ms(lambda: tv_ops.nms(boxes, scores, 0.7), device, repeats)
-        rows.append((f"nms                N={n}", lib, tv))
-    for n in (1000, 5000, 20000):
+        same = torch.equal(libra.ops.nms(boxes, scores, 0.7).cpu(), tv_ops.nms(boxes, scores, 0.7).cpu())
+        lib = timer(lambda: libra.ops.nms(boxes, scores, 0.7))
+        tv = timer(lambda: tv_ops.nms(boxes, scores, 0.7))
+        rows.add({"case": f"nms                N={n}", "op": "nms", "n": n, "libra_ms": lib, "torchvision_ms": tv,
+                  "ratio": lib / tv, "same_kept": same, "agreement": "same kept" if same else "DIFFERENT kept"})
+    for n in sizes:
+        if time.perf_counter() > deadline:
+            return
         boxes, scores = make_boxes(n, device)
         idxs = torch.randint(0, 80, (n,), device=device)
-        lib = median_ms(lambda: libra.ops.batched_nms(boxes, scores, idxs, 0.5), device, repeats)
-        tv = median_ms(lambda: tv_ops.batched_nms(boxes, scores, idxs, 0.5), device, repeats)
-        rows.append((f"batched_nms 80 cls N={n}", lib, tv))
-    return rows
+        same = torch.equal(libra.ops.batched_nms(boxes, scores, idxs, 0.5).cpu(),
+                           tv_ops.batched_nms(boxes, scores, idxs, 0.5).cpu())
+        lib = timer(lambda: libra.ops.batched_nms(boxes, scores, idxs, 0.5))
+        tv = timer(lambda: tv_ops.batched_nms(boxes, scores, idxs, 0.5))
+        rows.add({"case": f"batched_nms 80 cls N={n}", "op": "batched_nms", "n": n, "classes": 80, "libra_ms": lib,
+                  "torchvision_ms": tv, "ratio": lib / tv, "same_kept": same,
+                  "agreement": "same kept" if same else "kept differ (torchvision offsets)"})
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch default)")
-    args = parser.parse_args()
+    parser.add_argument("--tiny", action="store_true", help="small sizes for a dry run")
+    parser.add_argument("--json", default=None, help="write the rows here (after every row)")
+    parser.add_argument("--time-limit", type=float, default=0.0, help="start no new case after this many seconds (0: none)")
+    args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 1
     torch.manual_seed(0)
+    deadline = time.perf_counter() + (args.time_limit if args.time_limit > 0 else float("inf"))
     if not libra.ops.EXTENSION_AVAILABLE:
         print("warning: libra._C not built, timing the pure-PyTorch fallback")
-    print(f"device={device} threads={torch.get_num_threads()} torch={torch.__version__} repeats={args.repeats}")
-    rows = roi_align_rows(device, args.repeats) + nms_rows(device, args.repeats)
-    print(f"| {'case':<26} | {'libra ms':>9} | {'torchvision ms':>14} | {'ratio':>6} |")
-    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 16}|{'-' * 8}|")
-    for name, lib, tv in rows:
-        print(f"| {name:<26} | {lib:>9.2f} | {tv:>14.2f} | {lib / tv:>6.2f} |")
+    sizes = TINY if args.tiny else {"fpn_shapes": FPN_SHAPES, "roi_counts": ROI_COUNTS, "nms_sizes": NMS_SIZES}
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+    header = {"device": str(device), "device_name": name, "torch": torch.__version__, "repeats": args.repeats,
+              "tiny": args.tiny, "extension": libra.ops.EXTENSION_AVAILABLE, "unit": "ms per call (median)"}
+    print(f"device={name} torch={torch.__version__} repeats={args.repeats} extension={libra.ops.EXTENSION_AVAILABLE}")
+    print(f"| {'case':<26} | {'libra ms':>9} | {'torchvision ms':>14} | {'ratio':>6} | agreement |")
+    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 16}|{'-' * 8}|-----------|")
+    rows = Rows(args.json, header)
+
+    def timer(fn):
+        return median_ms(fn, device, args.repeats, args.warmup)
+
+    roi_align_rows(device, timer, rows, sizes["fpn_shapes"], sizes["roi_counts"], deadline)
+    nms_rows(device, timer, rows, sizes["nms_sizes"], deadline)
+    stopped = time.perf_counter() > deadline
+    rows.write(complete=not stopped)
+    if stopped:
+        print(f"stopped after {args.time_limit:.0f} s (--time-limit): {len(rows)} rows")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
