@@ -48,7 +48,7 @@ from libra.engine.cli import (
 )
 from libra.engine.distributed import DistributedContext, launch
 from libra.engine.evaluator_loop import evaluate_model
-from libra.engine.trainer import autocast_context
+from libra.engine.trainer import autocast_context, proposal_inputs
 
 EXIT_BAD_INPUT = 1
 
@@ -196,7 +196,7 @@ def measure_fps(model: torch.nn.Module, dataset, ctx: DistributedContext, num_im
             torch.cuda.synchronize(ctx.device)
         start = time.perf_counter()
         with autocast_context(ctx.device, amp):
-            model(images, sizes, original_sizes=originals)
+            model(images, sizes, original_sizes=originals, **proposal_inputs(model, targets))
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         if index >= 5 or count <= 5:
