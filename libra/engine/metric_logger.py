@@ -183,56 +183,30 @@ class JSONLinesLog:
         return lines - len(kept)
 
 
-_PLOT_COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+_plot_warned = False
 
 
 def plot_losses(records: Iterable[dict], path: str | os.PathLike, width: int = 800, height: int = 480) -> Path | None:
-    """Draw every ``loss*`` series of the training records against the iteration into a PNG (PIL only).
+    """Draw the training curves of the log records (every ``loss*`` series, the lr and the
+    evaluation metrics against the iteration) into a ``width`` x ``height`` PNG with matplotlib,
+    written atomically (:func:`libra.analysis.training_curves.plot_training_curves`).
 
-    Returns the path written, or None when there is nothing to plot.
+    Returns the path written, or None when there is nothing to plot (no finite loss) or matplotlib
+    is not installed (a warning says so once; training goes on).
     """
-    from PIL import Image, ImageDraw  # Pillow comes with torchvision
+    global _plot_warned
+    from libra.analysis._io import MATPLOTLIB_HINT, AnalysisError
+    from libra.analysis.training_curves import plot_training_curves
 
-    records = [r for r in records if r.get("mode", "train") == "train" and "iter" in r]
-    names = sorted({k for r in records for k in r if k.startswith("loss")})
-    if not records or not names:
+    try:
+        return plot_training_curves(records, path, width=width, height=height)
+    except AnalysisError as error:
+        if str(error) != MATPLOTLIB_HINT:
+            raise
+        if not _plot_warned:
+            _plot_warned = True
+            print(f"warning: {path} is not drawn: {MATPLOTLIB_HINT}", file=sys.stderr, flush=True)
         return None
-    xs = [float(r["iter"]) for r in records]
-    finite = [float(r[n]) for r in records for n in names if n in r and math.isfinite(float(r[n]))]
-    if not finite:
-        return None
-    y_min, y_max = 0.0, max(finite) * 1.05 or 1.0
-    x_min, x_max = min(xs), max(xs)
-    if x_max == x_min:
-        x_max = x_min + 1.0
-    left, right, top, bottom = 60, width - 170, 20, height - 40
-
-    def to_pixel(x: float, y: float) -> tuple[float, float]:
-        px = left + (x - x_min) / (x_max - x_min) * (right - left)
-        py = bottom - (y - y_min) / (y_max - y_min) * (bottom - top)
-        return px, py
-
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.rectangle([left, top, right, bottom], outline=(0, 0, 0))
-    for tick in range(5):  # y grid with labels
-        y = y_min + (y_max - y_min) * tick / 4
-        _, py = to_pixel(x_min, y)
-        draw.line([left, py, right, py], fill=(220, 220, 220))
-        draw.text((5, py - 6), f"{y:.3g}", fill=(0, 0, 0))
-    draw.text((left, bottom + 8), f"iter {int(x_min)}", fill=(0, 0, 0))
-    draw.text((right - 60, bottom + 8), f"iter {int(x_max)}", fill=(0, 0, 0))
-    for index, name in enumerate(names):
-        colour = _PLOT_COLOURS[index % len(_PLOT_COLOURS)]
-        points = [to_pixel(x, float(r[name])) for x, r in zip(xs, records) if name in r and math.isfinite(float(r[name]))]
-        if len(points) > 1:
-            draw.line(points, fill=colour, width=2)
-        elif points:
-            x, y = points[0]
-            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-        draw.line([right + 10, top + 10 + 16 * index, right + 30, top + 10 + 16 * index], fill=colour, width=2)
-        draw.text((right + 35, top + 4 + 16 * index), name, fill=(0, 0, 0))
-    return atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
 
 class Timer:
