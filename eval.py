@@ -1,10 +1,10 @@
-"""Evaluate a libra or MMDetection checkpoint: COCO box AP, VOC mAP@0.5, LVIS AP, proposal recall, speed.
+"""Evaluate a libra or MMDetection checkpoint: COCO box / mask AP, VOC mAP@0.5, LVIS AP, proposal recall, speed.
 
     python eval.py --checkpoint work_dirs/libra_faster_rcnn_r50_fpn_synthetic/epoch_12.pth
     python eval.py --dataset coco --data-root /data/coco --checkpoint libra_faster_rcnn_r50_fpn_1x_coco_20200130-3afee3a9.pth --gpus 8
     python eval.py --dataset coco --data-root /data/coco --checkpoint ... --proposals   # AR@100/300/1000
     python eval.py ... --fps                                                            # images/s, batch 1
-    python eval.py ... --show 10                                                        # 10 PNGs with boxes
+    python eval.py ... --show 10                                                        # 10 PNGs with boxes (and masks)
 
 A libra checkpoint (written by train.py) carries its model name, class count and the training
 command line, so the same detector (and the synthetic data settings) are rebuilt from it;
@@ -13,8 +13,9 @@ flags given here win. An MMDetection checkpoint (``state_dict`` with ``rpn_head.
 into ``--model`` (default: the preset its keys describe, see ``guess_mmdet_preset``).
 
 Outputs (rank 0, written atomically, so an interrupted run can simply be re-run): the
-detections JSON (COCO results format) and a metrics JSON in ``--work-dir`` (default: a folder
-``eval_<checkpoint name>`` beside the checkpoint).
+detections JSON (COCO results format; a mask model also writes ``segm_detections.json`` with RLE
+masks) and a metrics JSON in ``--work-dir`` (default: a folder ``eval_<checkpoint name>`` beside
+the checkpoint). A mask model (Mask R-CNN) is scored with box AP and mask AP (``segm_AP``, ...).
 """
 from __future__ import annotations
 
@@ -108,13 +109,16 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
 
 def guess_mmdet_preset(state: dict) -> str:
     """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
-    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN; only ``rpn_head.*``: a standalone RPN;
-    only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the BFP: ``neck.1.*``) and backbone
-    (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its grouped 3x3 convs)."""
+    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
+    only ``rpn_head.*``: a standalone RPN; only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the
+    BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its
+    grouped 3x3 convs)."""
     rpn = any(k.startswith("rpn_head.") for k in state)
     roi = any(k.startswith("roi_head.") for k in state)
     if any(k.startswith("bbox_head.retina_cls") for k in state):
         family = "retinanet"
+    elif rpn and any(k.startswith("roi_head.mask_head.") for k in state):
+        family = "mask_rcnn"
     else:
         family = "faster_rcnn" if rpn and roi else ("rpn" if rpn else "fast_rcnn")
     libra = any(k.startswith("neck.1.") for k in state)
@@ -258,6 +262,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             draw_detections(
                 record.file_path, output["boxes"], output["labels"], output["scores"], dataset.class_names,
                 work_dir / "show" / f"{target['image_id']}.png", score_threshold=args.show_score_thr,
+                masks=output.get("masks"),
             )
             to_show["left"] -= 1
 
@@ -277,7 +282,10 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
         progress=True, tag=tag, on_batch=callback,
     )
     if ctx.is_main:
-        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f" and {work_dir / (tag + 'detections.json')}"), flush=True)
+        segm = "" if args.proposals or "segm" not in getattr(model, "iou_types", ()) else (
+            f" and {work_dir / (tag + 'segm_detections.json')}"
+        )
+        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f", {work_dir / (tag + 'detections.json')}") + segm, flush=True)
     if args.save_proposals:
         path = Path(args.save_proposals) if args.save_proposals != "auto" else work_dir / f"proposals_{args.split}.pt"
         meta = {

@@ -6,6 +6,9 @@
     torchrun --nnodes 2 --nproc-per-node 8 ... train.py --dataset coco --data-root /data/coco
     python train.py --dataset coco --data-root /data/coco --gpus 8 --model faster_rcnn_r50_fpn \\
         --sampler iou_balanced --neck bfp                         # a row of the paper's Table 3
+    python train.py --model libra_mask_rcnn_r50_fpn               # Libra Mask R-CNN on the synthetic shapes (box + mask AP)
+    python train.py --dataset lvis --data-root /data/lvis --gpus 8 --model libra_mask_rcnn_r50_fpn_lvis_bcr
+        # paper Sec. 4.2: repeat factor sampling (0.001) and short sides 640, 672, ..., 800 by default
 
 Recipes per dataset and detector live in ``libra.recipes``. COCO (paper Sec. 4.1.2, MMDetection
 ``schedule_1x.py``): SGD, lr 0.02 for a total batch of 16 images
@@ -17,7 +20,8 @@ images, short side 600 / long side <= 1000, steps after epoch 9 of 12.
 Outputs in ``--work-dir``: ``log.jsonl`` (one JSON object per log line), ``losses.png``,
 ``config.json``, ``epoch_N.pth`` checkpoints (written atomically; ``iter_N.pth`` when
 ``--max-iters`` stops inside an epoch) and ``last_checkpoint``, ``detections.json`` /
-``metrics.json`` of the final evaluation. A work dir that already holds a run is refused unless
+``metrics.json`` of the final evaluation (and ``segm_detections.json`` for a mask model;
+``class_image_counts.json`` for bucketed class re-weighting). A work dir that already holds a run is refused unless
 ``--resume`` continues it or ``--overwrite`` starts over (removing only the files listed above).
 
 ``--resume`` continues exactly (bit-identical weights, also from ``iter_N.pth``: the generator
@@ -88,7 +92,7 @@ class WorkDirError(ValueError):
 # What a libra run writes into its work dir; a folder holding one of the first group holds a run.
 RUN_MARKERS = ("config.json", "last_checkpoint", "log.jsonl")
 RUN_CHECKPOINT = re.compile(r"^(epoch|iter)_\d+\.pth$")
-RUN_OUTPUTS = ("losses.png", "metrics.json", "detections.json")
+RUN_OUTPUTS = ("losses.png", "metrics.json", "detections.json", "segm_detections.json")
 
 # Settings that define what a checkpoint continues: --resume with other values is refused.
 RESUME_IDENTITY = (
@@ -121,8 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     data = add_data_arguments(parser, dataset_default="synthetic")
-    data.add_argument("--multi-scale", action="store_true", help="short side drawn from [640, 800] (paper 4.1.3)")
-    data.add_argument("--repeat-factor-sampling", action="store_true", help="LVIS repeat-factor sampling (thr 0.001)")
+    data.add_argument(
+        "--multi-scale", action=argparse.BooleanOptionalAction, default=None,
+        help="short side drawn from the recipe's range: [640, 800] (paper 4.1.3); LVIS: 640, 672, ..., 800, on by default",
+    )
+    data.add_argument(
+        "--repeat-factor-sampling", action=argparse.BooleanOptionalAction, default=None,
+        help="repeat-factor sampling (Gupta et al. 2019; on by default for LVIS, as in the paper's Sec. 4.2)",
+    )
+    data.add_argument("--repeat-threshold", type=float, default=None, help="repeat-factor threshold t (recipe: 0.001)")
     data.add_argument("--workers", type=int, default=None, help="data-loader processes per GPU")
     data.add_argument(
         "--val-proposals-file", default=None, metavar="FILE",
@@ -159,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite", action="store_true",
         help="start over in a --work-dir that holds a run: removes its config.json, log.jsonl, losses.png, "
-        "metrics.json, detections.json, last_checkpoint, epoch_N.pth / iter_N.pth (nothing else)",
+        "metrics.json, detections.json, segm_detections.json, last_checkpoint, epoch_N.pth / iter_N.pth (nothing else)",
     )
     run.add_argument("--eval-interval", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation")
@@ -167,12 +178,17 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-interval", type=int, default=1, help="epochs between checkpoints")
     run.add_argument("--keep-checkpoints", type=int, default=None, help="keep the newest K epoch checkpoints (0: all)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
+    run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in --work-dir/tensorboard (pip install tensorboard)")
     return parser
 
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
     defaults = apply_recipe(args)
+    if getattr(args, "tensorboard", False):
+        from libra.analysis.tensorboard import require_tensorboard
+
+        require_tensorboard()  # ValueError with the pip command, before anything is read or written
     check_proposals_flags(args, [("proposals_file", "--proposals-file")] + (
         [] if args.no_eval else [("val_proposals_file", "--val-proposals-file")]
     ))
@@ -192,7 +208,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         epochs = args.epochs
     args.epochs = epochs
     args.lr_steps = tuple(args.lr_steps) if args.lr_steps is not None else tuple(steps)
+    for key in ("multi_scale", "repeat_factor_sampling", "repeat_threshold"):  # LVIS: on by default
+        if getattr(args, key) is None:
+            setattr(args, key, defaults[key])
     args.multi_scale_range = tuple(defaults["multi_scale_range"]) if args.multi_scale else None
+    args.multi_scale_step = int(defaults["multi_scale_step"]) if args.multi_scale else 1
     if args.work_dir is None:
         args.work_dir = str(Path("work_dirs") / f"{args.model}_{args.dataset}")
     if args.max_iters is None:
@@ -492,7 +512,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
             raise CheckpointError(f"{path} is not a libra training checkpoint (use eval.py for MMDetection checkpoints)")
         check_model_identity(checkpoint, args.model, train_set.num_classes, path, class_names=class_names)
         notes = check_resume_settings(checkpoint, args, path)
-    model = build_detector(args, train_set.num_classes).to(ctx.device)
+    model = build_detector(args, train_set.num_classes, train_set=train_set).to(ctx.device)
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], path)
 
@@ -508,7 +528,8 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     scheduler = WarmupMultiStepLR(optimizer, args.lr_steps, 0.1, args.warmup_iters, args.warmup_ratio)
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and ctx.device.type == "cuda")
     loader, batch_sampler = build_train_loader(
-        train_set, args.batch_size, args.workers, ctx.rank, ctx.world_size, args.seed, args.repeat_factor_sampling
+        train_set, args.batch_size, args.workers, ctx.rank, ctx.world_size, args.seed, args.repeat_factor_sampling,
+        args.repeat_threshold,
     )
     iters_per_epoch = len(batch_sampler)
     if checkpoint is not None and int(checkpoint.get("iter_in_epoch", 0)) > 0:
@@ -575,6 +596,10 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
             say(ctx, "note: " + "; ".join(notes))
         del checkpoint
     holder["trainer"] = trainer
+    if args.tensorboard and trainer.log is not None:
+        from libra.analysis.tensorboard import TensorBoardLog
+
+        trainer.log = TensorBoardLog(trainer.log, work_dir / "tensorboard")  # log.jsonl records also as scalars
 
     # 3. From here on the work dir is written (rank 0 only).
     if ctx.is_main:

@@ -1,5 +1,5 @@
-"""Load released MMDetection v2/v3 detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet,
-Libra RetinaNet, the standalone RPN and Fast R-CNN.
+"""Load released MMDetection v2/v3 detector checkpoints: Faster R-CNN, PAFPN, Libra R-CNN, Mask R-CNN,
+RetinaNet, Libra RetinaNet, the standalone RPN and Fast R-CNN.
 
 Key layouts are those of the MMDetection v2/v3 released checkpoints of the configs
 ``faster-rcnn_r50_fpn_1x_coco`` (v2: ``faster_rcnn_r50_fpn_1x_coco``),
@@ -10,7 +10,8 @@ Key layouts are those of the MMDetection v2/v3 released checkpoints of the confi
 the one-stage ``retinanet_r50_fpn_1x_coco`` and ``libra-retinanet_r50_fpn_1x_coco`` (v2:
 ``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``; paper Table 2), of the proposal model
 ``rpn_r50_fpn_1x_coco`` (``backbone.*``, single ``neck.*``, ``rpn_head.*``: the rules of Faster R-CNN's
-RPN) and of ``fast-rcnn_r50_fpn_1x_coco`` (no ``rpn_head.*``).
+RPN) and of ``fast-rcnn_r50_fpn_1x_coco`` (no ``rpn_head.*``), and of ``mask-rcnn_r50_fpn_1x_coco``
+(Faster R-CNN's keys plus ``roi_head.mask_head.*``).
 
 This project always holds the neck as an ``nn.Sequential``: ``neck.0`` is the FPN or PAFPN,
 ``neck.1`` the balanced feature pyramid (BFP) when there is one. MMDetection indexes its neck
@@ -34,6 +35,7 @@ list of necks: ``neck.{0,1}.X``                                 ``neck.{0,1}.X``
 ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``                       ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
 ``roi_head.bbox_head.*``                                        ``roi_head.box_head.*``
 ``roi_head.bbox_head.shared_convs.{i}.{conv,gn}.*`` (GN head)   ``roi_head.box_head.shared_convs.{i}.{conv,gn}.*``
+``roi_head.mask_head.*`` (Mask R-CNN)                           ``roi_head.mask_head.*`` (unchanged)
 ``bbox_head.{cls_convs,reg_convs}.{i}.conv.*`` (RetinaNet)      ``dense_head.head.{cls_convs,reg_convs}.{i}.*``
 ``bbox_head.{retina_cls,retina_reg}.*`` (RetinaNet)             ``dense_head.head.{retina_cls,retina_reg}.*``
 anything else                                                   unchanged, hence reported as not in the model
@@ -43,13 +45,16 @@ anything else                                                   unchanged, hence
 ``rpn_cls`` ``[3, 256, 1, 1]``, ``rpn_reg`` ``[12, 256, 1, 1]``; RetinaNet has ``retina_cls``
 ``[9C, 256, 3, 3]`` (channel ``anchor * C + class``, no background) and ``retina_reg``
 ``[36, 256, 3, 3]``, and its FPN (from C3) ``lateral_convs.{0,1,2}`` and ``fpn_convs.{0..4}``, where
-``fpn_convs.3`` (on C5, ``[256, 2048, 3, 3]``) and ``fpn_convs.4`` are the P6 / P7 convs.)
+``fpn_convs.3`` (on C5, ``[256, 2048, 3, 3]``) and ``fpn_convs.4`` are the P6 / P7 convs. Mask
+R-CNN's ``FCNMaskHead`` has ``convs.{0-3}.conv.*`` ``[256, 256, 3, 3]`` (ConvModules, whose names
+``libra.roi_heads.FCNMaskHead`` keeps), ``upsample.*`` (``ConvTranspose2d(256, 256, 2, stride=2)``,
+``[256, 256, 2, 2]``) and ``conv_logits.*`` ``[C, 256, 1, 1]``, one mask per class, no background.)
 
 MMDetection wraps convs in a ``ConvModule`` (``X.conv.weight``). Only the wrappers listed
 above, which this project replaces by a plain ``nn.Conv2d`` (no norm layer), lose ``.conv``;
 the renaming uses the checkpoint's names only, never the target model's, so a key that no rule
-knows (e.g. a GN neck's ``neck.lateral_convs.0.gn.weight``, Mask R-CNN's
-``roi_head.mask_head.*``) is kept as is and reported, never silently dropped. The two-stage
+knows (e.g. a GN neck's ``neck.lateral_convs.0.gn.weight``, or Mask R-CNN's ``roi_head.mask_head.*``
+loaded into a Faster R-CNN) is kept as is and reported, never silently dropped. The two-stage
 models use background as the LAST class, as this project does, so classifier rows need no
 reordering; RetinaNet has no background class. A BFP without a refiner (``refine_type=None``)
 has no parameters, so its checkpoint cannot be told from a plain FPN one.
@@ -80,10 +85,14 @@ _PLAIN_CONVS = re.compile(
 )
 
 # What the head keys show the detector to be (this project's names), and presets that build it.
-_HEAD_PREFIXES = {"rpn": "rpn.", "roi": "roi_head.", "dense": "dense_head."}
-_DETECTOR_OF_HEADS = {("roi", "rpn"): "faster_rcnn", ("rpn",): "rpn", ("roi",): "fast_rcnn", ("dense",): "retinanet"}
+_HEAD_PREFIXES = {"rpn": "rpn.", "roi": "roi_head.", "dense": "dense_head.", "mask": "roi_head.mask_head."}
+_DETECTOR_OF_HEADS = {
+    ("roi", "rpn"): "faster_rcnn", ("mask", "roi", "rpn"): "mask_rcnn", ("rpn",): "rpn", ("roi",): "fast_rcnn",
+    ("dense",): "retinanet",
+}
 _DETECTOR_PRESETS = {
     "faster_rcnn": "faster_rcnn_r50_fpn, libra_faster_rcnn_r50_fpn",
+    "mask_rcnn": "mask_rcnn_r50_fpn, libra_mask_rcnn_r50_fpn",
     "retinanet": "retinanet_r50_fpn, libra_retinanet_r50_fpn",
     "rpn": "rpn_r50_fpn, libra_rpn_r50_fpn",
     "fast_rcnn": "fast_rcnn_r50_fpn, libra_fast_rcnn_r50_fpn",
@@ -165,7 +174,8 @@ def convert_mmdet_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tens
 
 
 def _detector(keys: Mapping[str, object] | set[str]) -> str | None:
-    """The detector this project's keys show: ``'faster_rcnn'`` (RPN and R-CNN heads), ``'rpn'``
+    """The detector this project's keys show: ``'faster_rcnn'`` (RPN and R-CNN heads; ``'mask_rcnn'``
+    with a mask head), ``'rpn'``
     (only the RPN's: a standalone proposal model), ``'fast_rcnn'`` (only the R-CNN's), ``'retinanet'``;
     None when they show none or a mix."""
     heads = tuple(sorted(name for name, prefix in _HEAD_PREFIXES.items() if any(key.startswith(prefix) for key in keys)))
@@ -191,8 +201,8 @@ def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:
 
 
 def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping) -> nn.Module:
-    """Load an MMDetection v2/v3 Faster R-CNN, PAFPN, Libra R-CNN, RetinaNet or Libra RetinaNet
-    checkpoint into ``model`` (in place).
+    """Load an MMDetection v2/v3 Faster R-CNN, PAFPN, Libra R-CNN, Mask R-CNN, RetinaNet or Libra
+    RetinaNet checkpoint into ``model`` (in place).
 
     Args:
         model: a detector from :func:`libra.presets.build_model` with the same architecture (e.g.
@@ -200,7 +210,8 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             ``libra-faster-rcnn_r50_fpn_1x_coco``, ``build_model("faster_rcnn_r50_fpn", 80)`` for
             ``faster-rcnn_r50_fpn_1x_coco``, ``neck="pafpn"`` for ``faster-rcnn_r50_pafpn_1x_coco``,
             ``build_model("libra_retinanet_r50_fpn", 80)`` for ``libra-retinanet_r50_fpn_1x_coco``,
-            ``build_model("retinanet_r50_fpn", 80)`` for ``retinanet_r50_fpn_1x_coco``).
+            ``build_model("retinanet_r50_fpn", 80)`` for ``retinanet_r50_fpn_1x_coco``,
+            ``build_model("mask_rcnn_r50_fpn", 80)`` for ``mask-rcnn_r50_fpn_1x_coco``).
         path_or_state_dict: a ``.pth`` path, a dict with ``'state_dict'`` (MMDetection's format),
             or a raw state_dict (a ``module.`` prefix on every key is stripped).
 
@@ -210,7 +221,7 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
     Raises:
         ValueError: when a model key is missing from the checkpoint, a checkpoint key has no
             place in the model (e.g. a RetinaNet checkpoint into a Faster R-CNN, a Mask R-CNN
-            checkpoint, or a BFP checkpoint into a plain-FPN model), or a shape differs (e.g. another
+            checkpoint into a Faster R-CNN, or a BFP checkpoint into a plain-FPN model), or a shape differs (e.g. another
             class count); the message names them (checkpoint keys by their MMDetection name) and the
             preset overrides (or presets) that would fit.
     """

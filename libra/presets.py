@@ -27,8 +27,20 @@ their protocols are in the README):
 - ``fast_rcnn_r50_fpn``, ``libra_fast_rcnn_r50_fpn``: the R-CNN stage alone on pre-computed
   proposals (MMDetection ``fast-rcnn_r50_fpn_1x_coco`` / ``libra-fast-rcnn_r50_fpn_1x_coco``), the
   protocol of the paper's ablations; ``TABLE3_ABLATION`` applied to ``fast_rcnn_r50_fpn`` is Table 3.
+- ``mask_rcnn_r50_fpn``: Mask R-CNN, MMDetection ``mask-rcnn_r50_fpn_1x_coco`` (box 38.2 / mask 34.7;
+  paper Table 8: 37.1 / 34.1): Faster R-CNN plus the FCN mask branch (4 x conv3x3 256, deconv,
+  28 x 28 per-class masks, BCE); ``mask_rcnn_r101_fpn``, ``mask_rcnn_x101_64x4d_fpn``.
+- ``libra_mask_rcnn_r50_fpn``: Libra Mask R-CNN (paper Sec. 4.1.5, Table 8: 39.5 / 35.3): the Libra
+  R-CNN components of ``libra_faster_rcnn_r50_fpn`` plus the same mask branch.
+- LVIS v1 (paper Sec. 4.2, Table 9; 1203 classes; test: score > 0.001, 300 detections per image;
+  trained with repeat factor sampling, see ``libra.recipes``): ``mask_rcnn_r50_fpn_lvis`` (22.0 mask
+  AP, APr 10.7, box 22.3), ``libra_mask_rcnn_r50_fpn_lvis`` (class-balanced positives, Sec. 3.1 last
+  paragraph, + the Libra components: 23.3, 14.5, 23.9) and ``libra_mask_rcnn_r50_fpn_lvis_bcr`` (+
+  bucketed class re-weighting of a sigmoid classifier, Sec. 3.3.3, scored with sigmoids: 25.0,
+  16.8, 25.8). BCR needs the training set's class frequencies: ``build_model(...,
+  class_image_counts=dataset.image_counts_per_class())``.
 
-A preset's ``detector`` (``'faster_rcnn'``, ``'retinanet'``, ``'rpn'`` or ``'fast_rcnn'``) says which
+A preset's ``detector`` (``'faster_rcnn'``, ``'mask_rcnn'``, ``'retinanet'``, ``'rpn'`` or ``'fast_rcnn'``) says which
 composition :func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no
 ``rpn_*``, ``roi_*``, sampler or box-head keys, a Fast R-CNN preset no ``rpn_*`` keys, an RPN preset
 only backbone, neck and ``rpn_*`` keys), and the detector itself cannot be overridden.
@@ -55,8 +67,13 @@ Overrides (any key of a preset dict):
   apply to balanced L1 / LGR-L1, beta to all but L1); ``rpn_box_loss`` and ``rpn_box_loss_beta``
   (with ``rpn_box_loss_alpha``, ``rpn_box_loss_gamma``) for the RPN (``'l1'`` in every paper config
   but Libra RPN's).
-- ``cls_loss``: ``'ce' | 'lgr_ce' | 'sigmoid_ce'`` with ``lgr_ce_alpha``, ``lgr_ce_gamma``; a sigmoid
-  loss makes the test-time scores per-class sigmoids (paper Sec. 3.3.3).
+- ``cls_loss``: ``'ce' | 'lgr_ce' | 'sigmoid_ce' | 'bcr'`` with ``lgr_ce_alpha``, ``lgr_ce_gamma``;
+  ``'bcr'`` is bucketed class re-weighting (Eq. 20-23) with ``bcr_s`` (S buckets, 10), ``bcr_t``
+  (temperature t, 0.025) and ``bcr_a`` (turning point a, 0.5), the keys of the paper's Table 10;
+  a sigmoid loss (``'sigmoid_ce'``, ``'bcr'``) makes the test-time scores per-class sigmoids
+  (paper Sec. 3.3.3).
+- Mask R-CNN presets: ``mask_conv_channels`` (256), ``mask_num_convs`` (4), ``mask_class_agnostic``,
+  ``mask_loss_weight`` (1.0) and the test-time ``mask_thr`` (0.5).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
 - backbone: ``frozen_stages``, ``backbone_norm`` (``'frozen' | 'bn'``), ``width_per_group``,
   ``stage_blocks`` (e.g. ``(1, 1, 1, 1)``), all for the named ResNets.
@@ -75,15 +92,17 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from libra.anchor_generator import AnchorGenerator
 from libra.backbone import build_resnet, load_pretrained
 from libra.dense_heads import RegionProposalNetwork, RetinaHead, RetinaNetDenseHead, RPNHead
 from libra.dense_heads.retina_head import RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES
-from libra.detectors import Detector, FastRCNN, FasterRCNN, ProposalNetwork, RetinaNet
+from libra.detectors import Detector, FastRCNN, FasterRCNN, MaskRCNN, ProposalNetwork, RetinaNet
 from libra.losses import (
     BalancedL1Loss,
+    BCRSigmoidCrossEntropyLoss,
     CrossEntropyLoss,
     L1Loss,
     LGRCrossEntropyLoss,
@@ -93,7 +112,15 @@ from libra.losses import (
     SmoothL1Loss,
 )
 from libra.necks import FPN, PAFPN, BalancedFeaturePyramid
-from libra.roi_heads import MultiLevelRoIExtractor, RoIHead, Shared2FCBoxHead, Shared4Conv1FCBoxHead
+from libra.roi_heads import (
+    FCNMaskHead,
+    MaskRoIHead,
+    MultiLevelRoIExtractor,
+    RoIHead,
+    Shared2FCBoxHead,
+    Shared4Conv1FCBoxHead,
+    mask_roi_extractor,
+)
 
 _BASELINE: dict[str, Any] = {
     "detector": "faster_rcnn",  # the composition build_model assembles (libra.detectors)
@@ -145,6 +172,11 @@ _BASELINE: dict[str, Any] = {
     "cls_loss": "ce",
     "lgr_ce_alpha": 0.8,
     "lgr_ce_gamma": 1.0,
+    # Bucketed class re-weighting (cls_loss="bcr", paper Sec. 3.3.3): S buckets, temperature t and
+    # turning point a of Eq. 22-23 ("We set S as 10, a as 0.5 and t as 0.025"; Table 10 varies t, S).
+    "bcr_s": 10,
+    "bcr_t": 0.025,
+    "bcr_a": 0.5,
     "score_thr": 0.05,
     "nms_thr": 0.5,
     "max_per_img": 100,
@@ -245,6 +277,33 @@ _FAST_RCNN: dict[str, Any] = {
 # libra-fast-rcnn_r50_fpn_1x_coco: the Libra R-CNN components of the R-CNN stage.
 _LIBRA_FAST_RCNN: dict[str, Any] = {**_FAST_RCNN, "neck": "bfp", "sampler": "iou_balanced", "box_loss": "balanced_l1"}
 
+# Mask R-CNN (MMDetection mask-rcnn_r50_fpn_1x_coco, configs/_base_/models/mask-rcnn_r50_fpn.py):
+# Faster R-CNN's keys plus model.roi_head.mask_head = FCNMaskHead(num_convs=4, in_channels=256,
+# conv_out_channels=256, loss_mask=CrossEntropyLoss(use_mask=True, loss_weight=1.0)) and
+# test_cfg.rcnn.mask_thr_binary=0.5; mask_roi_extractor RoIAlign 14x14 and train_cfg.rcnn.mask_size=28
+# are fixed (libra.roi_heads.mask_head).
+_MASK_RCNN: dict[str, Any] = {
+    **_BASELINE,
+    "detector": "mask_rcnn",
+    "mask_conv_channels": 256,
+    "mask_num_convs": 4,
+    "mask_class_agnostic": False,
+    "mask_loss_weight": 1.0,
+    "mask_thr": 0.5,
+}
+# Libra Mask R-CNN (paper Sec. 4.1.5): the Libra R-CNN components of _LIBRA and the same mask branch.
+_LIBRA_MASK_RCNN: dict[str, Any] = {
+    **_MASK_RCNN,
+    "neck": "bfp",
+    "rpn_neg_pos_ub": 5,
+    "sampler": "iou_balanced",
+    "box_loss": "balanced_l1",
+}
+# LVIS v1 test settings (paper Sec. 4.2: "The output threshold for objects is set as 0.001";
+# MMDetection mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1: test_cfg.rcnn max_per_img=300, the LVIS
+# evaluation's 300 detections per image).
+_LVIS_TEST: dict[str, Any] = {"score_thr": 0.001, "max_per_img": 300}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn": dict(_BASELINE),
     "libra_faster_rcnn_r50_fpn": dict(_LIBRA),
@@ -263,6 +322,20 @@ PRESETS: dict[str, dict[str, Any]] = {
     "rpn_r101_fpn": {**_RPN, "backbone": "resnet101"},
     "fast_rcnn_r50_fpn": dict(_FAST_RCNN),
     "libra_fast_rcnn_r50_fpn": dict(_LIBRA_FAST_RCNN),
+    "mask_rcnn_r50_fpn": dict(_MASK_RCNN),
+    "libra_mask_rcnn_r50_fpn": dict(_LIBRA_MASK_RCNN),
+    "mask_rcnn_r101_fpn": {**_MASK_RCNN, "backbone": "resnet101"},
+    "mask_rcnn_x101_64x4d_fpn": {**_MASK_RCNN, "backbone": "resnext101_64x4d"},
+    # Paper Table 9 (LVIS v1 val, repeat factor sampling): the Mask R-CNN baseline ...
+    "mask_rcnn_r50_fpn_lvis": {**_MASK_RCNN, **_LVIS_TEST},
+    # ... Libra Mask R-CNN with class-balanced positives ("we first sample an equal number of
+    # positive samples for each class, then adopt the instance balanced sampling to samples of each
+    # class", Sec. 3.1) and IoU-balanced negatives ...
+    "libra_mask_rcnn_r50_fpn_lvis": {**_LIBRA_MASK_RCNN, **_LVIS_TEST, "pos_sampler": "class_balanced"},
+    # ... and with bucketed class re-weighting (Sec. 3.3.3; sigmoid classifier, sigmoid scores at test).
+    "libra_mask_rcnn_r50_fpn_lvis_bcr": {
+        **_LIBRA_MASK_RCNN, **_LVIS_TEST, "pos_sampler": "class_balanced", "cls_loss": "bcr",
+    },
 }
 
 # The paper's Table 3 (ResNet-50 FPN, COCO val2017): each row adds one component to the baseline,
@@ -282,7 +355,7 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
 ]
 
 _CHOICES = {
-    "detector": ("faster_rcnn", "retinanet", "rpn", "fast_rcnn"),
+    "detector": ("faster_rcnn", "mask_rcnn", "retinanet", "rpn", "fast_rcnn"),
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "rpn_sampler": ("random", "iou_balanced"),
@@ -293,7 +366,7 @@ _CHOICES = {
     "refine_type": ("non_local", "conv", None),
     "box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
     "rpn_box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
-    "cls_loss": ("ce", "lgr_ce", "sigmoid_ce"),
+    "cls_loss": ("ce", "lgr_ce", "sigmoid_ce", "bcr"),
     "box_head": ("shared2fc", "4conv1fc"),
 }
 
@@ -303,7 +376,17 @@ _POSITIVE_INTS = (
     "fpn_channels", "fpn_num_outs", "fc_channels", "head_channels", "head_stacked_convs", "num_bins",
     "rpn_batch_size", "roi_batch_size", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
     "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "pre_nms_top_n_test", "max_per_img",
+    "mask_conv_channels",
 )
+
+# The detector class each ``detector`` value builds (its ``iou_types`` say what it outputs).
+DETECTOR_CLASSES: dict[str, type[Detector]] = {
+    "faster_rcnn": FasterRCNN,
+    "mask_rcnn": MaskRCNN,
+    "retinanet": RetinaNet,
+    "rpn": ProposalNetwork,
+    "fast_rcnn": FastRCNN,
+}
 
 
 def available_presets() -> list[str]:
@@ -334,21 +417,48 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
         value = config.get(key)
         if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"{key} must be a positive integer (a width or a count), got {value!r}")
+    if "bcr_s" in config:
+        value = config["bcr_s"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
+            raise ValueError(f"bcr_s (S, the number of frequency buckets of Eq. 22) must be an integer >= 2, got {value!r}")
+        if not isinstance(config["bcr_t"], (int, float)) or isinstance(config["bcr_t"], bool) or not config["bcr_t"] > 0:
+            raise ValueError(f"bcr_t (the temperature t of Eq. 23) must be a number > 0, got {config['bcr_t']!r}")
+    if "mask_num_convs" in config:
+        value = config["mask_num_convs"]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"mask_num_convs must be an integer >= 0, got {value!r}")
+        if not 0.0 <= config["mask_thr"] <= 1.0:
+            raise ValueError(f"mask_thr must be a probability in [0, 1], got {config['mask_thr']!r}")
     return config
 
 
-def build_model(name: str, num_classes: int, pretrained: str | None = None, **overrides: Any) -> Detector:
+def preset_iou_types(name: str) -> tuple[str, ...]:
+    """What the detector of preset ``name`` outputs (its class's ``iou_types``, e.g. ``("bbox", "segm")``
+    for Mask R-CNN), without building it: the engine decodes masks only for a model that has ``"segm"``."""
+    return tuple(DETECTOR_CLASSES[preset_config(name)["detector"]].iou_types)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    pretrained: str | None = None,
+    class_image_counts: Any = None,
+    **overrides: Any,
+) -> Detector:
     """Assemble the detector of preset ``name``.
 
     Args:
         name: one of :func:`available_presets`.
-        num_classes: C foreground classes (80 for COCO, 20 for VOC).
+        num_classes: C foreground classes (80 for COCO, 20 for VOC, 1203 for LVIS v1).
         pretrained: path to torchvision-format ImageNet backbone weights, or None (random init).
+        class_image_counts: ``[C]`` training images per class (f_i of Eq. 21,
+            ``dataset.image_counts_per_class()``), read by ``cls_loss='bcr'`` only. Without it a BCR
+            model can be evaluated (its checkpoint holds the weights) but not trained.
         **overrides: component switches and settings (module docstring).
 
     Returns:
-        A :class:`FasterRCNN`, :class:`RetinaNet`, :class:`ProposalNetwork` or :class:`FastRCNN` (the
-        preset's ``detector``) in training mode.
+        A :class:`FasterRCNN`, :class:`MaskRCNN`, :class:`RetinaNet`, :class:`ProposalNetwork` or
+        :class:`FastRCNN` (the preset's ``detector``) in training mode.
     """
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
@@ -360,11 +470,14 @@ def build_model(name: str, num_classes: int, pretrained: str | None = None, **ov
     channels = config["fpn_channels"]
     neck = _build_neck(config, list(backbone.out_channels), channels)
     if config["detector"] == "fast_rcnn":
-        return FastRCNN(backbone, neck, _build_roi_head(config, num_classes, channels))
+        return FastRCNN(backbone, neck, _build_roi_head(config, num_classes, channels, class_image_counts))
     rpn = _build_rpn(config, channels)
     if config["detector"] == "rpn":
         return ProposalNetwork(backbone, neck, rpn, num_classes)
-    return FasterRCNN(backbone, neck, rpn, _build_roi_head(config, num_classes, channels))
+    roi_head = _build_roi_head(config, num_classes, channels, class_image_counts)
+    if config["detector"] == "mask_rcnn":
+        return MaskRCNN(backbone, neck, rpn, roi_head)
+    return FasterRCNN(backbone, neck, rpn, roi_head)
 
 
 def _build_rpn(config: dict[str, Any], channels: int) -> RegionProposalNetwork:
@@ -500,7 +613,24 @@ def _samplers(
     return pos, neg, kwargs
 
 
-def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int) -> RoIHead:
+def _cls_loss(config: dict[str, Any], num_classes: int, class_image_counts: Any) -> nn.Module:
+    kind = config["cls_loss"]
+    if kind == "ce":
+        return CrossEntropyLoss()
+    if kind == "sigmoid_ce":
+        return SigmoidCrossEntropyLoss()
+    if kind == "lgr_ce":
+        return LGRCrossEntropyLoss(alpha=config["lgr_ce_alpha"], gamma=config["lgr_ce_gamma"])
+    # Bucketed class re-weighting (Eq. 20-23) with the preset's S, a, t.
+    if class_image_counts is None:
+        return BCRSigmoidCrossEntropyLoss.without_frequencies(num_classes)
+    counts = torch.as_tensor(class_image_counts, dtype=torch.int64).reshape(-1)
+    if counts.numel() != num_classes:
+        raise ValueError(f"class_image_counts has {counts.numel()} entries but the model has {num_classes} classes")
+    return BCRSigmoidCrossEntropyLoss.from_image_counts(counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"])
+
+
+def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int, class_image_counts: Any = None) -> RoIHead:
     if config["box_head"] == "shared2fc":
         box_head: nn.Module = Shared2FCBoxHead(channels, 7, config["fc_channels"], num_classes)
     else:
@@ -514,18 +644,10 @@ def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int) -> 
         beta=config["box_loss_beta"],
         loss_weight=config["box_loss_weight"],
     )
-    if config["cls_loss"] == "ce":
-        cls_loss: nn.Module = CrossEntropyLoss()
-    elif config["cls_loss"] == "sigmoid_ce":
-        cls_loss = SigmoidCrossEntropyLoss()
-    else:
-        cls_loss = LGRCrossEntropyLoss(alpha=config["lgr_ce_alpha"], gamma=config["lgr_ce_gamma"])
+    cls_loss = _cls_loss(config, num_classes, class_image_counts)
 
     pos_sampler, neg_sampler, neg_kwargs = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
-    return RoIHead(
-        box_head,
-        num_classes,
-        MultiLevelRoIExtractor(7, (4, 8, 16, 32), sampling_ratio=0),
+    box_kwargs: dict[str, Any] = dict(
         ignore_iof_thr=config["ignore_iof_thr"],
         batch_size_per_image=config["roi_batch_size"],
         positive_fraction=0.25,
@@ -537,4 +659,24 @@ def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int) -> 
         score_thresh=config["score_thr"],
         nms_thresh=config["nms_thr"],
         detections_per_img=config["max_per_img"],
+    )
+    box_extractor = MultiLevelRoIExtractor(7, (4, 8, 16, 32), sampling_ratio=0)
+    if config["detector"] != "mask_rcnn":
+        return RoIHead(box_head, num_classes, box_extractor, **box_kwargs)
+    mask_head = FCNMaskHead(
+        in_channels=channels,
+        conv_channels=config["mask_conv_channels"],
+        num_convs=config["mask_num_convs"],
+        num_classes=num_classes,
+        class_agnostic=config["mask_class_agnostic"],
+    )
+    return MaskRoIHead(
+        box_head,
+        num_classes,
+        box_extractor,
+        mask_head=mask_head,
+        mask_roi_extractor=mask_roi_extractor((4, 8, 16, 32)),
+        mask_loss_weight=config["mask_loss_weight"],
+        mask_thresh=config["mask_thr"],
+        **box_kwargs,
     )

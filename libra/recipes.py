@@ -5,7 +5,9 @@ detector's schedule is one entry of ``DETECTOR_RECIPES``. Values given on the co
 ``train.py`` / ``eval.py`` always win.
 
 Keys: ``min_size`` / ``max_size`` (resize: short side, cap on the long side), ``multi_scale_range``
-(short sides drawn with ``--multi-scale``), ``optimizer``, ``lr`` (used as is) or
+(short sides drawn with ``--multi-scale``) and ``multi_scale_step`` (their step: 1, or 32 for LVIS),
+``multi_scale`` (on by default: LVIS), ``repeat_factor_sampling`` / ``repeat_threshold`` (LVIS repeat
+factor sampling, on by default for LVIS, threshold 0.001), ``optimizer``, ``lr`` (used as is) or
 ``lr_per_16_images`` (scaled linearly with the total batch), ``schedules`` (``name -> (epochs,
 lr steps)``), ``warmup_iters``, ``grad_clip`` (max gradient norm, 0: none), ``batch_size`` (per GPU),
 ``workers``, ``log_interval``, ``keep_checkpoints`` (0: all), backbone knobs (``backbone_norm``,
@@ -28,6 +30,10 @@ COCO_RECIPE: dict[str, Any] = {
     "min_size": 800,
     "max_size": 1333,
     "multi_scale_range": (640, 800),  # paper Sec. 4.1.3, with --multi-scale
+    "multi_scale_step": 1,  # every short side in the range (MMDetection multiscale_mode='range')
+    "multi_scale": False,
+    "repeat_factor_sampling": False,
+    "repeat_threshold": 0.001,
     "optimizer": "sgd",
     "lr": None,
     "lr_per_16_images": 0.02,
@@ -97,16 +103,33 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
     "overrides": {"fpn_channels": 128},
 }
 
+# LVIS v1 as the paper trained it (Sec. 4.2: "We train the models following the 1x schedule in
+# mmdetection. We randomly select a scale between 640 to 800 to resize the shorter side ... All
+# models are implemented with the repeat factor sampling with a hyperparameter of 0.001";
+# MMDetection mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1: ClassBalancedDataset(oversample_thr=1e-3),
+# RandomChoiceResize of the short sides 640, 672, ..., 800 with the long side <= 1333). The test
+# settings (score > 0.001, 300 per image) are in DATASET_DETECTOR_RECIPES below and in the LVIS presets.
+LVIS_RECIPE: dict[str, Any] = {
+    **COCO_RECIPE,
+    "multi_scale": True,
+    "multi_scale_range": (640, 800),
+    "multi_scale_step": 32,
+    "repeat_factor_sampling": True,
+    "repeat_threshold": 0.001,
+}
+
 DATASET_RECIPES: dict[str, dict[str, Any]] = {
     "synthetic": SYNTHETIC_RECIPE,
     "coco": COCO_RECIPE,
-    "lvis": COCO_RECIPE,
+    "lvis": LVIS_RECIPE,
     "voc": VOC_RECIPE,
 }
 
 # What a detector changes in every dataset's recipe (keyed by the preset's ``detector``).
 DETECTOR_RECIPES: dict[str, dict[str, Any]] = {
     "faster_rcnn": {},
+    # mask-rcnn_r50_fpn_1x_coco: schedule_1x, lr 0.02 per 16 images, as Faster R-CNN.
+    "mask_rcnn": {},
     # retinanet_r50_fpn_1x_coco / libra-retinanet_r50_fpn_1x_coco: optim_wrapper.optimizer lr=0.01
     # for 16 images (half the two-stage lr), otherwise schedule_1x; VOC keeps its 0.01
     # (pascal_voc/retinanet_r50_fpn_1x_voc0712: lr=0.01).
@@ -130,6 +153,25 @@ DATASET_DETECTOR_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
             "rpn_post_nms_top_n_test": 300,
         },
     },
+    # Synthetic, Mask R-CNN: the two-stage entry's sizes, and a mask head of 128-channel convs (the
+    # FPN's width here) instead of 256.
+    ("synthetic", "mask_rcnn"): {
+        "overrides": {
+            "fc_channels": 256,
+            "roi_batch_size": 128,
+            "rpn_pre_nms_top_n_train": 600,
+            "rpn_post_nms_top_n_train": 300,
+            "rpn_pre_nms_top_n_test": 300,
+            "rpn_post_nms_top_n_test": 300,
+            "mask_conv_channels": 128,
+        },
+    },
+    # LVIS, every detector with test settings: the paper's score threshold 0.001 (Sec. 4.2) and the
+    # 300 detections per image the LVIS evaluation keeps.
+    ("lvis", "faster_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
+    ("lvis", "mask_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
+    ("lvis", "fast_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
+    ("lvis", "retinanet"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
     # Synthetic, standalone RPN: the preset's test settings (2000 per level, 1000 proposals) are
     # kept, so that AR@1000 means what it means on COCO.
     # Synthetic, Fast R-CNN: the two-stage entry's R-CNN sizes.

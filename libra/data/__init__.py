@@ -50,6 +50,8 @@ def build_dataset(
     flip_prob: float = 0.5,
     seed: int = 0,
     synthetic_kwargs: dict | None = None,
+    multiscale_step: int = 1,
+    with_masks: bool = False,
 ) -> DetectionDataset:
     """Build a dataset by name.
 
@@ -64,6 +66,9 @@ def build_dataset(
         min_size, max_size: resize rule; default `DEFAULT_SIZES[name]`.
         multiscale_min_sizes: e.g. (640, 800) for multi-scale training (paper 4.1.3).
         synthetic_kwargs: extra arguments of `ensure_synthetic_dataset` (num_train, num_val, image_size, seed).
+        multiscale_step: step of the multi-scale short sides (1; 32 for LVIS: 640, 672, ..., 800).
+        with_masks: decode instance masks into ``target["masks"]`` (a mask model's training data;
+            `DataError` for a dataset without segmentations, e.g. VOC).
     """
     if name not in DATASET_NAMES:
         raise ValueError(f"unknown dataset {name!r}; choose one of {DATASET_NAMES}")
@@ -77,19 +82,24 @@ def build_dataset(
         multiscale_min_sizes=multiscale_min_sizes,
         flip_prob=flip_prob,
         seed=seed,
+        multiscale_step=multiscale_step,
     )
     if name == "coco":
         image_dir, ann_file = build_coco_paths(data_root, split)
-        return CocoDetection(image_dir, ann_file, **kwargs)
-    if name == "voc":
-        return VOCDetection(voc_split_parts(data_root, split), **kwargs)
-    if name == "lvis":
+        dataset: DetectionDataset = CocoDetection(image_dir, ann_file, **kwargs)
+    elif name == "voc":
+        dataset = VOCDetection(voc_split_parts(data_root, split), **kwargs)
+    elif name == "lvis":
         image_root, ann_file = build_lvis_paths(data_root, split)
-        return LVISDetection(image_root, ann_file, **kwargs)
-    if split not in ("train", "val"):
-        raise ValueError(f"synthetic dataset splits are 'train' and 'val', got {split!r}")
-    paths = ensure_synthetic_dataset(data_root, **(synthetic_kwargs or {}))
-    return CocoDetection(paths[f"{split}_images"], paths[f"{split}_ann"], **kwargs)
+        dataset = LVISDetection(image_root, ann_file, **kwargs)
+    else:
+        if split not in ("train", "val"):
+            raise ValueError(f"synthetic dataset splits are 'train' and 'val', got {split!r}")
+        paths = ensure_synthetic_dataset(data_root, **(synthetic_kwargs or {}))
+        dataset = CocoDetection(paths[f"{split}_images"], paths[f"{split}_ann"], **kwargs)
+    if with_masks:
+        dataset.set_with_masks(True)
+    return dataset
 
 
 __all__ = [

@@ -8,7 +8,15 @@ target dict of the interface contract:
     boxes [G, 4] float32 (resized image coords), labels [G] int64, ignore_boxes [Gi, 4],
     image_id int, img_shape (h, w), ori_shape (h0, w0), scale_factor (sx, sy), flip bool,
     and in evaluation mode also difficult [G] bool (VOC; all False elsewhere); with pre-computed
-    proposals attached (Fast R-CNN) also proposals [P, 4] (resized image coords) and proposal_scores [P].
+    proposals attached (Fast R-CNN) also proposals [P, 4] (resized image coords) and proposal_scores [P];
+    with ``with_masks`` (a mask model, e.g. Mask R-CNN) also masks [G, h, w] uint8 (0/1): each
+    box's instance mask in the resized (and flipped) image, padded by `collate` to the batch size.
+
+Instance masks are decoded only when ``with_masks`` is set (`set_with_masks`; the engine sets it
+from the model's ``iou_types``), so box-only training never pays for them. They are decoded from
+the annotation's polygons or RLE (`libra.masks.decode_masks`) with ``on_invalid="warn"``: a bad
+segmentation (empty polygon, polygon outside the image, malformed RLE, none at all) drops that
+instance, its box and its label, with a `libra.masks.MaskWarning` naming the image and annotation.
 
 Bad input: the loaders clip ground-truth (and ignore) boxes to the image in original
 coordinates and drop those that end up narrower or lower than 1 px (`clip_box_to_image`);
@@ -33,6 +41,8 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from libra.masks import decode_masks
+
 from .transforms import DetectionTransform, sample_generator
 
 
@@ -41,7 +51,10 @@ class ImageRecord:
     """One image and its parsed ground truth, in original image coordinates.
 
     boxes: [G, 4] float32; labels: [G] int64 in 0..C-1; difficult: [G] bool (VOC "difficult"
-    objects, kept for evaluation); ignore_boxes: [Gi, 4] float32 (COCO crowd regions).
+    objects, kept for evaluation); ignore_boxes: [Gi, 4] float32 (COCO crowd regions);
+    segmentations: G raw annotation segmentations (COCO / LVIS polygons or RLE dicts, None where an
+    annotation has none), one per box in the same order, or None for a format without masks (VOC);
+    ann_ids: G annotation ids (named in mask errors), or None.
     """
 
     image_id: int
@@ -52,6 +65,8 @@ class ImageRecord:
     labels: np.ndarray = field(default_factory=lambda: np.zeros((0,), np.int64))
     difficult: np.ndarray = field(default_factory=lambda: np.zeros((0,), bool))
     ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    segmentations: list | None = None
+    ann_ids: list | None = None
 
 
 class DataError(ValueError):
@@ -273,6 +288,7 @@ class DetectionDataset(Dataset):
             self.label_to_cat_id = list(range(1, len(self.class_names) + 1))
         self._coco_api = None
         self.proposals = None  # a ProposalSet (libra.data.proposals) for Fast R-CNN, see attach_proposals
+        self.with_masks = False  # decode instance masks into target["masks"] (set_with_masks)
 
     # How the benchmark of this data is scored: 'coco', 'lvis' (federated) or 'voc' (mAP@0.5);
     # ``libra.evaluation.build_evaluator`` reads it together with ``coco_api``.
@@ -328,6 +344,26 @@ class DetectionDataset(Dataset):
         check_coverage(proposals, self.image_ids, source, dataset, split)
         self.proposals = proposals
 
+    def set_with_masks(self, enabled: bool = True) -> None:
+        """Decode each sample's instance masks into ``target["masks"]`` (a mask model trains on them).
+
+        Raises `DataError` when the annotations carry no segmentations at all (e.g. VOC, or a
+        box-only COCO-format file), so that a mask model is refused before it trains on nothing.
+        """
+        if enabled:
+            if any(r.segmentations is None for r in self.records):
+                raise DataError(
+                    f"the {type(self).__name__} annotations have no instance masks; a mask model (Mask R-CNN) "
+                    "needs COCO / LVIS segmentations: choose a box-only model for this dataset"
+                )
+            count = sum(len(r.segmentations) for r in self.records)
+            if count and not any(s is not None for r in self.records for s in r.segmentations):
+                raise DataError(
+                    f"none of the {count} annotations has a 'segmentation' ({self.skip_hint(self.records[0])}); a mask "
+                    "model (Mask R-CNN) needs polygons or RLE masks: choose a box-only model or an instances file with masks"
+                )
+        self.with_masks = bool(enabled)
+
     def skip_hint(self, record: ImageRecord) -> str:
         """Where ``record``'s image is listed (said in errors about its file: remove it there to skip it)."""
         return f"the annotations (image id {record.image_id})"
@@ -359,10 +395,18 @@ class DetectionDataset(Dataset):
         labels = torch.from_numpy(record.labels.astype(np.int64).reshape(-1))
         difficult = torch.from_numpy(record.difficult.astype(bool).reshape(-1))
         ignore = torch.from_numpy(record.ignore_boxes.astype(np.float32).reshape(-1, 4))
+        masks = None
+        if self.with_masks:
+            masks, keep = self._decode_masks(record, h0, w0)
+            if not keep.all():  # instances with a bad segmentation are dropped with their boxes
+                keep_t = torch.from_numpy(keep)
+                boxes, labels, difficult = boxes[keep_t], labels[keep_t], difficult[keep_t]
         if self.train:
             # Difficult objects are neither positives nor negatives in training (they act like crowd).
             ignore = torch.cat([ignore, boxes[difficult]], dim=0)
             boxes, labels = boxes[~difficult], labels[~difficult]
+            if masks is not None:
+                masks = masks[~difficult]
             difficult = difficult[~difficult]
 
         generator = sample_generator(self.seed, index, *keys) if self.train else None
@@ -381,9 +425,21 @@ class DetectionDataset(Dataset):
         if self.proposals is not None:
             target["proposals"] = out_boxes["proposals"]
             target["proposal_scores"] = proposal_scores.clone()
+        if masks is not None:
+            target["masks"] = self.transform.transform_masks(masks, meta)
         if not self.train:
             target["difficult"] = difficult
         return image, target
+
+    def _decode_masks(self, record: ImageRecord, height: int, width: int) -> tuple[Tensor, np.ndarray]:
+        """``([G', h0, w0] uint8, keep [G] bool)``: the record's instance masks, bad ones dropped with a warning."""
+        segmentations = record.segmentations if record.segmentations is not None else [None] * len(record.boxes)
+        if len(segmentations) != len(record.boxes):
+            raise DataError(
+                f"image {record.image_id}: {len(segmentations)} segmentations for {len(record.boxes)} boxes; "
+                "the loader must keep one segmentation per box"
+            )
+        return decode_masks(segmentations, height, width, image_id=record.image_id, ann_ids=record.ann_ids, on_invalid="warn")
 
 
 def records_to_coco_dict(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:

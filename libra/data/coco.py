@@ -13,7 +13,8 @@ without overlap with the image and clips the others in ``Resize``, ``clip_object
 a box reaching more than 10 image sizes outside the image is an error; ``iscrowd`` boxes go to
 ``ignore_boxes``; category ids map to contiguous labels 0..C-1 in increasing id order
 (``label_to_cat_id[label]`` maps back). Training drops images without usable boxes;
-evaluation keeps every image.
+evaluation keeps every image. Each kept box's ``segmentation`` (polygons or RLE) is kept with it,
+undecoded; a mask model decodes it (``DetectionDataset.with_masks``).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def parse_coco_annotations(
                 raise ValueError(f"{source} image {image_id} has no 'file_name'")
             path = image_root / info["file_name"]
         width, height = check_image_size(info.get("width"), info.get("height"), f"{source} image {image_id}")
-        boxes, labels, ignore = [], [], []
+        boxes, labels, ignore, segmentations, ann_ids = [], [], [], [], []
         for ann in coco.imgToAnns.get(image_id, []):
             what = f"{source} annotation {ann.get('id')} of image {image_id}"
             x, y, w, h = check_finite_box(ann.get("bbox"), what)
@@ -86,6 +87,9 @@ def parse_coco_annotations(
             else:
                 boxes.append(box)
                 labels.append(cat_id_to_label[cat_id])
+                # Kept as annotated (decoded only for a mask model, libra.data.base.DetectionDataset).
+                segmentations.append(ann.get("segmentation"))
+                ann_ids.append(ann.get("id"))
         if train and not boxes:
             continue
         records.append(
@@ -98,6 +102,8 @@ def parse_coco_annotations(
                 labels=np.asarray(labels, np.int64),
                 difficult=np.zeros(len(boxes), bool),
                 ignore_boxes=np.asarray(ignore, np.float32).reshape(-1, 4),
+                segmentations=segmentations,
+                ann_ids=ann_ids,
             )
         )
     return records, cat_ids, class_names
@@ -111,7 +117,7 @@ class CocoDetection(DetectionDataset):
         ann_file: instances JSON.
         train: training mode (augmentation, drop images without boxes).
         transform: resize/flip/normalise; default ``DetectionTransform(train, min_size, max_size)``.
-        min_size, max_size, multiscale_min_sizes, flip_prob: used to build the default transform.
+        min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step: used to build the default transform.
         seed: base seed of the per-sample augmentation RNG.
     """
 
@@ -126,6 +132,7 @@ class CocoDetection(DetectionDataset):
         multiscale_min_sizes: tuple[int, int] | None = None,
         flip_prob: float = 0.5,
         seed: int = 0,
+        multiscale_step: int = 1,
     ) -> None:
         self.root = Path(root)
         self.ann_file = Path(ann_file)
@@ -134,7 +141,7 @@ class CocoDetection(DetectionDataset):
         self.coco = load_coco_api(self.ann_file)
         records, self.label_to_cat_id, class_names = parse_coco_annotations(self.coco, self.root, train)
         if transform is None:
-            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
+            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step)
         super().__init__(records, class_names, train, transform, seed)
 
     @property

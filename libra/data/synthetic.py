@@ -10,7 +10,9 @@ and 1-6 shapes of size 16..160 px (clipped to the image), random aspect ratio an
 some with a 2 px outline. Shapes may overlap a little (a new shape is rejected if it would hide
 more than 30 % of an earlier one). Boxes are the tight bounds of each shape's VISIBLE pixels
 (computed from a per-pixel owner map), in continuous coordinates: a shape covering pixel
-columns a..b has x1 = a, x2 = b + 1.
+columns a..b has x1 = a, x2 = b + 1. The owner map also gives each object's exact instance mask
+(its visible pixels), written as a COCO compressed RLE ``segmentation`` with ``area`` = its pixel
+count (COCO's convention), so the same data trains and evaluates Mask R-CNN (box and mask AP).
 
 `ensure_synthetic_dataset` writes COCO instances JSON + PNG files once and then reuses them;
 it generates into a temporary folder and renames it into place, so concurrent callers (e.g.
@@ -33,10 +35,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from libra.masks import encode_rle
+
 from .base import DataError
 
 SYNTHETIC_CLASSES: tuple[str, ...] = ("rectangle", "ellipse", "triangle", "cross")
-_FORMAT_VERSION = 1
+# 2: annotations carry each object's instance mask (RLE ``segmentation``, ``area`` = mask pixels).
+# The version is part of the marker, so a folder of an older version is regenerated.
+_FORMAT_VERSION = 2
 _SPLIT_SALT = {"train": 1, "val": 2}
 # The marker file that says a folder is this builder's output (it holds the generation
 # parameters); a folder without it is never deleted or overwritten.
@@ -118,7 +124,8 @@ def render_synthetic_image(
     Returns:
         image [h, w, 3] uint8, background [h, w, 3] uint8 (the image before any shape),
         owner [h, w] int32 (object index owning each pixel, -1 for background),
-        objects: list of ``{"label": int, "box": [x1, y1, x2, y2]}`` (tight, continuous coords).
+        objects: list of ``{"label": int, "box": [x1, y1, x2, y2], "owner": k}`` (tight, continuous
+            coords; ``owner == k`` is the object's visible mask).
     """
     height, width = image_size
     rng = np.random.default_rng([int(seed), _SPLIT_SALT.get(split, 3), int(index)])
@@ -151,7 +158,9 @@ def render_synthetic_image(
         ys, xs = np.nonzero(owner == k)
         if len(xs) == 0:
             continue
-        objects.append({"label": label, "box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)]})
+        objects.append({
+            "label": label, "box": [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)], "owner": k,
+        })
     return image, background, owner, objects
 
 
@@ -255,8 +264,13 @@ def _check_replaceable(root: Path) -> None:
 
 def _render_and_save(args: tuple) -> list[dict]:
     seed, split, index, image_size, path = args
-    image, _, _, objects = render_synthetic_image(seed, split, index, image_size)
+    image, _, owner, objects = render_synthetic_image(seed, split, index, image_size)
     Image.fromarray(image).save(path, compress_level=1)
+    if objects:
+        owners = np.asarray([obj["owner"] for obj in objects], np.int32)
+        masks = owner[None] == owners[:, None, None]  # [K, h, w]: each object's visible pixels
+        for obj, rle, area in zip(objects, encode_rle(masks), masks.sum(axis=(1, 2)).tolist()):
+            obj["segmentation"], obj["area"] = rle, int(area)
     return objects
 
 
@@ -276,7 +290,7 @@ def _write_split(folder: Path, ann_path: Path, split: str, count: int, image_siz
             x1, y1, x2, y2 = obj["box"]
             annotations.append({
                 "id": len(annotations) + 1, "image_id": image_id, "category_id": obj["label"] + 1,
-                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": (x2 - x1) * (y2 - y1), "iscrowd": 0,
+                "bbox": [x1, y1, x2 - x1, y2 - y1], "area": obj["area"], "segmentation": obj["segmentation"], "iscrowd": 0,
             })
     categories = [{"id": i + 1, "name": n, "supercategory": "shape"} for i, n in enumerate(SYNTHETIC_CLASSES)]
     ann_path.parent.mkdir(parents=True, exist_ok=True)

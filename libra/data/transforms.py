@@ -11,6 +11,11 @@ Pipeline of one training sample (all on CPU, in the DataLoader worker):
     -> normalise with the ImageNet mean / std of RGB 0..255
     -> (in `collate`) pad bottom-right with 0 to a multiple of 32
 
+Instance masks (a mask model's targets, ``DetectionTransform.transform_masks``) follow the image:
+nearest-neighbour resize to the image's resized size, the same flip, and in `collate` zero
+padding to the padded batch size, so masks, boxes and images share coordinates
+(MMDetection ``coco_instance.py``: ``LoadAnnotations(with_mask=True)``, masks resized with the image).
+
 Boxes are float32 ``[x1, y1, x2, y2]`` in continuous coordinates (width = x2 - x1, no +1).
 
 Randomness (multi-scale size, flip) never comes from global RNG state: every sample gets a
@@ -115,8 +120,11 @@ class DetectionTransform:
         train: training mode enables multi-scale (if ``multiscale_min_sizes`` is given) and flip.
         min_size, max_size: target short side and cap on the long side (800 / 1333 for COCO).
         multiscale_min_sizes: ``(lo, hi)``: in training the short side is drawn uniformly from
-            the integers lo..hi (paper 4.1.3 uses (640, 800)); the long side stays <= max_size.
+            lo, lo + step, ..., hi (paper 4.1.3 uses (640, 800)); the long side stays <= max_size.
         flip_prob: probability of a horizontal flip in training (0.5).
+        multiscale_step: the step of those short sides: 1 (every integer, MMDetection's
+            ``multiscale_mode='range'`` of the COCO recipe) or 32 for LVIS (640, 672, ..., 800:
+            ``mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1``, ``multiscale_mode='value'``, paper Sec. 4.2).
     """
 
     train: bool = False
@@ -124,14 +132,24 @@ class DetectionTransform:
     max_size: int = 1333
     multiscale_min_sizes: tuple[int, int] | None = None
     flip_prob: float = 0.5
+    multiscale_step: int = 1
 
     def __post_init__(self) -> None:
         if self.multiscale_min_sizes is not None:
             lo, hi = self.multiscale_min_sizes
             if not 0 < lo <= hi:
                 raise ValueError(f"multiscale_min_sizes must be (lo, hi) with 0 < lo <= hi, got {self.multiscale_min_sizes}")
+        if isinstance(self.multiscale_step, bool) or not isinstance(self.multiscale_step, int) or self.multiscale_step < 1:
+            raise ValueError(f"multiscale_step must be a positive integer, got {self.multiscale_step!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
+
+    def multiscale_choices(self) -> list[int]:
+        """The short sides training draws from (``[min_size]`` without multi-scale)."""
+        if self.multiscale_min_sizes is None:
+            return [self.min_size]
+        lo, hi = self.multiscale_min_sizes
+        return list(range(int(lo), int(hi) + 1, self.multiscale_step))
 
     def __call__(
         self,
@@ -148,7 +166,11 @@ class DetectionTransform:
         min_size = self.min_size
         if self.train and self.multiscale_min_sizes is not None:
             lo, hi = self.multiscale_min_sizes
-            min_size = int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+            if self.multiscale_step == 1:
+                min_size = int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
+            else:
+                choices = self.multiscale_choices()
+                min_size = choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
         new_h, new_w = get_resize_size(h0, w0, min_size, self.max_size)
         image = resize_image(image.float(), (new_h, new_w))
         scale_x, scale_y = new_w / w0, new_h / h0
@@ -168,6 +190,26 @@ class DetectionTransform:
             "flip": flip,
         }
         return normalize_image(image), out_boxes, meta
+
+    @staticmethod
+    def transform_masks(masks: Tensor, meta: dict) -> Tensor:
+        """Apply a sample's resize and flip (``meta`` returned by ``__call__`` for its image) to its
+        instance masks ``[G, h0, w0]`` (uint8 / bool, original image).
+
+        Returns:
+            ``[G, h, w]`` with ``(h, w) = meta["img_shape"]``: nearest-neighbour resized
+            (``libra.masks.resize_masks``) and mirrored when ``meta["flip"]``, the same flag and
+            width as the image and its boxes.
+        """
+        from libra.masks import hflip_masks, resize_masks
+
+        if tuple(masks.shape[-2:]) != tuple(meta["ori_shape"]):
+            raise ValueError(
+                f"masks are {tuple(masks.shape[-2:])} (h, w) but the image is {tuple(meta['ori_shape'])}; "
+                "decode them at the original image size"
+            )
+        masks = resize_masks(masks, tuple(meta["img_shape"]))
+        return hflip_masks(masks) if meta["flip"] else masks
 
 
 def pad_images(images: Sequence[Tensor], size_divisibility: int = SIZE_DIVISIBILITY) -> Tensor:
@@ -194,12 +236,19 @@ def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
 
     Images are padded with 0 (after normalisation) to a common size that is a multiple of 32;
     ``target["img_shape"]`` keeps each image's unpadded (h, w) (the model's ``image_sizes``).
+    Instance masks (``target["masks"]`` [G, h, w], mask models) are zero-padded the same way to
+    [G, H, W], the padded batch size.
     """
     if len(batch) == 0:
         raise ValueError("collate got an empty batch")
-    images = [item[0] for item in batch]
+    images = pad_images([item[0] for item in batch])
     targets = [item[1] for item in batch]
-    return pad_images(images), targets
+    if any("masks" in target for target in targets):
+        from libra.masks import pad_masks
+
+        size = (int(images.shape[-2]), int(images.shape[-1]))
+        targets = [{**t, "masks": pad_masks(t["masks"], size)} if "masks" in t else t for t in targets]
+    return images, targets
 
 
 def preprocess_images(

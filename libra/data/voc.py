@@ -142,6 +142,7 @@ class VOCDetection(DetectionDataset):
         multiscale_min_sizes: tuple[int, int] | None = None,
         flip_prob: float = 0.5,
         seed: int = 0,
+        multiscale_step: int = 1,
         class_names: Sequence[str] = VOC_CLASSES,
     ) -> None:
         records = []
@@ -168,7 +169,7 @@ class VOCDetection(DetectionDataset):
             raise ValueError("duplicate VOC image ids: an image is listed twice in the split files")
         self.label_to_cat_id = list(range(1, len(class_names) + 1))
         if transform is None:
-            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob)
+            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step)
         super().__init__(records, class_names, train, transform, seed)
 
     def skip_hint(self, record: ImageRecord) -> str:

@@ -222,6 +222,8 @@ def check_targets(
         if zero_area:
             keep = ~_zero_area(boxes)
             target["boxes"], target["labels"] = boxes[keep], target["labels"][keep]
+            if isinstance(target.get("masks"), Tensor):  # Mask R-CNN: a box's instance mask goes with it
+                target["masks"] = target["masks"][keep.to(target["masks"].device)]
         checked.append(target)
     return checked
 

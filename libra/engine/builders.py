@@ -54,6 +54,10 @@ class DataSettings:
     synthetic_num_val: int = 64
     synthetic_image_size: int = 256
     check_images: str = "header"  # pre-flight image check: "header", "full" or "none" (module docstring)
+    multiscale_step: int = 1  # step of the multi-scale short sides (32 for LVIS: 640, 672, ..., 800)
+    # The model predicts masks ("segm" in its iou_types): the training split decodes instance masks
+    # (DetectionDataset.with_masks) and the evaluation split must have segmentations.
+    with_masks: bool = False
 
 
 def default_data_root(settings: DataSettings) -> Path:
@@ -89,7 +93,9 @@ def build_dataset(
         min_size=settings.min_size,
         max_size=settings.max_size,
         multiscale_min_sizes=settings.multiscale_min_sizes if train else None,
+        multiscale_step=settings.multiscale_step,
         seed=settings.seed,
+        with_masks=settings.with_masks and train,  # only training reads masks (evaluation reads the gt file)
     )
     if split not in (None, "train", "val"):
         raise DataError(f"unknown split {split!r}; choose train or val")
@@ -119,6 +125,8 @@ def build_dataset(
         raise DataError(f"cannot read the {name} annotations under {root}: {text}") from None
     if len(dataset) == 0:
         raise DataError(f"the {name} {'training' if train else 'evaluation'} split under {root} has no usable images")
+    if settings.with_masks and not train:
+        check_mask_ground_truth(dataset, name, root)
     if check_files:
         missing = [r.file_path for r in dataset.records if not Path(r.file_path).is_file()]
         if missing:
@@ -130,6 +138,17 @@ def build_dataset(
 
         dataset.attach_proposals(load_proposals(proposals_file), proposals_file, name, role)
     return dataset
+
+
+def check_mask_ground_truth(dataset, name: str, root: Path) -> None:
+    """A mask model is evaluated with mask AP, which needs a segmentation on every ground-truth
+    annotation: refuse (one-line DataError) before anything is trained, not after."""
+    from libra.evaluation.coco_evaluator import check_segm_ground_truth
+
+    try:
+        check_segm_ground_truth(dataset.coco_api, ("segm",), f"the {name} evaluation split under {root}")
+    except ValueError as error:
+        raise DataError(f"{error}; a mask model (Mask R-CNN) needs instance masks, or choose a box-only model") from None
 
 
 def check_images(dataset, mode: str = "header") -> None:

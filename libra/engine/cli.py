@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from libra import presets
-from libra.presets import build_model, preset_config
+from libra.presets import build_model, preset_config, preset_iou_types
 from libra.recipes import recipe
 
 from .builders import DATASETS, IMAGE_CHECKS, DataError, DataSettings
@@ -59,7 +59,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
     group.add_argument("--sampler", choices=("random", "iou_balanced"), default=None)
     group.add_argument("--neck", choices=("fpn", "bfp", "pafpn", "bpafpn"), default=None)
     group.add_argument("--box-loss", choices=("smooth_l1", "l1", "balanced_l1", "lgr_l1"), default=None)
-    group.add_argument("--cls-loss", choices=("ce", "lgr_ce", "sigmoid_ce"), default=None)
+    group.add_argument(
+        "--cls-loss", choices=("ce", "lgr_ce", "sigmoid_ce", "bcr"), default=None,
+        help="bcr: bucketed class re-weighting (paper Sec. 3.3.3; --set bcr_t=0.025 --set bcr_s=10, Table 10)",
+    )
     group.add_argument("--box-head", choices=("shared2fc", "4conv1fc"), default=None)
     group.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 stem, k stem + layer1..k (preset: 1)")
     group.add_argument(
@@ -224,6 +227,8 @@ def check_proposals_flags(args: argparse.Namespace, flags: list[tuple[str, str]]
 
 
 def data_settings(args: argparse.Namespace) -> DataSettings:
+    """The data settings of ``args``; masks are decoded for a model whose outputs include ``"segm"``
+    (:func:`libra.presets.preset_iou_types`)."""
     return DataSettings(
         dataset=args.dataset,
         data_root=args.data_root,
@@ -235,17 +240,34 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
         synthetic_num_val=args.synthetic_num_val,
         synthetic_image_size=args.synthetic_image_size,
         check_images=getattr(args, "check_images", None) or "header",
+        multiscale_step=int(getattr(args, "multi_scale_step", None) or 1),
+        with_masks="segm" in preset_iou_types(args.model),
     )
 
 
-def build_detector(args: argparse.Namespace, num_classes: int) -> torch.nn.Module:
-    """The preset ``args.model`` with the command line's overrides (backbone knobs included)."""
+def build_detector(args: argparse.Namespace, num_classes: int, train_set=None) -> torch.nn.Module:
+    """The preset ``args.model`` with the command line's overrides (backbone knobs included).
+
+    ``train_set``: the training dataset, whose per-class image counts a ``cls_loss='bcr'`` model needs
+    (bucketed class re-weighting, Eq. 21); they are cached in ``args.work_dir`` keyed by the
+    annotation file (:func:`libra.data.class_counts.cached_class_image_counts`). Without it (eval.py)
+    a BCR model is built for evaluation only; its checkpoint holds the class weights.
+    """
     overrides = dict(args.overrides)
     for key in BACKBONE_FLAGS:
         value = getattr(args, key, None)
         if value is not None:
             overrides[key] = tuple(value) if key == "stage_blocks" else value
-    return build_model(args.model, num_classes, pretrained=getattr(args, "pretrained", None), **overrides)
+    counts = None
+    if train_set is not None and preset_config(args.model, **overrides).get("cls_loss") == "bcr":
+        from pathlib import Path
+
+        from libra.data.class_counts import cached_class_image_counts
+
+        counts = cached_class_image_counts(train_set, Path(args.work_dir) / "class_image_counts.json")
+    return build_model(
+        args.model, num_classes, pretrained=getattr(args, "pretrained", None), class_image_counts=counts, **overrides
+    )
 
 
 def one_line(error: BaseException) -> str:

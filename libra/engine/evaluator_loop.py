@@ -115,7 +115,10 @@ def evaluate_model(
     on_batch=None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (all ranks call this); rank 0 returns the metrics and
-    writes ``{tag}detections.json`` / ``{tag}metrics.json`` into ``work_dir`` atomically; other ranks return {}."""
+    writes ``{tag}detections.json`` (box results), ``{tag}segm_detections.json`` (mask results as
+    RLE, for a model with ``"segm"`` in its ``iou_types``) and ``{tag}metrics.json`` into
+    ``work_dir`` atomically; other ranks return {}. Mask metrics are the box names prefixed
+    ``segm_`` (``segm_AP``, ..., ``segm_APr`` on LVIS)."""
     start = time.perf_counter()
     if ctx.world_size > 1:
         # Trainable BN statistics are updated by every rank's last forward pass; evaluate with
@@ -136,8 +139,20 @@ def evaluate_model(
         if work_dir is not None:
             work_dir = Path(work_dir)
             if hasattr(evaluator, "results") and not proposals:
-                atomic_write_text(json.dumps(evaluator.results()), work_dir / f"{tag}detections.json")
+                if "bbox" in iou_types:
+                    atomic_write_text(json.dumps(evaluator.results("bbox")), work_dir / f"{tag}detections.json")
+                if "segm" in iou_types:
+                    atomic_write_text(json.dumps(evaluator.results("segm")), work_dir / f"{tag}segm_detections.json")
             atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", work_dir / f"{tag}metrics.json")
-        print(format_metrics_table(metrics, f"{'proposal recall' if 'proposal' in iou_types else 'box metrics'} on {len(dataset)} images ({elapsed:.1f}s)"))
+        what = "proposal recall" if "proposal" in iou_types else " and ".join(
+            {"bbox": "box", "segm": "mask"}.get(t, t) for t in iou_types
+        ) + " metrics"
+        if "segm" in iou_types:
+            box = {k: v for k, v in metrics.items() if not k.startswith("segm_")}
+            mask = {k: v for k, v in metrics.items() if k.startswith("segm_")}
+            print(format_metrics_table(box, f"box metrics on {len(dataset)} images ({elapsed:.1f}s)"))
+            print(format_metrics_table(mask, f"mask metrics on {len(dataset)} images"))
+        else:
+            print(format_metrics_table(metrics, f"{what} on {len(dataset)} images ({elapsed:.1f}s)"))
     synchronize()
     return metrics

@@ -119,9 +119,13 @@ def bcr_sigmoid_cross_entropy(
 
 
 class BCRSigmoidCrossEntropyLoss(nn.Module):
-    """Module form of ``bcr_sigmoid_cross_entropy``; ``class_weights`` [C] is kept as a buffer.
+    """Module form of ``bcr_sigmoid_cross_entropy``; ``class_weights`` [C] is kept as a buffer
+    (so a checkpoint carries the weights it was trained with).
 
-    Build the weights once from the training set: ``bucketed_class_weights(image_counts)``.
+    Build the weights once from the training set: ``bucketed_class_weights(image_counts)``, or
+    :meth:`from_image_counts`. :meth:`without_frequencies` makes a stand-in for a model that is
+    only evaluated (test-time scoring does not read the weights; a checkpoint's weights load into
+    it), which refuses to compute a training loss until real weights are loaded.
     """
 
     use_sigmoid = True  # test-time scores are per-class sigmoids (Sec. 3.3.3)
@@ -132,6 +136,27 @@ class BCRSigmoidCrossEntropyLoss(nn.Module):
             raise ValueError(f"class_weights must be [C], got shape {tuple(class_weights.shape)}")
         self.register_buffer("class_weights", class_weights.detach().clone().float())
         self.loss_weight = loss_weight
+        self.has_frequencies = True
+
+    @classmethod
+    def from_image_counts(
+        cls, image_counts: Tensor, num_buckets: int = 10, a: float = 0.5, t: float = 0.025, loss_weight: float = 1.0
+    ) -> "BCRSigmoidCrossEntropyLoss":
+        """The loss with the weights of Eq. 21-23 for ``image_counts`` [C] (f_i: training images per class)."""
+        return cls(bucketed_class_weights(torch.as_tensor(image_counts), num_buckets, a, t), loss_weight)
+
+    @classmethod
+    def without_frequencies(cls, num_classes: int, loss_weight: float = 1.0) -> "BCRSigmoidCrossEntropyLoss":
+        """A stand-in with C unit weights whose forward refuses to run until ``class_weights`` is
+        loaded from a state dict (a trained checkpoint)."""
+        loss = cls(torch.ones(num_classes), loss_weight)
+        loss.has_frequencies = False
+        return loss
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # noqa: ANN001 (nn.Module's hook)
+        if prefix + "class_weights" in state_dict:
+            self.has_frequencies = True
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -141,4 +166,9 @@ class BCRSigmoidCrossEntropyLoss(nn.Module):
         avg_factor: float | Tensor | None = None,
     ) -> Tensor:
         """logits: [N, C+1]; labels: [N] int64; weight: [N] or None; returns a scalar."""
+        if not self.has_frequencies:
+            raise ValueError(
+                "bucketed class re-weighting needs the training set's class frequencies: build the model with "
+                "class_image_counts=dataset.image_counts_per_class() (train.py does), or load a trained checkpoint"
+            )
         return self.loss_weight * bcr_sigmoid_cross_entropy(logits, labels, self.class_weights, weight, avg_factor)

@@ -150,6 +150,19 @@ class RoIHead(nn.Module):
         return self.predict(features, proposals, image_sizes)
 
     # ------------------------------------------------------------------ training
+    @property
+    def max_positives_per_image(self) -> int:
+        """Upper bound of the positives :meth:`sample` takes per image: ``int(batch_size_per_image
+        * positive_fraction)`` (every positive sampler honours it, ``sample_pos_neg``)."""
+        return int(self.batch_size_per_image * self.positive_fraction)
+
+    def slot_counts(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> list[int]:
+        """Rows of each image in the :class:`SampledRoIs` of :meth:`sample`: ``min(batch_size_per_image,
+        G_i + P)``, from the shapes alone (no host sync). Within an image's rows the positives come
+        first, so its first ``min(rows, max_positives_per_image)`` rows hold all of them."""
+        num_proposals = int(proposals.boxes.shape[1])
+        return [min(self.batch_size_per_image, int(t["boxes"].shape[0]) + num_proposals) for t in targets]
+
     @torch.no_grad()
     def sample(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
         """Assign and sample a fixed number of RoIs per image (no gradient flows through sampling).
@@ -197,10 +210,11 @@ class RoIHead(nn.Module):
                 **self.neg_sampler_kwargs,
             )
             # Masks -> a fixed number of slots: positives first, then negatives, then unused
-            # candidates (weight 0). topk with a static k needs no host sync.
+            # candidates (weight 0). topk with a static k needs no host sync; it sorts, so the
+            # positives are the first rows of the image (``slot_counts``, the mask branch).
             num_slots = min(self.batch_size_per_image, candidates.shape[0])
             priority = positive.to(torch.float32) * 2.0 + negative.to(torch.float32)
-            _, slots = priority.topk(num_slots)
+            _, slots = priority.topk(num_slots, sorted=True)
             slot_positive = positive[slots]
             slot_sampled = slot_positive | negative[slots]
             slot_boxes = candidates[slots]
