@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  "ground truth when --gt is not given.")
     errors.add_argument("--results", nargs="+", required=True, help="one or more COCO results JSON files (detections.json)")
     errors.add_argument("--labels", nargs="*", default=None, help="a name per results file (default: its folder name)")
-    errors.add_argument("--gt", default=None, help="COCO instances JSON (default: the dataset's evaluation split)")
+    errors.add_argument("--gt", default=None, help="COCO instances JSON (default: the evaluation split of the data flags "
+                        "given, else of the run the first results file belongs to (its config.json), else synthetic)")
     errors.add_argument(
         "--groups", default="supercategory",
         help="category groups for Sim: supercategory (the COCO field; none -> one group 'all'), one (one group: Sim = "
@@ -153,10 +154,11 @@ def _eval_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_model(checkpoint: str, split: str, rest: list[str]):
+def load_model(checkpoint: str, split: str, rest: list[str], two_stage: bool = True):
     """Rebuild the checkpoint's detector and the data of ``split`` as eval.py does.
 
-    Returns ``(model in eval mode on its device, dataset, eval.py's resolved namespace)``.
+    Returns ``(model in eval mode on its device, dataset, eval.py's resolved namespace)``; with
+    ``two_stage`` a model without its own RPN and R-CNN stage is refused.
     """
     script = _eval_script()
     args = _eval_args(["--checkpoint", checkpoint, "--split", split, *rest])
@@ -166,10 +168,33 @@ def load_model(checkpoint: str, split: str, rest: list[str]):
         torch.set_num_threads(args.threads)
     dataset = build_dataset(data_settings(args), train=False, split=split)
     model = build_detector(args, dataset.num_classes)
-    if not hasattr(model, "rpn") or not hasattr(model, "roi_head"):
+    if two_stage and (not hasattr(model, "rpn") or not hasattr(model, "roi_head")):
         raise AnalysisError(f"{args.model} has no RPN and R-CNN stage of its own; this figure needs a two-stage detector")
     script.load_weights(model, kind, saved, args, dataset.num_classes, dataset.class_names)
     return model.to(device).eval(), dataset, args
+
+
+# The data settings of a run (its config.json) that select its evaluation ground truth.
+_RUN_DATA_FLAGS = ("dataset", "data_root", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size",
+                   "min_size", "max_size")
+
+
+def _data_flags_of_run(results: Path) -> tuple[list[str], Path | None]:
+    """eval.py data flags from the ``config.json`` of the train.py run a results file belongs to (in its
+    folder, or its parent for eval.py's ``eval_<checkpoint>/`` folders); none when there is no such file."""
+    for folder in (results.resolve().parent, results.resolve().parent.parent):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                saved = json.loads(config.read_text())
+            except (OSError, json.JSONDecodeError):
+                return [], None
+            flags: list[str] = []
+            for key in _RUN_DATA_FLAGS:
+                if saved.get(key) is not None:
+                    flags += [f"--{key.replace('_', '-')}", str(saved[key])]
+            return flags, config
+    return [], None
 
 
 def _out_dir(value: str | None, default: Path) -> Path:
@@ -274,7 +299,7 @@ def run_bfp(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.bfp import plot_pyramid, pyramid_features
     from libra.data.transforms import collate
 
-    model, dataset, resolved = load_model(args.checkpoint, args.split, rest)
+    model, dataset, resolved = load_model(args.checkpoint, args.split, rest, two_stage=False)  # Libra RetinaNet too
     (index,) = _indices(dataset, args.index, 1, "--images")
     images, targets = collate([dataset[index]])
     try:
@@ -356,6 +381,10 @@ def run_errors(args: argparse.Namespace, rest: list[str]) -> int:
             raise AnalysisError(f"--gt: {one_line(error)}") from None
         gt_name = args.gt
     else:
+        if not rest:
+            rest, source = _data_flags_of_run(Path(args.results[0]))
+            if source is not None:
+                print(f"ground truth: the evaluation split of the run in {source.parent} (its config.json)")
         data_args = _eval_args(rest)
         data_args.dataset = data_args.dataset or "synthetic"
         data_args.model = data_args.model or "libra_faster_rcnn_r50_fpn"

@@ -256,8 +256,20 @@ def test_pyramid_features_need_a_bfp_and_recover_the_balanced_feature():
                for i, f in enumerate(features["before"])]
     assert torch.allclose(features["refined"], sum(resized) / 5, atol=1e-5)
     assert magnitude(features["before"][0]).shape == (1, 16, 24)
+    assert features["level_names"] == ["P2", "P3", "P4", "P5", "P6"] and features["refine_level"] == 2
     with pytest.raises(ValueError, match="FPN \\+ BalancedFeaturePyramid"):
         pyramid_features(tiny_detector("faster_rcnn_r50_fpn"), images)
+    torch.manual_seed(0)
+    retina = build_model("libra_retinanet_r50_fpn", 3, backbone=TinyBackbone(), fpn_channels=32, head_channels=32).eval()
+    with torch.no_grad():  # the non-local block starts as the identity (zero output conv): give it weights
+        for parameter in retina.neck[1].refine.parameters():
+            parameter.normal_(0.0, 0.1)
+    features = pyramid_features(retina, images)  # BFP at P4 over P3..P7 (refine level 1)
+    assert features["level_names"] == ["P3", "P4", "P5", "P6", "P7"]
+    resized = [F.adaptive_max_pool2d(f, (4, 6)) if i < 1 else F.interpolate(f, size=(4, 6), mode="nearest")
+               for i, f in enumerate(features["before"])]
+    assert torch.allclose(features["integrated"], sum(resized) / 5, atol=1e-5)  # the refiner's input is Eq. 3's f
+    assert not torch.allclose(features["integrated"], features["refined"])  # the non-local block changed it
 
 
 def test_training_curves_and_plot_losses(tmp_path):
@@ -350,9 +362,8 @@ def test_every_command_runs_end_to_end(tiny_run, analyze_module, tmp_path, capsy
 
     detections = str(tiny_run / "detections.json")
     data_root = str(tiny_run.parent / "data")
-    assert main(["errors", "--results", detections, detections, "--labels", "A", "B", "--data-root", data_root,
-                 "--synthetic-image-size", "64", "--synthetic-num-train", "4", "--synthetic-num-val", "4",
-                 "--out-dir", str(out)]) == 0
+    # the ground truth of the run the results belong to (its config.json: the tiny synthetic data)
+    assert main(["errors", "--results", detections, detections, "--labels", "A", "B", "--out-dir", str(out)]) == 0
     data = check_outputs(out / "fig8_errors_overall.png", out / "fig8_errors.json")
     assert [r["label"] for r in data["results"]] == ["A", "B"]
     assert data["results"][0]["overall"]["ap"] == data["results"][1]["overall"]["ap"]
@@ -360,6 +371,12 @@ def test_every_command_runs_end_to_end(tiny_run, analyze_module, tmp_path, capsy
     assert (out / "fig8_errors_group_shape.png").stat().st_size > 2000
     metrics = json.loads((tiny_run / "metrics.json").read_text())
     assert data["results"][0]["overall"]["ap"]["C50"] == pytest.approx(metrics["AP50"], abs=1e-6)
+    gt_file = str(Path(data_root) / "annotations" / "instances_val.json")
+    assert main(["errors", "--results", detections, "--gt", gt_file, "--groups", "class", "--duplicates", "loc",
+                 "--out-dir", str(out / "by_class")]) == 0
+    data = check_outputs(out / "by_class" / "fig8_errors_overall.png", out / "by_class" / "fig8_errors.json")
+    assert sorted(data["results"][0]["by_group"]) == ["cross", "ellipse", "rectangle", "triangle"]
+    assert data["results"][0]["duplicates"] == "loc"
 
     assert main(["curves", "--work-dir", str(tiny_run), "--out-dir", str(out)]) == 0
     data = check_outputs(out / "curves.png")

@@ -34,7 +34,7 @@ def pyramid_features(model: nn.Module, images: Tensor) -> dict[str, list[Tensor]
 
     Returns:
         ``{"before": [P_l [B, C, H_l, W_l]], "after": [P_l'], "integrated": f [B, C, H_r, W_r],
-        "refined": f' [B, C, H_r, W_r], "refine_level": r}``.
+        "refined": f' [B, C, H_r, W_r], "refine_level": r, "level_names": ["P2", ...]}``.
 
     Raises:
         ValueError: the model's neck has no balanced feature pyramid.
@@ -63,8 +63,9 @@ def pyramid_features(model: nn.Module, images: Tensor) -> dict[str, list[Tensor]
     level = bfp.refine_level
     refined = after[level] - before[level]
     integrated = captured[0] if captured else refined
+    first = 2 + int(getattr(neck[0], "start_level", 0))  # P2 for Faster R-CNN, P3 for RetinaNet (start level 1)
     return {"before": list(before), "after": list(after), "integrated": integrated, "refined": refined,
-            "refine_level": level}
+            "refine_level": level, "level_names": [f"P{first + i}" for i in range(len(before))]}
 
 
 def plot_pyramid(image_rgb: np.ndarray, features: dict, path: str | Path, image_id: int | None = None) -> tuple[Path, Path]:
@@ -79,7 +80,7 @@ def plot_pyramid(image_rgb: np.ndarray, features: dict, path: str | Path, image_
     integrated = magnitude(features["integrated"][0]).float().cpu().numpy()
     refined = magnitude(features["refined"][0]).float().cpu().numpy()
     levels = len(before)
-    level_names = [f"P{2 + i}" for i in range(levels)]
+    level_names = features.get("level_names") or [f"P{2 + i}" for i in range(levels)]
     figure = new_figure(2.0 * (levels + 1), 4.6)
     grid = figure.add_gridspec(2, levels + 1)
     axes = figure.add_subplot(grid[0, 0])
