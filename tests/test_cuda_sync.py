@@ -3,9 +3,9 @@
 Each check runs the code under ``torch.cuda.set_sync_debug_mode("error")`` (``no_host_sync`` in
 ``tests/gpu/sync_debug.py``): any ``.item()``, ``bool(t)``, ``nonzero``, boolean-mask indexing,
 blocking copy or ``torch.cuda.synchronize`` inside raises. Covered: the MaxIoUAssigner, the RPN's
-training loss (anchors, valid flags, assignment, sampling, targets, loss, backward), the RoI head's
-``sample()`` and ``loss()`` after the RoI extractor, and a whole RetinaNet training step, all with
-target validation off (the detector's one documented sync per batch, ``libra.detectors.base``).
+training loss (anchors, valid flags, assignment, sampling, targets, loss, backward) and a standalone
+RPN's training step, the RoI head's ``sample()`` and ``loss()`` after the RoI extractor, and a whole
+RetinaNet training step, all with target validation off (the detector's one documented sync per batch, ``libra.detectors.base``).
 
 The known, documented host syncs are not inside these checks; the tests that record them (mode
 ``"warn"``) assert that every sync comes from where the code says it does:
@@ -41,7 +41,7 @@ from libra.boxes import box_iof, box_iou  # noqa: E402
 from libra.dense_heads import RegionProposalNetwork  # noqa: E402
 from libra.losses import sigmoid_focal_loss  # noqa: E402
 from libra.max_iou_assigner import MaxIoUAssigner  # noqa: E402
-from libra.presets import build_model  # noqa: E402
+from libra.presets import available_presets, build_model  # noqa: E402
 from libra.structures import Proposals  # noqa: E402
 from sync_debug import SYNC_MESSAGE, SyncRecorder, event_from_stack, is_sync_error, no_host_sync  # noqa: E402
 
@@ -374,6 +374,31 @@ def test_rpn_training_forward_syncs_only_in_nms(device):
         assert (boxes[:, 0] >= 0).all() and (boxes[:, 2] <= width).all() and (boxes[:, 3] <= height).all()
         assert (scores[:-1] >= scores[1:]).all()
     assert all(torch.isfinite(v).all() for v in losses.values())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_standalone_rpn_training_step_is_sync_free(device):
+    """``ProposalNetwork`` (``rpn_r50_fpn``) in training computes no proposals: backbone, neck, RPN loss
+    and backward without a sync (target validation off)."""
+    if "rpn_r50_fpn" not in available_presets():
+        pytest.skip("no rpn_r50_fpn preset")
+    device = torch.device(device)
+    torch.manual_seed(0)
+    generator = torch.Generator().manual_seed(9)
+    model = build_model("rpn_r50_fpn", NUM_CLASSES, backbone=TinyBackbone(), fpn_channels=16, ignore_iof_thr=0.5)
+    model = model.train().to(device)
+    model.validate_targets = False
+    images = torch.randn(2, 3, *BATCH_SHAPE, generator=generator).to(device)
+    targets = [to_device(t, device) for t in batch_targets(generator)]
+    total_loss(model(images, IMAGE_SIZES, targets)).backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    with no_host_sync(device):
+        losses = model(images, IMAGE_SIZES, targets)
+        total_loss(losses).backward()
+    assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}
+    assert all(torch.isfinite(v).item() and v.item() > 0 for v in losses.values())
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
 
 
 # ----------------------------------------------------------------------------- RoI head

@@ -115,8 +115,9 @@ def random_batch(batch: int, height: int, width: int, num_classes: int, device: 
             grid_y = torch.arange(height)[None, :, None]
             grid_x = torch.arange(width)[None, None, :]
             b = boxes.round().long()
-            inside = (grid_x >= b[:, 0, None, None]) & (grid_x < b[:, 2, None, None])
-            inside &= (grid_y >= b[:, 1, None, None]) & (grid_y < b[:, 3, None, None])
+            in_x = (grid_x >= b[:, 0, None, None]) & (grid_x < b[:, 2, None, None])  # [5, 1, W]
+            in_y = (grid_y >= b[:, 1, None, None]) & (grid_y < b[:, 3, None, None])  # [5, H, 1]
+            inside = in_x & in_y  # [5, H, W]: the box filled
             target["masks"] = inside.to(torch.uint8).to(device)
         targets.append(target)
     return images.to(device), targets

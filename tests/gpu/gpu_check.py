@@ -656,7 +656,7 @@ class Check:
                     "--size", "128", "128", "--train-batches", "1", "--infer-batches", "1", "--threads", "1",
                     "--models", "libra_faster_rcnn_r50_fpn", "tv_fasterrcnn"]
         else:
-            argv = [self.python, "tests/benchmarks/bench_train.py", "--device", "cuda", "--iters", "4", "--warmup", "2"]
+            argv = [self.python, "tests/benchmarks/bench_train.py", "--device", "cuda", "--iters", "3", "--warmup", "2"]
         argv += ["--json", str(out), "--time-limit", str(int(max(10, limit - 40)))]
         step, _ = self.command_step("bench_train", argv, limit)
         step["data"] = read_json(out)
