@@ -33,15 +33,30 @@ def new_figure(width_in: float, height_in: float, dpi: int = 100):
     return figure
 
 
-def save_figure(figure, path: str | os.PathLike, dpi: int | None = None) -> Path:
-    """Write ``figure`` as a PNG to ``path`` atomically (temporary file beside it, then ``os.replace``)."""
+def save_figure(figure, path: str | os.PathLike, dpi: int | None = None, palette: bool = False) -> Path:
+    """Write ``figure`` as a PNG to ``path`` atomically (temporary file beside it, then ``os.replace``).
+
+    ``palette``: store 256 adaptive colours instead of RGBA (figures holding photographs with many
+    thin boxes: about 3x smaller files, no visible difference).
+    """
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise AnalysisError(f"figure path must end in .png, got {path}")
     kwargs = {"format": "png"}
     if dpi is not None:
         kwargs["dpi"] = dpi
-    return atomic_write(path, lambda handle: figure.savefig(handle, **kwargs))
+    if not palette:
+        return atomic_write(path, lambda handle: figure.savefig(handle, **kwargs))
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, **kwargs)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        quantised = image.convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
+    return atomic_write(path, lambda handle: quantised.save(handle, format="PNG", optimize=True))
 
 
 def _clean(value: Any) -> Any:
@@ -64,7 +79,7 @@ def save_json(data: dict, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_outputs(figure, data: dict, png_path: str | os.PathLike) -> tuple[Path, Path]:
-    """The figure as ``NAME.png`` and its data as ``NAME.json`` beside it."""
-    png = save_figure(figure, png_path)
+def save_outputs(figure, data: dict, png_path: str | os.PathLike, palette: bool = False) -> tuple[Path, Path]:
+    """The figure as ``NAME.png`` (see :func:`save_figure`) and its data as ``NAME.json`` beside it."""
+    png = save_figure(figure, png_path, palette=palette)
     return png, save_json(data, png.with_suffix(".json"))

@@ -84,11 +84,11 @@ def plot_pyramid(image_rgb: np.ndarray, features: dict, path: str | Path, image_
     figure = new_figure(2.0 * (levels + 1), 4.6)
     grid = figure.add_gridspec(2, levels + 1)
     axes = figure.add_subplot(grid[0, 0])
-    axes.imshow(image_rgb)
+    axes.imshow(image_rgb, interpolation="nearest")
     axes.set_title("image" + (f" {image_id}" if image_id is not None else ""), fontsize=9)
     axes.axis("off")
     axes = figure.add_subplot(grid[1, 0])
-    axes.imshow(refined, cmap="jet")
+    axes.imshow(refined, cmap="jet", interpolation="nearest")
     axes.set_title(f"balanced f' (at {level_names[features['refine_level']]})", fontsize=9)
     axes.axis("off")
     data = {"image_id": image_id, "refine_level": level_names[features["refine_level"]], "magnitude": "mean |x| over channels",
@@ -98,7 +98,7 @@ def plot_pyramid(image_rgb: np.ndarray, features: dict, path: str | Path, image_
         high = float(max(before[index].max(), after[index].max()))
         for row, (maps, what) in enumerate(((before, "FPN"), (after, "BFP"))):
             axes = figure.add_subplot(grid[row, index + 1])
-            axes.imshow(maps[index], cmap="jet", vmin=low, vmax=high)
+            axes.imshow(maps[index], cmap="jet", vmin=low, vmax=high, interpolation="nearest")
             axes.set_title(f"{what} {level_names[index]} (mean {maps[index].mean():.2f})", fontsize=8)
             axes.axis("off")
         data["levels"].append({

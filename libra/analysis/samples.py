@@ -3,8 +3,8 @@
 For each image the model's own training-time proposals are assigned and sampled twice, with
 random sampling (Eq. 1) and with IoU-balanced sampling (Eq. 2) (:mod:`libra.analysis.sampling`);
 the two sets are drawn side by side: ground truth dashed white, sampled positives yellow, sampled
-negatives red (the more opaque, the higher their IoU with a gt), each with a thin dark rim so that
-they show on any background. IoU-balanced sampling moves
+negatives red, each with a thin dark rim so that they show on any background (a random subset of
+each, the same number per sampler, so that the boxes stay readable). IoU-balanced sampling moves
 the negatives from the empty background onto the objects' surroundings (Sec. 3.1).
 """
 from __future__ import annotations
@@ -97,13 +97,12 @@ def plot_samples(
     for row, (image, entry) in enumerate(zip(images_rgb, samples)):
         for column, name in enumerate(SAMPLERS):
             axes = figure.add_subplot(rows, 2, row * 2 + column + 1)
-            axes.imshow(image)
+            axes.imshow(image, interpolation="nearest")
             chosen = entry["samplers"][name]
             negatives = chosen["negatives"]
-            for x1, y1, x2, y2, iou in sorted(_subset(negatives, max_negatives, rng), key=lambda r: r[4]):
-                alpha = 0.45 + 0.55 * min(1.0, iou / 0.5)
-                axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="#ff3030",
-                                         linewidth=0.7, alpha=alpha, path_effects=rim))
+            for x1, y1, x2, y2, _ in _subset(negatives, max_negatives, rng):
+                axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="#ff4d4d",
+                                         linewidth=0.8, path_effects=rim))
             for x1, y1, x2, y2, _ in _subset(chosen["positives"], max_positives, rng):
                 axes.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="#ffe100", linewidth=0.8,
                                          path_effects=rim))
@@ -123,4 +122,4 @@ def plot_samples(
             axes.set_xlim(0, w)
             axes.set_ylim(h, 0)
     figure.tight_layout()
-    return save_outputs(figure, {"images": samples}, path)
+    return save_outputs(figure, {"images": samples}, path, palette=True)
