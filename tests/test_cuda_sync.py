@@ -58,18 +58,29 @@ IMAGE_SIZES = [(128, 160), (96, 128)]
 FPN_STRIDES = (4, 8, 16, 32, 64)
 
 
+def _set_tf32(matmul: bool, cudnn: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # newer torch prefers its fp32_precision settings
+        try:
+            torch.backends.cuda.matmul.allow_tf32 = matmul
+            torch.backends.cudnn.allow_tf32 = cudnn
+        except RuntimeError:  # the new API was used in this process: use it too
+            torch.backends.cuda.matmul.fp32_precision = "tf32" if matmul else "ieee"
+            torch.backends.cudnn.conv.fp32_precision = "tf32" if cudnn else "ieee"
+
+
 @pytest.fixture(autouse=True)
 def exact_float32():
     """No TF32 in cuDNN / cuBLAS, so CUDA float32 results can be compared with the CPU's."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # newer torch prefers its fp32_precision settings
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-    yield
+    if not HAS_CUDA:
+        yield
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    _set_tf32(False, False)
+    yield
+    _set_tf32(*saved)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -357,10 +357,11 @@ def figures_of(results: dict) -> list[dict]:
         if "nms_cuda_equals_cpu" in check:
             add("build", "nms CUDA == CPU", check["nms_cuda_equals_cpu"],
                 f"roi_align max |diff| {fmt(check.get('roi_align_cuda_max_abs_diff'))}")
-    for name, label in (("cuda_tests", "CUDA tests (-k cuda)"), ("tests", "other tests")):
+    for name, label in (("cuda_tests", "CUDA tests"), ("tests", "other tests")):
         counts = steps.get(name, {}).get("counts")
         if counts:
-            extra = [f"{counts['xfailed']} xfailed"] if counts.get("xfailed") else []
+            extra = [steps[name]["selection"]] if steps[name].get("selection") else []
+            extra += [f"{counts['xfailed']} xfailed"] if counts.get("xfailed") else []
             extra += [f"{counts['not_run']} not run (time limit)"] if counts.get("not_run") else []
             add(name, label, f"{counts.get('passed', 0)} passed, {counts.get('failed', 0)} failed, "
                 f"{counts.get('errors', 0)} errors, {counts.get('skipped', 0)} skipped", ", ".join(extra))
@@ -544,8 +545,10 @@ class Check:
             check = self.check_ops()
             status = "ok" if check.get("extension") else "failed"
             why = "--dry" if self.dry else "--no-build"
-            return {"status": status, "method": f"not rebuilt ({why})", "check": check, "arch_list": None,
-                    "detail": f"kept the existing libra._C ({why})" if status == "ok" else check.get("error", "")}
+            detail = f"kept the existing libra._C ({why})" if status == "ok" else check.get("error", "")
+            if status == "ok" and not self.dry and self.env.get("cuda_available") and not check.get("cuda_kernels"):
+                status, detail = "failed", "the existing libra._C has no working CUDA kernels: build it (drop --no-build)"
+            return {"status": status, "method": f"not rebuilt ({why})", "check": check, "arch_list": None, "detail": detail}
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST") or self.env.get("capability")
         env = {"FORCE_CUDA": "1", "MAX_JOBS": str(min(16, os.cpu_count() or 4))}
         if arch:
@@ -597,14 +600,20 @@ class Check:
 
     def step_cuda_tests(self, limit: float) -> dict:
         if self.dry:
-            return self.pytest_step("cuda_tests", ["tests/test_cuda_sync.py"], limit, [])
-        return self.pytest_step("cuda_tests", ["tests"], limit, ["-k", "cuda"], workers=min(4, self.workers()))
+            step = self.pytest_step("cuda_tests", ["tests/test_cuda_sync.py"], limit, [])
+            step["selection"] = "pytest tests/test_cuda_sync.py (CPU logic mode)"
+            return step
+        step = self.pytest_step("cuda_tests", ["tests"], limit, ["-k", "cuda"], workers=min(4, self.workers()))
+        step["selection"] = "pytest tests -k cuda"
+        return step
 
     def step_tests(self, limit: float) -> dict:
         """The rest of the suite: with ``cuda_tests`` in the same run, the tests it ran are left out."""
         if self.dry:
-            return self.pytest_step("tests", ["tests/test_boxes.py", "tests/test_anchors_coder.py"], limit, [])
-        rest = ["-k", "not cuda"] if "cuda_tests" in self.results["steps"] else []
+            step = self.pytest_step("tests", ["tests/test_boxes.py", "tests/test_anchors_coder.py"], limit, [])
+            step["selection"] = "pytest tests/test_boxes.py tests/test_anchors_coder.py (dry subset)"
+            return step
+        rest = ["-k", "not cuda"] if self.results["steps"].get("cuda_tests", {}).get("counts") else []
         step = self.pytest_step("tests", ["tests"], limit, rest, workers=self.workers())
         step["selection"] = "pytest tests -k 'not cuda' (cuda_tests ran the others)" if rest else "pytest tests"
         return step
@@ -642,9 +651,15 @@ class Check:
                      "--epochs", "2", "--batch-size", "2", "--log-interval", "1", "--warmup-iters", "1"]
         else:
             argv += ["--device", "cuda"]
+        coco = self.results["steps"].get("pycocotools", {})
+        no_eval = not (self.env.get("pycocotools") or coco.get("version"))
+        if no_eval:  # the evaluation would fail at the first epoch: time the training alone
+            argv.append("--no-eval")
         step, completed = self.command_step("train", argv, limit)
         records = read_jsonl(work_dir / "log.jsonl")
         step["data"] = train_summary(records, completed.lines)
+        if no_eval:
+            step["detail"] = (step["detail"] + "; " if step["detail"] else "") + "--no-eval: pycocotools is missing, no AP"
         if records:
             (self.out / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
         return step
