@@ -127,6 +127,8 @@ def test_every_step_has_rows_in_the_table():
             "reached_at_epoch": 1, "time_to_target_s": 60.0, "train_time_to_target_s": 45.0, "iterations": 96,
             "s_per_iter_median": 0.05}},
         "bench_train": {"status": "ok", "seconds": 100, "data": {"rows": [
+            {"task": "train", "precision": "amp", "batch": 2, "model": "libra_retinanet_r50_fpn", "images_per_s": 12.0,
+             "vs_peer": 1.05, "peer": "tv_retinanet"},
             {"task": "train", "precision": "amp", "batch": 8, "model": "libra_retinanet_r50_fpn", "images_per_s": 30.0,
              "vs_peer": 1.1, "peer": "tv_retinanet", "vs_tv_fasterrcnn": 0.9, "peak_memory_gb": 20.0},
             {"task": "infer", "precision": "fp32", "batch": 2, "model": "mask_rcnn_r50_fpn", "error": "KeyError: 'masks'"}]}},
@@ -140,8 +142,9 @@ def test_every_step_has_rows_in_the_table():
                      "| cuda_tests | FAILED | tests/test_ops.py::test_x | boom |",
                      "| sync_count | host syncs / iteration | 7 |", "| sync_count | work: libra/roi_heads/roi_extractor.py:96 | 2.0/iter |",
                      "| train | time to AP50 >= 0.7 | 60 s | epoch 1;", "| bench_ops | nms N=1000 | 0.200 ms |",
-                     "| bench_train | train amp b8 libra_retinanet_r50_fpn | 30.00 img/s | x1.10 vs tv_retinanet, x0.90 vs tv_fasterrcnn",
-                     "| bench_train | infer fp32 b2 mask_rcnn_r50_fpn | failed | KeyError: 'masks' |",
+                     "| bench_train | train amp libra_retinanet_r50_fpn | b2 12.0, b8 30.0 img/s | x1.05/1.10 vs tv_retinanet; "
+                     "x0.90 vs tv_fasterrcnn; 20 GiB |",
+                     "| bench_train | infer fp32 mask_rcnn_r50_fpn | b2 failed img/s | KeyError: 'masks' |",
                      "| tests | status | skipped (0 s) | budget: 12 s left |"):
         assert fragment in table, fragment
     assert table.count("\n") + 1 == len(rows) + 2

@@ -130,14 +130,14 @@ def roi_align_rows(device: torch.device, timer, rows: Rows, fpn_shapes, roi_coun
             tv = timer(lambda: forward(tv_ops.roi_align))
         rows.add({"case": f"roi_align fwd      K={num_rois}", "op": "roi_align", "pass": "forward", "n": num_rois,
                   "libra_ms": lib, "torchvision_ms": tv, "ratio": lib / tv, "max_abs_diff": difference,
-                  "agreement": f"max |diff| {difference:.1e}"})
+                  "agreement": f"max abs diff {difference:.1e}"})
         grad_difference = max((a - b).abs().max().item() for a, b in
                               zip(forward_backward(libra.ops.roi_align), forward_backward(tv_ops.roi_align)))
         lib = timer(lambda: forward_backward(libra.ops.roi_align))
         tv = timer(lambda: forward_backward(tv_ops.roi_align))
         rows.add({"case": f"roi_align fwd+bwd  K={num_rois}", "op": "roi_align", "pass": "forward+backward",
                   "n": num_rois, "libra_ms": lib, "torchvision_ms": tv, "ratio": lib / tv,
-                  "max_abs_diff": grad_difference, "agreement": f"grad max |diff| {grad_difference:.1e}"})
+                  "max_abs_diff": grad_difference, "agreement": f"grad max abs diff {grad_difference:.1e}"})
 
 
 def nms_rows(device: torch.device, timer, rows: Rows, sizes, deadline: float) -> None:

@@ -356,7 +356,7 @@ def figures_of(results: dict) -> list[dict]:
         add("build", "CUDA kernels", check.get("cuda_kernels"), f"TORCH_CUDA_ARCH_LIST={build.get('arch_list')}")
         if "nms_cuda_equals_cpu" in check:
             add("build", "nms CUDA == CPU", check["nms_cuda_equals_cpu"],
-                f"roi_align max |diff| {fmt(check.get('roi_align_cuda_max_abs_diff'))}")
+                f"roi_align max abs diff {fmt(check.get('roi_align_cuda_max_abs_diff'))}")
     for name, label in (("cuda_tests", "CUDA tests"), ("tests", "other tests")):
         counts = steps.get(name, {}).get("counts")
         if counts:
@@ -396,19 +396,32 @@ def figures_of(results: dict) -> list[dict]:
         curve = ", ".join(f"{e['epoch']}:{fmt(e['AP50'], 2)}" for e in train.get("epochs", []))
         add("train", "AP50 per epoch", curve or "n/a")
     bench = steps.get("bench_train", {}).get("data") or {}
-    for row in bench.get("rows", []):
-        label = f"{row['task']} {row['precision']} b{row['batch']} {row['model']}"
-        if "images_per_s" in row:
-            notes = []
-            if row.get("vs_peer") is not None:
-                notes.append(f"x{row['vs_peer']:.2f} vs {row['peer']}")
-            if row.get("vs_tv_fasterrcnn") is not None and row.get("peer") != "tv_fasterrcnn":
-                notes.append(f"x{row['vs_tv_fasterrcnn']:.2f} vs tv_fasterrcnn")
-            if row.get("peak_memory_gb") is not None:
-                notes.append(f"{row['peak_memory_gb']} GiB")
-            add("bench_train", label, f"{row['images_per_s']:.2f} img/s", ", ".join(notes))
-        else:
-            add("bench_train", label, "failed", row.get("error", "")[:160])
+    groups: dict[tuple, list[dict]] = {}
+    for row in bench.get("rows", []):  # one table row per (task, precision, model), the batches side by side
+        groups.setdefault((row["task"], row["precision"], row["model"]), []).append(row)
+    for (task, precision, model), group in groups.items():
+        values, vs_peer, vs_frcnn, memory, errors = [], [], [], [], []
+        for row in group:
+            if "images_per_s" in row:
+                values.append(f"b{row['batch']} {row['images_per_s']:.1f}")
+                if row.get("vs_peer") is not None:
+                    vs_peer.append(f"{row['vs_peer']:.2f}")
+                if row.get("vs_tv_fasterrcnn") is not None and row.get("peer") != "tv_fasterrcnn":
+                    vs_frcnn.append(f"{row['vs_tv_fasterrcnn']:.2f}")
+                if row.get("peak_memory_gb") is not None:
+                    memory.append(f"{row['peak_memory_gb']:.0f}")
+            else:
+                values.append(f"b{row['batch']} failed")
+                errors.append(row.get("error", "")[:100])
+        notes = []
+        if vs_peer:
+            notes.append(f"x{'/'.join(vs_peer)} vs {group[0].get('peer')}")
+        if vs_frcnn:
+            notes.append(f"x{'/'.join(vs_frcnn)} vs tv_fasterrcnn")
+        if memory:
+            notes.append(f"{'/'.join(memory)} GiB")
+        notes += errors[:1]
+        add("bench_train", f"{task} {precision} {model}", ", ".join(values) + " img/s", "; ".join(notes))
     return rows
 
 
