@@ -212,10 +212,21 @@ def test_build_evaluator_follows_protocol_and_iou_types():
     assert isinstance(build_evaluator("coco", gt, LABEL_TO_CAT, ("bbox",), verbose=False), COCOEvaluator)
     assert isinstance(build_evaluator("voc", gt, LABEL_TO_CAT, ("proposal",), verbose=False), ProposalRecallEvaluator)
     assert isinstance(build_evaluator("lvis", _lvis_gt(), [1, 2, 3], ("bbox",), verbose=False), LVISEvaluator)
-    with pytest.raises(ValueError, match="segm"):
+    # ("bbox", "segm") needs a segmentation on every gt annotation: this gt has boxes only.
+    with pytest.raises(ValueError, match=r"iou_type 'segm' needs a 'segmentation'.*annotation 1 of image 1 has none"):
         build_evaluator("coco", gt, LABEL_TO_CAT, ("bbox", "segm"), verbose=False)
+    with pytest.raises(ValueError, match="VOC mAP evaluates boxes only"):
+        build_evaluator("voc", gt, LABEL_TO_CAT, ("bbox", "segm"), verbose=False)
     with pytest.raises(ValueError, match="protocol"):
         build_evaluator("kitti", gt, LABEL_TO_CAT, ("bbox",), verbose=False)
+    # With segmentations (a box polygon per annotation) COCO and LVIS evaluate boxes and masks.
+    for protocol, truth, label_to_cat in (("coco", _gt_dict(), LABEL_TO_CAT), ("lvis", _lvis_gt(), [1, 2, 3])):
+        for ann in truth["annotations"]:
+            x, y, w, h = ann["bbox"]
+            ann["segmentation"] = [[x, y, x + w, y, x + w, y + h, x, y + h]]
+        evaluator = build_evaluator(protocol, truth, label_to_cat, ("bbox", "segm"), verbose=False)
+        assert isinstance(evaluator, LVISEvaluator if protocol == "lvis" else COCOEvaluator)
+        assert evaluator.iou_types == ("bbox", "segm")
 
 
 def test_evaluation_does_not_import_the_data_package():

@@ -24,7 +24,10 @@ NUM_CLASSES = 5
 # A named ResNet keeps the backbone.* key names; one block per stage and 32-channel neck / heads keep it cheap.
 SMALL = {"backbone": "resnet50", "stage_blocks": (1, 1, 1, 1), "fpn_channels": 32}
 # the head width key of each detector's presets
-HEAD_CHANNELS = {"faster_rcnn": {"fc_channels": 32}, "retinanet": {"head_channels": 32}}
+HEAD_CHANNELS = {
+    "faster_rcnn": {"fc_channels": 32}, "retinanet": {"head_channels": 32},
+    "mask_rcnn": {"fc_channels": 32, "mask_conv_channels": 32},
+}
 
 # layout id -> (preset, overrides, MMDetection holds ONE neck, i.e. without a Sequential index)
 LAYOUTS = {
@@ -37,6 +40,8 @@ LAYOUTS = {
     "libra_conv_refine": ("libra_faster_rcnn_r50_fpn", {"refine_type": "conv"}, False),
     "retinanet_r50_fpn": ("retinanet_r50_fpn", {}, True),
     "libra_retinanet_r50_fpn": ("libra_retinanet_r50_fpn", {}, False),
+    "mask_rcnn_r50_fpn": ("mask_rcnn_r50_fpn", {}, True),
+    "libra_mask_rcnn_r50_fpn": ("libra_mask_rcnn_r50_fpn", {}, False),
 }
 
 
@@ -165,6 +170,19 @@ EXPECTED_KEYS = {
         "neck.1.refine.theta.conv.weight": (32, 32, 1, 1),
         "neck.1.refine.conv_out.conv.bias": (32,),
     },
+    # mask-rcnn_r50_fpn_1x_coco: Faster R-CNN's keys + roi_head.mask_head.* (FCNMaskHead, ConvModule convs)
+    "mask_rcnn_r50_fpn": {
+        "neck.lateral_convs.3.conv.weight": (32, 2048, 1, 1),
+        "roi_head.mask_head.convs.0.conv.weight": (32, 32, 3, 3),
+        "roi_head.mask_head.convs.3.conv.bias": (32,),
+        "roi_head.mask_head.upsample.weight": (32, 32, 2, 2),
+        "roi_head.mask_head.conv_logits.weight": (NUM_CLASSES, 32, 1, 1),
+    },
+    "libra_mask_rcnn_r50_fpn": {
+        "neck.1.refine.g.conv.weight": (32, 32, 1, 1),
+        "roi_head.mask_head.convs.2.conv.weight": (32, 32, 3, 3),
+        "roi_head.mask_head.conv_logits.bias": (NUM_CLASSES,),
+    },
 }
 BACKBONE_KEYS = {
     "backbone.conv1.weight": (64, 3, 7, 7),
@@ -179,6 +197,11 @@ HEAD_KEYS = {
         "rpn_head.rpn_reg.weight": (12, 256, 1, 1),
         "roi_head.bbox_head.fc_cls.weight": (NUM_CLASSES + 1, 32),
         "roi_head.bbox_head.fc_reg.weight": (4 * NUM_CLASSES, 32),
+    },
+    "mask_rcnn": {
+        "rpn_head.rpn_cls.weight": (3, 256, 1, 1),
+        "roi_head.bbox_head.fc_cls.weight": (NUM_CLASSES + 1, 32),
+        "roi_head.mask_head.upsample.bias": (32,),
     },
     "retinanet": {
         "bbox_head.cls_convs.0.conv.weight": (32, 32, 3, 3),
@@ -202,6 +225,9 @@ ABSENT_KEYS = {
     "retinanet_r50_fpn": ["neck.0.", "neck.lateral_convs.3.", "neck.fpn_convs.5.", "rpn_head.", "roi_head.",
                           "bbox_head.retina_cls.conv.", "bbox_head.cls_convs.4."],
     "libra_retinanet_r50_fpn": ["neck.lateral_convs.", "neck.0.lateral_convs.3.", "rpn_head.", "bbox_head.retina_reg.conv."],
+    "mask_rcnn_r50_fpn": ["neck.0.", "roi_head.mask_head.convs.4.", "roi_head.mask_head.conv_logits.conv.",
+                          "roi_head.mask_head.upsample.conv."],
+    "libra_mask_rcnn_r50_fpn": ["neck.lateral_convs.", "roi_head.mask_head.convs.0.weight"],
 }
 
 
@@ -249,8 +275,10 @@ def test_loaded_model_detects_like_its_own_state_dict(loaded):
         theirs = reference(images, [(64, 80)])[0]
     assert ours["boxes"].shape[0] > 0
     assert torch.isfinite(ours["scores"]).all()
-    for name in ("boxes", "scores", "labels"):
-        assert torch.equal(ours[name], theirs[name]), name
+    for name in ("boxes", "scores", "labels", "masks"):
+        if name in theirs:
+            assert torch.equal(ours[name], theirs[name]), name
+    assert ("masks" in ours) == (PRESETS[LAYOUTS[layout][0]]["detector"] == "mask_rcnn")
 
 
 @pytest.mark.parametrize(
@@ -272,7 +300,10 @@ def test_loaded_model_detects_like_its_own_state_dict(loaded):
         ("bbox_head.retina_reg.weight", "dense_head.head.retina_reg.weight"),
         # unknown to every rule: kept (and then reported by the loader)
         ("neck.lateral_convs.0.gn.weight", "neck.0.lateral_convs.0.gn.weight"),
+        # Mask R-CNN's mask head: kept, the names of libra.roi_heads.MaskRoIHead.mask_head
         ("roi_head.mask_head.convs.0.conv.weight", "roi_head.mask_head.convs.0.conv.weight"),
+        ("roi_head.mask_head.upsample.weight", "roi_head.mask_head.upsample.weight"),
+        ("roi_head.mask_head.conv_logits.bias", "roi_head.mask_head.conv_logits.bias"),
     ],
 )
 def test_single_neck_key_renames(mmdet_key, libra_key):

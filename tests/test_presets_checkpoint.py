@@ -158,6 +158,28 @@ def test_table3_ablation_rows_build_and_run():
         assert all(torch.isfinite(v) for v in losses.values())
 
 
+@pytest.mark.parametrize("name", sorted(n for n, c in PRESETS.items() if c["detector"] == "mask_rcnn"))
+def test_every_mask_preset_builds(name):
+    """The Mask R-CNN presets: Faster R-CNN's box branch plus mask-rcnn_r50_fpn_1x_coco's FCN mask head."""
+    model = build_model(name, 80)
+    assert model.iou_types == ("bbox", "segm")
+    depth = {"r50": 6, "r101": 23, "x101": 23}[re.search(r"_(r50|r101|x101)", name).group(1)]
+    assert len(model.backbone.layer3) == depth
+    assert model.roi_head.box_head.fc_cls.out_features == 81
+    head = model.roi_head.mask_head
+    assert len(head.convs) == 4 and head.convs[0].conv.weight.shape == (256, 256, 3, 3)
+    assert head.upsample.weight.shape == (256, 256, 2, 2) and head.conv_logits.weight.shape == (80, 256, 1, 1)
+    libra = name.startswith("libra")
+    assert len(model.neck) == (2 if libra else 1) and model.rpn.neg_pos_ub == (5 if libra else -1)
+    expected_pos = "random" if not libra else ("class_balanced" if "_lvis" in name else "instance_balanced")
+    assert model.roi_head.pos_sampler == expected_pos
+    assert model.roi_head.neg_sampler == ("iou_balanced" if libra else "random")
+    assert type(model.roi_head.box_loss) is (BalancedL1Loss if libra else L1Loss)
+    lvis = "_lvis" in name
+    assert (model.roi_head.score_thresh, model.roi_head.detections_per_img) == ((0.001, 300) if lvis else (0.05, 100))
+    assert model.roi_head.use_sigmoid == name.endswith("_bcr")
+
+
 def test_unknown_names_raise():
     with pytest.raises(ValueError, match="unknown preset 'mask_rcnn'.*faster_rcnn_r50_fpn"):
         build_model("mask_rcnn", 80)

@@ -91,3 +91,31 @@ def test_loads_through_coco_loader_and_evaluates_to_ap_one(tmp_path):
     images, targets = collate([train[(0, 0)], train[(1, 0)]])
     assert images.shape[-1] % 32 == 0 and len(targets) == 2
     assert all(len(t["boxes"]) == len(t["labels"]) > 0 for t in targets)
+
+
+def test_annotations_carry_exact_instance_masks_and_older_formats_are_regenerated(tmp_path):
+    from libra.data import load_coco_api
+
+    paths = ensure_synthetic_dataset(tmp_path / "syn", **SMALL)
+    coco = load_coco_api(paths["train_ann"])
+    for image_id in sorted(coco.imgs)[:4]:
+        _, _, owner, objects = render_synthetic_image(0, "train", image_id - 1, SMALL["image_size"])
+        anns = coco.loadAnns(coco.getAnnIds(imgIds=image_id))
+        assert len(anns) == len(objects)
+        for ann, obj in zip(anns, objects):
+            mask = coco.annToMask(ann).astype(bool)  # the RLE segmentation
+            assert np.array_equal(mask, owner == obj["owner"])  # exactly the object's visible pixels
+            assert ann["area"] == int(mask.sum())
+    # A folder written by format version 1 (boxes only) is this builder's own: it is regenerated.
+    marker = json.loads(paths["marker"].read_text())
+    assert marker["version"] == 2
+    for name in ("marker", "meta"):
+        content = json.loads(paths[name].read_text())
+        paths[name].write_text(json.dumps({**content, "version": 1}))
+    raw = json.loads(paths["train_ann"].read_text())
+    for ann in raw["annotations"]:
+        del ann["segmentation"]
+    paths["train_ann"].write_text(json.dumps(raw))
+    ensure_synthetic_dataset(tmp_path / "syn", **SMALL)
+    assert json.loads(paths["marker"].read_text())["version"] == 2
+    assert all("segmentation" in ann for ann in json.loads(paths["train_ann"].read_text())["annotations"])
