@@ -259,9 +259,14 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             record = next((r for r in dataset.records if r.image_id == target["image_id"]), None)
             if record is None:
                 continue
+            boxes, scores, names, threshold = output.get("boxes"), output.get("scores"), dataset.class_names, args.show_score_thr
+            labels = output.get("labels")
+            if labels is None:  # proposals (a standalone RPN, or --proposals): the 20 best, whatever their score
+                (boxes, scores), = top_proposals([output], 20)
+                labels, names, threshold = torch.zeros(len(scores), dtype=torch.int64), ["proposal"], 0.0
             draw_detections(
-                record.file_path, output["boxes"], output["labels"], output["scores"], dataset.class_names,
-                work_dir / "show" / f"{target['image_id']}.png", score_threshold=args.show_score_thr,
+                record.file_path, boxes, labels, scores, names,
+                work_dir / "show" / f"{target['image_id']}.png", score_threshold=threshold,
                 masks=output.get("masks"),
             )
             to_show["left"] -= 1
@@ -276,16 +281,23 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     tag = "proposals_" if args.proposals else ""
     if args.split != "val":
         tag = f"{args.split}_{tag}"
-    callback = keep_proposals if args.save_proposals else (on_batch if args.show and not args.proposals else None)
+    def callback(images, targets, outputs):
+        if args.save_proposals:
+            keep_proposals(images, targets, outputs)
+        if args.show:
+            on_batch(images, targets, outputs)
+
     evaluate_model(
         model, dataset, loader, ctx, work_dir=work_dir, amp=args.amp, proposals=args.proposals,
-        progress=True, tag=tag, on_batch=callback,
+        progress=True, tag=tag, on_batch=callback if (args.save_proposals or args.show) else None,
     )
     if ctx.is_main:
         segm = "" if args.proposals or "segm" not in getattr(model, "iou_types", ()) else (
             f" and {work_dir / (tag + 'segm_detections.json')}"
         )
-        print(f"wrote {work_dir / (tag + 'metrics.json')}" + ("" if args.proposals else f", {work_dir / (tag + 'detections.json')}") + segm, flush=True)
+        proposals_only = args.proposals or "proposal" in getattr(model, "iou_types", ())
+        detections = "" if proposals_only else f", {work_dir / (tag + 'detections.json')}"
+        print(f"wrote {work_dir / (tag + 'metrics.json')}" + detections + segm, flush=True)
     if args.save_proposals:
         path = Path(args.save_proposals) if args.save_proposals != "auto" else work_dir / f"proposals_{args.split}.pt"
         meta = {
