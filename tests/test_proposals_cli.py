@@ -104,3 +104,12 @@ def test_proposal_flags_are_checked_before_anything_runs(run, capsys, tmp_path):
     assert eval_script.main(["--checkpoint", str(run / "fast" / "epoch_1.pth"), "--save-proposals", "--threads", "1"]) == 1
     assert "makes no proposals of its own" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_show_draws_the_proposals_of_a_proposal_model(run):
+    out = run / "rpn_show"
+    assert eval_script.main(["--checkpoint", str(run / "rpn" / "epoch_1.pth"), "--show", "1", "--threads", "1",
+                             "--workers", "0", "--work-dir", str(out)]) == 0
+    pngs = list((out / "show").glob("*.png"))
+    assert len(pngs) == 1 and pngs[0].stat().st_size > 0
+    assert not (out / "detections.json").exists()
