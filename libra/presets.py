@@ -427,8 +427,9 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
         value = config["mask_num_convs"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"mask_num_convs must be an integer >= 0, got {value!r}")
-        if not 0.0 <= config["mask_thr"] <= 1.0:
-            raise ValueError(f"mask_thr must be a probability in [0, 1], got {config['mask_thr']!r}")
+        threshold = config["mask_thr"]
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+            raise ValueError(f"mask_thr must be a probability in [0, 1], got {threshold!r}")
     return config
 
 
