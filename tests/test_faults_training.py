@@ -30,6 +30,23 @@ TINY = [
 ]
 
 
+def _default_sigint() -> None:
+    """Children get Ctrl-C back: a shell that starts the suite in the background (``cmd &``)
+    ignores SIGINT, and an ignored signal stays ignored across exec (Python then installs no
+    KeyboardInterrupt handler)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture(autouse=True)
+def _ctrl_c_raises():
+    """The in-process tests need SIGINT to raise KeyboardInterrupt, also in a backgrounded suite."""
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def _env() -> dict:
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     env.pop("LIBRA_DEBUG", None)
@@ -199,7 +216,7 @@ def test_mid_epoch_resume_is_bit_identical(tmp_path, data_root):
 def _start(args: list[str], new_session: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True, start_new_session=new_session,
+        stderr=subprocess.PIPE, text=True, start_new_session=new_session, preexec_fn=_default_sigint,
     )
 
 
@@ -297,7 +314,7 @@ def test_ctrl_c_during_a_checkpoint_write(tmp_path, data_root, presses):
     work_dir = tmp_path / "run"
     result = subprocess.run(
         [sys.executable, str(driver), *TINY, *data_args(data_root), "--epochs", "3", "--work-dir", str(work_dir)],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300,
+        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300, preexec_fn=_default_sigint,
     )
     line = assert_clean_error(result, 130, "interrupted (Ctrl-C) at iteration 4 (epoch 3)")
     assert "RuntimeError" not in result.stderr and "enforce fail" not in result.stderr
