@@ -316,8 +316,7 @@ def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: Distribut
     Each process saves its share beside the target (``<file>.rank<r>``, atomically), rank 0 merges the
     shares into one file and removes them: no process holds everybody's proposals in a collective.
     """
-    from libra.data.proposals import ProposalSet, save_proposals
-    from libra.engine.checkpoint import atomic_save
+    from libra.data.proposals import ProposalSet, load_proposals, save_proposals
     from libra.engine.distributed import synchronize
 
     if ctx.world_size == 1:
@@ -325,15 +324,14 @@ def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: Distribut
         save_proposals(proposals, path)
         return int(proposals.counts.sum())
     shard = path.with_name(f"{path.name}.rank{ctx.rank}")
-    atomic_save(ProposalSet.from_images(collected, meta["max_per_image"]).to_dict(), shard)
+    save_proposals(ProposalSet.from_images(collected, meta["max_per_image"]), shard)
     synchronize()
     total = 0
     if ctx.is_main:
         merged: dict = {}
         shards = [path.with_name(f"{path.name}.rank{r}") for r in range(ctx.world_size)]
         for name in shards:
-            part = torch.load(name, map_location="cpu", weights_only=True)
-            part = ProposalSet(part["image_ids"], part["counts"], part["boxes"], part["scores"])
+            part = load_proposals(name)
             merged.update({int(i): part.get(int(i)) for i in part.image_ids.tolist()})
         proposals = ProposalSet.from_images(merged, meta["max_per_image"], meta)
         save_proposals(proposals, path)

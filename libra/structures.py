@@ -47,6 +47,15 @@ class Proposals:
         keep = self.valid[index]
         return self.boxes[index][keep], self.scores[index][keep]
 
+    def outputs(self) -> list[dict[str, Tensor]]:
+        """Per image ``{"proposals": [Pi, 4], "proposal_scores": [Pi]}`` of the valid slots, by
+        decreasing score: the output format of proposals (eval mode, ``return_proposals``)."""
+        outputs = []
+        for index in range(self.valid.shape[0]):
+            boxes, scores = self.per_image(index)
+            outputs.append({"proposals": boxes, "proposal_scores": scores})
+        return outputs
+
 
 @dataclass
 class SampledRoIs:

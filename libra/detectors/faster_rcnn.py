@@ -83,9 +83,8 @@ class FasterRCNN(Detector):
         proposals, _ = self.rpn(features, image_sizes)
         detections = self.roi_head.predict(features, proposals, image_sizes)
         if return_proposals:
-            for index, output in enumerate(detections):
-                boxes, scores = proposals.per_image(index)
-                output.update({"proposals": boxes, "proposal_scores": scores})
+            for output, proposal_output in zip(detections, proposals.outputs()):
+                output.update(proposal_output)
         return self.postprocess(detections, image_sizes, original_sizes)
 
     @torch.no_grad()
@@ -104,8 +103,4 @@ class FasterRCNN(Detector):
         image_sizes = check_images(images, image_sizes, original_sizes)
         features = self.neck(self.backbone(images))
         proposals, _ = self.rpn(features, image_sizes)
-        outputs = []
-        for index in range(len(image_sizes)):
-            boxes, scores = proposals.per_image(index)
-            outputs.append({"proposals": boxes, "proposal_scores": scores})
-        return self.postprocess(outputs, image_sizes, original_sizes)
+        return self.postprocess(proposals.outputs(), image_sizes, original_sizes)

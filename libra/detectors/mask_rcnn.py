@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 
 from libra.dense_heads import RegionProposalNetwork
@@ -99,9 +98,8 @@ class MaskRCNN(FasterRCNN):
         detections = self.roi_head.predict(features, proposals, image_sizes)
         mask_probs = self.roi_head.predict_mask_probs(features, detections)  # on the resized-image boxes
         if return_proposals:
-            for index, output in enumerate(detections):
-                boxes, scores = proposals.per_image(index)
-                output.update({"proposals": boxes, "proposal_scores": scores})
+            for output, proposal_output in zip(detections, proposals.outputs()):
+                output.update(proposal_output)
         outputs = self.postprocess(detections, image_sizes, original_sizes)  # the one box rescale
         paste_sizes = original_sizes if original_sizes is not None else image_sizes
         for output, probs, size in zip(outputs, mask_probs, paste_sizes):

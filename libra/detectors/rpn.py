@@ -94,8 +94,4 @@ class ProposalNetwork(Detector):
         image_sizes = check_images(images, image_sizes, original_sizes)
         features = self.neck(self.backbone(images))
         proposals, _ = self.rpn(features, image_sizes)
-        outputs = []
-        for index in range(len(image_sizes)):
-            boxes, scores = proposals.per_image(index)
-            outputs.append({"proposals": boxes, "proposal_scores": scores})
-        return self.postprocess(outputs, image_sizes, original_sizes)
+        return self.postprocess(proposals.outputs(), image_sizes, original_sizes)
