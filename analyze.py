@@ -257,7 +257,7 @@ def run_neg_iou(args: argparse.Namespace, rest: list[str]) -> int:
         bar.close()
     summary = found.summary(threshold=args.threshold)
     summary.update({"checkpoint": str(args.checkpoint), "model": resolved.model, "split": args.split,
-                    "dataset": resolved.dataset, "roi_batch_size": model.roi_head.batch_size_per_image})
+                    "dataset": resolved.dataset, "roi_batch_size": model.roi_head.batch_size})
     out = _out_dir(args.out_dir, Path(args.checkpoint).resolve().parent / "analysis")
     png, data = plot_negative_ious(summary, out / "fig3_neg_iou.png")
     methods = summary["methods"]

@@ -90,6 +90,8 @@ Overrides (any key of a preset dict):
 
 from __future__ import annotations
 
+import difflib
+import math
 from typing import Any
 
 import torch
@@ -111,7 +113,13 @@ from libra.losses import (
     SigmoidFocalLoss,
     SmoothL1Loss,
 )
-from libra.necks import FPN, PAFPN, BalancedFeaturePyramid
+from libra.necks import FPN, PAFPN, BalancedFeaturePyramid, neck_strides
+from libra.samplers import (
+    ClassBalancedPosSampler,
+    InstanceBalancedPosSampler,
+    IoUBalancedNegSampler,
+    RandomSampler,
+)
 from libra.roi_heads import (
     FCNMaskHead,
     MaskRoIHead,
@@ -354,8 +362,10 @@ TABLE3_ABLATION: list[tuple[str, dict[str, Any]]] = [
     ),
 ]
 
-_CHOICES = {
+# The values a key with fixed choices takes (the command line's ``choices`` come from here too).
+CHOICES: dict[str, tuple] = {
     "detector": ("faster_rcnn", "mask_rcnn", "retinanet", "rpn", "fast_rcnn"),
+    "backbone": ("resnet50", "resnet101", "resnext101_64x4d"),
     "backbone_norm": ("frozen", "bn"),
     "sampler": ("random", "iou_balanced"),
     "rpn_sampler": ("random", "iou_balanced"),
@@ -370,14 +380,32 @@ _CHOICES = {
     "box_head": ("shared2fc", "4conv1fc"),
 }
 
+# The sampler modules each sampler name builds (libra.samplers). A new sampler is one file there
+# plus one entry here; from Python, an ``nn.Module`` with the sampler interface can be passed as
+# ``pos_sampler`` / ``neg_sampler`` directly (``build_model(..., neg_sampler=MySampler())``).
+POS_SAMPLERS: dict[str, type[nn.Module]] = {
+    "random": RandomSampler,
+    "instance_balanced": InstanceBalancedPosSampler,
+    "class_balanced": ClassBalancedPosSampler,
+}
+NEG_SAMPLERS: dict[str, type[nn.Module]] = {"random": RandomSampler, "iou_balanced": IoUBalancedNegSampler}
 
-# Widths and counts: a zero or negative value would fail deep inside a module with a raw error.
-_POSITIVE_INTS = (
-    "fpn_channels", "fpn_num_outs", "fc_channels", "head_channels", "head_stacked_convs", "num_bins",
-    "rpn_batch_size", "roi_batch_size", "rpn_pre_nms_top_n_train", "rpn_pre_nms_top_n_test",
-    "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test", "pre_nms_top_n_test", "max_per_img",
-    "mask_conv_channels",
-)
+# Keys that also take a module (Python only; a checkpoint records names).
+_MODULE_KEYS = ("backbone", "pos_sampler", "neg_sampler")
+
+# Integer keys and their smallest value (widths and counts: a zero would fail deep inside a module).
+_MIN_INT: dict[str, int] = {
+    "fpn_channels": 1, "fpn_num_outs": 1, "fc_channels": 1, "head_channels": 1, "head_stacked_convs": 1, "num_bins": 1,
+    "rpn_batch_size": 1, "roi_batch_size": 1, "rpn_pre_nms_top_n_train": 1, "rpn_pre_nms_top_n_test": 1,
+    "rpn_post_nms_top_n_train": 1, "rpn_post_nms_top_n_test": 1, "pre_nms_top_n_test": 1, "max_per_img": 1,
+    "mask_conv_channels": 1, "mask_num_convs": 0, "width_per_group": 1, "fpn_start_level": 0, "refine_level": 0,
+    "frozen_stages": -1, "bcr_s": 2, "rpn_neg_pos_ub": -1,
+}
+# Number keys with a range: probabilities / IoUs in [0, 1], and the BCR temperature t > 0 (Eq. 23).
+_UNIT_FLOATS = ("score_thr", "nms_thr", "rpn_nms_thr", "mask_thr", "floor_fraction", "focal_alpha", "bcr_a")
+_POSITIVE_FLOATS = ("bcr_t", "box_loss_beta", "rpn_box_loss_beta", "box_loss_alpha", "rpn_box_loss_alpha")
+# Keys whose preset default is None but whose values have a type.
+_NONE_DEFAULT_KINDS = {"width_per_group": "int", "stage_blocks": "4 ints"}
 
 # The detector class each ``detector`` value builds (its ``iou_types`` say what it outputs).
 DETECTOR_CLASSES: dict[str, type[Detector]] = {
@@ -394,14 +422,88 @@ def available_presets() -> list[str]:
     return sorted(PRESETS)
 
 
+def check_setting(key: str, value: Any, default: Any) -> Any:
+    """``value`` of preset key ``key`` checked and normalised (a JSON list becomes a tuple, a whole
+    float an int), or a ValueError that says what the key takes. The one validator of preset keys:
+    :func:`preset_config` (so ``build_model``), ``--set`` and the dedicated flags all go through it."""
+    shown = f"(preset default {default!r})"
+    if key in _MODULE_KEYS and isinstance(value, nn.Module):
+        return value
+    choices = CHOICES.get(key)
+    none_ok = (default is None and key not in _NONE_DEFAULT_KINDS) or (choices is not None and None in choices)
+    none_ok = none_ok or key in _NONE_DEFAULT_KINDS
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        if none_ok:
+            return None
+        raise ValueError(f"expected a value, not None {shown}")
+    if choices is not None:
+        if isinstance(value, str) and value in choices:
+            return value
+        listed = ", ".join("null" if c is None else str(c) for c in choices)
+        module = " or a module" if key in _MODULE_KEYS else ""
+        raise ValueError(f"expected one of {listed}{module} {shown}")
+    kind = _NONE_DEFAULT_KINDS.get(key)
+    if kind is None:
+        kind = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
+                "float" if isinstance(default, float) else "str" if isinstance(default, str) else None)
+    if kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise ValueError(f"expected true or false {shown}")
+        return value
+    if kind == "int":
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer {shown}")
+        if key in _MIN_INT and value < _MIN_INT[key]:
+            raise ValueError(f"expected an integer >= {_MIN_INT[key]} {shown}")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"expected a finite number {shown}")
+        if key in _UNIT_FLOATS and not 0.0 <= value <= 1.0:
+            raise ValueError(f"expected a number in [0, 1] {shown}")
+        if key in _POSITIVE_FLOATS and not value > 0:
+            raise ValueError(f"expected a number > 0 {shown}")
+        return float(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"expected a string {shown}")
+        return value
+    if kind == "4 ints":
+        if not (
+            isinstance(value, (list, tuple))
+            and len(value) == 4
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)
+        ):
+            raise ValueError(f"expected null or 4 integers >= 1, e.g. [1, 1, 1, 1] {shown}")
+        return tuple(value)
+    return value
+
+
 def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
-    """The preset dict ``name`` with ``overrides`` applied and checked (a new dict)."""
+    """The complete, validated config of a model: preset ``name`` with ``overrides`` applied (a new
+    dict). Every key is the constructor argument it feeds (module docstring); the result is what a
+    checkpoint records (``model_config``) and what :func:`build_model` builds.
+
+    Raises:
+        ValueError: one line naming the preset, key or value that is not accepted, and what is.
+    """
     if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; available presets: {', '.join(available_presets())}")
-    config = dict(PRESETS[name])
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=2, cutoff=0.6)
+        hint = f"did you mean {' or '.join(close)}? " if close else ""
+        raise ValueError(f"unknown preset {name!r}; {hint}available presets: {', '.join(available_presets())}")
+    defaults = PRESETS[name]
+    config = dict(defaults)
     unknown = sorted(set(overrides) - set(config))
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown}; valid overrides: {', '.join(sorted(config))}")
+        close = difflib.get_close_matches(unknown[0], list(config), n=3, cutoff=0.6)
+        hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+        raise ValueError(
+            f"unknown key(s) {unknown} for the {config['detector']} preset {name}{hint}; valid keys: {', '.join(sorted(config))}"
+        )
     if overrides.get("detector", config["detector"]) != config["detector"]:
         # The other detector's keys are not in this preset: pick a preset of that detector.
         others = sorted(n for n, c in PRESETS.items() if c["detector"] == overrides["detector"])
@@ -409,28 +511,31 @@ def preset_config(name: str, **overrides: Any) -> dict[str, Any]:
             f"detector={overrides['detector']!r} cannot override the {config['detector']} preset {name!r}; "
             f"choose a preset of that detector ({', '.join(others) or 'none'})"
         )
-    config.update(overrides)
-    for key, choices in _CHOICES.items():
-        if key in config and config[key] not in choices:
-            raise ValueError(f"{key}={config[key]!r} is not supported; choose one of {list(choices)}")
-    for key in _POSITIVE_INTS:
-        value = config.get(key)
-        if key in config and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{key} must be a positive integer (a width or a count), got {value!r}")
-    if "bcr_s" in config:
-        value = config["bcr_s"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-            raise ValueError(f"bcr_s (S, the number of frequency buckets of Eq. 22) must be an integer >= 2, got {value!r}")
-        if not isinstance(config["bcr_t"], (int, float)) or isinstance(config["bcr_t"], bool) or not config["bcr_t"] > 0:
-            raise ValueError(f"bcr_t (the temperature t of Eq. 23) must be a number > 0, got {config['bcr_t']!r}")
-    if "mask_num_convs" in config:
-        value = config["mask_num_convs"]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"mask_num_convs must be an integer >= 0, got {value!r}")
-        threshold = config["mask_thr"]
-        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-            raise ValueError(f"mask_thr must be a probability in [0, 1], got {threshold!r}")
+    for key, value in overrides.items():
+        try:
+            config[key] = check_setting(key, value, defaults[key])
+        except ValueError as error:
+            raise ValueError(f"{key}={value!r}: {error}") from None
+    _check_combination(config)
     return config
+
+
+def _check_combination(config: dict[str, Any]) -> None:
+    """Keys that are valid alone but not together (one line naming both)."""
+    if config.get("neck") in ("pafpn", "bpafpn") and (config["fpn_start_level"] != 0 or config["fpn_extra_levels"] != "max_pool"):
+        raise ValueError("the PAFPN neck supports only fpn_start_level=0 and fpn_extra_levels='max_pool'")
+    if config["fpn_start_level"] > 3:
+        raise ValueError(f"fpn_start_level={config['fpn_start_level']}: a ResNet has 4 stages (C2..C5), choose 0..3")
+    used = 4 - config["fpn_start_level"]
+    if config["fpn_num_outs"] < used:
+        raise ValueError(
+            f"fpn_num_outs={config['fpn_num_outs']} is fewer than the {used} backbone maps the FPN uses from "
+            f"fpn_start_level={config['fpn_start_level']}"
+        )
+    if config.get("neck") in ("bfp", "bpafpn") and config["refine_level"] >= config["fpn_num_outs"]:
+        raise ValueError(f"refine_level={config['refine_level']} must name one of the fpn_num_outs={config['fpn_num_outs']} levels")
+    if config["detector"] in ("faster_rcnn", "mask_rcnn", "fast_rcnn") and config["fpn_num_outs"] < 4:
+        raise ValueError(f"fpn_num_outs={config['fpn_num_outs']}: the RoI extractor pools from 4 pyramid levels")
 
 
 def preset_iou_types(name: str) -> tuple[str, ...]:
@@ -455,59 +560,31 @@ def build_model(
         class_image_counts: ``[C]`` training images per class (f_i of Eq. 21,
             ``dataset.image_counts_per_class()``), read by ``cls_loss='bcr'`` only. Without it a BCR
             model can be evaluated (its checkpoint holds the weights) but not trained.
-        **overrides: component switches and settings (module docstring).
+        **overrides: any key of the preset (module docstring); a checkpoint's ``model_config``
+            (the complete config) rebuilds the same model.
 
     Returns:
         A :class:`FasterRCNN`, :class:`MaskRCNN`, :class:`RetinaNet`, :class:`ProposalNetwork` or
         :class:`FastRCNN` (the preset's ``detector``) in training mode.
     """
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     config = preset_config(name, **overrides)
     backbone = _build_backbone(config, pretrained)
-    if config["detector"] == "retinanet":
-        return _build_retinanet(config, num_classes, backbone)
-
-    channels = config["fpn_channels"]
-    neck = _build_neck(config, list(backbone.out_channels), channels)
-    if config["detector"] == "fast_rcnn":
-        return FastRCNN(backbone, neck, _build_roi_head(config, num_classes, channels, class_image_counts))
-    rpn = _build_rpn(config, channels)
-    if config["detector"] == "rpn":
+    neck = _build_neck(config, backbone)
+    strides = neck_strides(neck)
+    detector = config["detector"]
+    if detector == "retinanet":
+        return RetinaNet(backbone, neck, _build_retina_head(config, num_classes, strides))
+    if detector == "fast_rcnn":
+        return FastRCNN(backbone, neck, _build_roi_head(config, num_classes, strides, class_image_counts))
+    rpn = _build_rpn(config, strides)
+    if detector == "rpn":
         return ProposalNetwork(backbone, neck, rpn, num_classes)
-    roi_head = _build_roi_head(config, num_classes, channels, class_image_counts)
-    if config["detector"] == "mask_rcnn":
+    roi_head = _build_roi_head(config, num_classes, strides, class_image_counts)
+    if detector == "mask_rcnn":
         return MaskRCNN(backbone, neck, rpn, roi_head)
     return FasterRCNN(backbone, neck, rpn, roi_head)
-
-
-def _build_rpn(config: dict[str, Any], channels: int) -> RegionProposalNetwork:
-    rpn_pos, rpn_neg, rpn_neg_kwargs = _samplers(config, config["rpn_sampler"], None, None)
-    box_loss = _box_loss(
-        config["rpn_box_loss"],
-        alpha=config["rpn_box_loss_alpha"],
-        gamma=config["rpn_box_loss_gamma"],
-        beta=config["rpn_box_loss_beta"],
-    )
-    # A standalone RPN has no train top-n keys (its training proposals are never computed).
-    train_top_n = {
-        f"{kind}_nms_top_n_train": config.get(f"rpn_{kind}_nms_top_n_train", default)
-        for kind, default in (("pre", 2000), ("post", 1000))
-    }
-    return RegionProposalNetwork(
-        RPNHead(channels, num_anchors=3),
-        batch_size_per_image=config["rpn_batch_size"],
-        pos_sampler=rpn_pos,
-        neg_sampler=rpn_neg,
-        neg_sampler_kwargs=rpn_neg_kwargs,
-        neg_pos_ub=config["rpn_neg_pos_ub"],
-        box_loss=box_loss,
-        pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
-        post_nms_top_n_test=config["rpn_post_nms_top_n_test"],
-        nms_thresh=config["rpn_nms_thr"],
-        ignore_iof_thr=config["ignore_iof_thr"],
-        **train_top_n,
-    )
 
 
 def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module:
@@ -522,24 +599,78 @@ def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module
         )
         if pretrained is not None:
             load_pretrained(backbone, pretrained)
-    elif not isinstance(backbone, nn.Module) or not hasattr(backbone, "out_channels"):
-        raise ValueError("backbone must be a name or an nn.Module with an out_channels list")
+    elif not hasattr(backbone, "out_channels"):
+        raise ValueError("a backbone module must expose out_channels (and out_strides, default 4, 8, 16, 32)")
     elif pretrained is not None:
         raise ValueError("pretrained weights can only be loaded into a named backbone")
     return backbone
 
 
-def _build_retinanet(config: dict[str, Any], num_classes: int, backbone: nn.Module) -> RetinaNet:
-    channels = config["fpn_channels"]
-    neck = _build_neck(config, list(backbone.out_channels), channels)
-    # Output j of the FPN is backbone level start_level + j, stride 4 * 2^(start_level + j):
-    # (8, 16, 32, 64, 128) for P3..P7 (model.bbox_head.anchor_generator.strides).
-    strides = tuple(4 * 2 ** (config["fpn_start_level"] + j) for j in range(config["fpn_num_outs"]))
-    # octave_base_scale=4, scales_per_octave=3: scales 4 * 2^(i/3) of the stride; ratios 0.5, 1, 2.
+def _build_neck(config: dict[str, Any], backbone: nn.Module) -> nn.Sequential:
+    """FPN (or PAFPN) on the backbone's maps, then the balanced feature pyramid for ``bfp`` / ``bpafpn``."""
+    kind, channels, num_outs = config["neck"], config["fpn_channels"], config["fpn_num_outs"]
+    in_channels = list(backbone.out_channels)
+    in_strides = tuple(getattr(backbone, "out_strides", (4, 8, 16, 32)))
+    if kind in ("pafpn", "bpafpn"):
+        pyramid: nn.Module = PAFPN(in_channels, channels, num_outs=num_outs, in_strides=in_strides)
+    else:
+        pyramid = FPN(
+            in_channels,
+            channels,
+            num_outs=num_outs,
+            start_level=config["fpn_start_level"],
+            extra_levels=config["fpn_extra_levels"],
+            in_strides=in_strides,
+        )
+    modules: list[nn.Module] = [pyramid]
+    if kind in ("bfp", "bpafpn"):
+        modules.append(
+            BalancedFeaturePyramid(
+                channels, num_levels=num_outs, refine_level=config["refine_level"], refine_type=config["refine_type"]
+            )
+        )
+    return nn.Sequential(*modules)
+
+
+def _build_rpn(config: dict[str, Any], strides: tuple[int, ...]) -> RegionProposalNetwork:
+    pos_sampler, neg_sampler = _samplers(config, config["rpn_sampler"], None, None)
+    box_loss = _box_loss(
+        config["rpn_box_loss"],
+        alpha=config["rpn_box_loss_alpha"],
+        gamma=config["rpn_box_loss_gamma"],
+        beta=config["rpn_box_loss_beta"],
+    )
+    # A standalone RPN has no train top-n keys (its training proposals are never computed).
+    train_top_n = {
+        f"{kind}_nms_top_n_train": config.get(f"rpn_{kind}_nms_top_n_train", default)
+        for kind, default in (("pre", 2000), ("post", 1000))
+    }
+    # Anchors of scale 8 x the stride on every level the neck outputs (MMDetection
+    # rpn_head.anchor_generator: scales=[8], ratios=[0.5, 1.0, 2.0], strides = the FPN's).
+    anchor_generator = AnchorGenerator(strides)
+    return RegionProposalNetwork(
+        RPNHead(config["fpn_channels"], num_anchors=anchor_generator.num_anchors),
+        anchor_generator,
+        batch_size=config["rpn_batch_size"],
+        pos_sampler=pos_sampler,
+        neg_sampler=neg_sampler,
+        neg_pos_ub=config["rpn_neg_pos_ub"],
+        box_loss=box_loss,
+        pre_nms_top_n_test=config["rpn_pre_nms_top_n_test"],
+        post_nms_top_n_test=config["rpn_post_nms_top_n_test"],
+        nms_thr=config["rpn_nms_thr"],
+        ignore_iof_thr=config["ignore_iof_thr"],
+        **train_top_n,
+    )
+
+
+def _build_retina_head(config: dict[str, Any], num_classes: int, strides: tuple[int, ...]) -> RetinaNetDenseHead:
+    # octave_base_scale=4, scales_per_octave=3: scales 4 * 2^(i/3) of the stride; ratios 0.5, 1, 2;
+    # strides the neck's (8, 16, 32, 64, 128) for P3..P7 (model.bbox_head.anchor_generator.strides).
     anchor_generator = AnchorGenerator(strides, RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES)
     head = RetinaHead(
         num_classes,
-        channels,
+        config["fpn_channels"],
         anchor_generator.num_anchors,
         feat_channels=config["head_channels"],
         stacked_convs=config["head_stacked_convs"],
@@ -551,43 +682,17 @@ def _build_retinanet(config: dict[str, Any], num_classes: int, backbone: nn.Modu
         beta=config["box_loss_beta"],
         loss_weight=config["box_loss_weight"],
     )
-    dense_head = RetinaNetDenseHead(
+    return RetinaNetDenseHead(
         head,
         anchor_generator,
         ignore_iof_thr=config["ignore_iof_thr"],
         cls_loss=SigmoidFocalLoss(alpha=config["focal_alpha"], gamma=config["focal_gamma"]),
         box_loss=box_loss,
-        score_thresh=config["score_thr"],
-        pre_nms_top_n=config["pre_nms_top_n_test"],
-        nms_thresh=config["nms_thr"],
-        detections_per_img=config["max_per_img"],
+        score_thr=config["score_thr"],
+        pre_nms_top_n_test=config["pre_nms_top_n_test"],
+        nms_thr=config["nms_thr"],
+        max_per_img=config["max_per_img"],
     )
-    return RetinaNet(backbone, neck, dense_head)
-
-
-def _build_neck(config: dict[str, Any], in_channels: list[int], channels: int) -> nn.Sequential:
-    kind = config["neck"]
-    num_outs = config["fpn_num_outs"]
-    if kind in ("pafpn", "bpafpn"):
-        if config["fpn_start_level"] != 0 or config["fpn_extra_levels"] != "max_pool":
-            raise ValueError("the PAFPN neck supports only fpn_start_level=0 and fpn_extra_levels='max_pool'")
-        pyramid: nn.Module = PAFPN(in_channels, channels, num_outs=num_outs)
-    else:
-        pyramid = FPN(
-            in_channels,
-            channels,
-            num_outs=num_outs,
-            start_level=config["fpn_start_level"],
-            extra_levels=config["fpn_extra_levels"],
-        )
-    modules: list[nn.Module] = [pyramid]
-    if kind in ("bfp", "bpafpn"):
-        modules.append(
-            BalancedFeaturePyramid(
-                channels, num_levels=num_outs, refine_level=config["refine_level"], refine_type=config["refine_type"]
-            )
-        )
-    return nn.Sequential(*modules)
 
 
 def _box_loss(kind: str, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1.0, loss_weight: float = 1.0) -> nn.Module:
@@ -602,16 +707,23 @@ def _box_loss(kind: str, alpha: float = 0.5, gamma: float = 1.5, beta: float = 1
 
 
 def _samplers(
-    config: dict[str, Any], sampler: str, pos_sampler: str | None, neg_sampler: str | None
-) -> tuple[str, str, dict[str, Any]]:
-    """(positive sampler, negative sampler, negative sampler kwargs) from the ``sampler`` switch."""
+    config: dict[str, Any], sampler: str, pos_sampler: str | nn.Module | None, neg_sampler: str | nn.Module | None
+) -> tuple[nn.Module, nn.Module]:
+    """(positive, negative) sampler modules: ``sampler='iou_balanced'`` means MMDetection's Libra pair
+    (instance-balanced positives, IoU-balanced negatives); ``pos_sampler`` / ``neg_sampler`` (a name
+    or a module) replace either half."""
     balanced = sampler == "iou_balanced"
     pos = pos_sampler or ("instance_balanced" if balanced else "random")
     neg = neg_sampler or ("iou_balanced" if balanced else "random")
-    kwargs: dict[str, Any] = {}
-    if neg == "iou_balanced":
-        kwargs = {"num_bins": config["num_bins"], "floor_thr": config["floor_thr"], "floor_fraction": config["floor_fraction"]}
-    return pos, neg, kwargs
+    if isinstance(pos, str):
+        pos = POS_SAMPLERS[pos]()
+    if isinstance(neg, str):
+        neg_class = NEG_SAMPLERS[neg]
+        if neg_class is IoUBalancedNegSampler:
+            neg = IoUBalancedNegSampler(config["num_bins"], config["floor_thr"], config["floor_fraction"])
+        else:
+            neg = neg_class()
+    return pos, neg
 
 
 def _cls_loss(config: dict[str, Any], num_classes: int, class_image_counts: Any) -> nn.Module:
@@ -631,7 +743,10 @@ def _cls_loss(config: dict[str, Any], num_classes: int, class_image_counts: Any)
     return BCRSigmoidCrossEntropyLoss.from_image_counts(counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"])
 
 
-def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int, class_image_counts: Any = None) -> RoIHead:
+def _build_roi_head(
+    config: dict[str, Any], num_classes: int, strides: tuple[int, ...], class_image_counts: Any = None
+) -> RoIHead:
+    channels = config["fpn_channels"]
     if config["box_head"] == "shared2fc":
         box_head: nn.Module = Shared2FCBoxHead(channels, 7, config["fc_channels"], num_classes)
     else:
@@ -647,21 +762,23 @@ def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int, cla
     )
     cls_loss = _cls_loss(config, num_classes, class_image_counts)
 
-    pos_sampler, neg_sampler, neg_kwargs = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
+    pos_sampler, neg_sampler = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
     box_kwargs: dict[str, Any] = dict(
         ignore_iof_thr=config["ignore_iof_thr"],
-        batch_size_per_image=config["roi_batch_size"],
+        batch_size=config["roi_batch_size"],
         positive_fraction=0.25,
         pos_sampler=pos_sampler,
         neg_sampler=neg_sampler,
-        neg_sampler_kwargs=neg_kwargs,
         cls_loss=cls_loss,
         box_loss=box_loss,
-        score_thresh=config["score_thr"],
-        nms_thresh=config["nms_thr"],
-        detections_per_img=config["max_per_img"],
+        score_thr=config["score_thr"],
+        nms_thr=config["nms_thr"],
+        max_per_img=config["max_per_img"],
     )
-    box_extractor = MultiLevelRoIExtractor(7, (4, 8, 16, 32), sampling_ratio=0)
+    # RoIs are pooled from the first 4 levels the neck outputs (MMDetection
+    # bbox_roi_extractor.featmap_strides=[4, 8, 16, 32] for P2..P5), whatever they are.
+    roi_strides = strides[:4]
+    box_extractor = MultiLevelRoIExtractor(7, roi_strides, sampling_ratio=0)
     if config["detector"] != "mask_rcnn":
         return RoIHead(box_head, num_classes, box_extractor, **box_kwargs)
     mask_head = FCNMaskHead(
@@ -676,8 +793,8 @@ def _build_roi_head(config: dict[str, Any], num_classes: int, channels: int, cla
         num_classes,
         box_extractor,
         mask_head=mask_head,
-        mask_roi_extractor=mask_roi_extractor((4, 8, 16, 32)),
+        mask_roi_extractor=mask_roi_extractor(roi_strides),
         mask_loss_weight=config["mask_loss_weight"],
-        mask_thresh=config["mask_thr"],
+        mask_thr=config["mask_thr"],
         **box_kwargs,
     )

@@ -1,7 +1,10 @@
 """The records passed between the stages of a detector.
 
-    image -> backbone -> neck -> dense head --Proposals--> RoI head --SampledRoIs--> branch losses
+    Batch -> backbone -> neck -> dense head --Proposals--> RoI head --SampledRoIs--> branch losses
                                                                   \\--> detections (per-image dicts)
+
+A :class:`Batch` (built by ``libra.data.collate``, or by ``Detector.forward`` from tensors) is what
+every detector's ``loss(batch)`` / ``predict(batch)`` take: the one interface the engine calls.
 
 Each stage file imports these records from here, never from another stage file, so a stage
 (an RPN, a RetinaNet head, a box or mask branch) can be read and replaced on its own.
@@ -24,7 +27,55 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Proposals", "SampledRoIs", "boxes_to_rois"]
+__all__ = ["Batch", "Proposals", "SampledRoIs", "boxes_to_rois"]
+
+
+@dataclass
+class Batch:
+    """The inputs of one batch, as every detector's ``loss`` / ``predict`` take them.
+
+    Attributes:
+        images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
+        image_sizes: ``(h, w)`` of each image before padding (``h <= H``, ``w <= W``).
+        original_sizes: ``(h0, w0)`` of each image as loaded: ``predict`` rescales its boxes (and
+            pastes its masks) there; None keeps the resized image's coordinates.
+        targets: per image ``{"boxes": [G, 4] float (resized image), "labels": [G] int64 in [0, C-1],
+            "ignore_boxes": [Gi, 4] (optional), "masks": [G, H, W] uint8 (mask models)}`` plus what
+            the dataset adds (``image_id``, ...); required by ``loss``, ignored by ``predict``.
+        proposals: per image ``[P_i, 4]`` pre-computed proposals in the resized image (the Fast
+            R-CNN protocol), or None.
+        image_ids: the dataset's image ids, or None.
+
+    ``images, targets = batch`` unpacks the pair the data loader yielded in earlier versions.
+    """
+
+    images: Tensor
+    image_sizes: list[tuple[int, int]]
+    original_sizes: list[tuple[int, int]] | None = None
+    targets: list[dict] | None = None
+    proposals: list[Tensor] | None = None
+    image_ids: list[int] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __iter__(self):
+        return iter((self.images, self.targets))
+
+    def to(self, device: torch.device | str, non_blocking: bool = True) -> "Batch":
+        """A copy with the images, the targets' tensors and the proposals on ``device``."""
+        targets = None
+        if self.targets is not None:
+            targets = [
+                {k: (v.to(device, non_blocking=non_blocking) if isinstance(v, Tensor) else v) for k, v in t.items()}
+                for t in self.targets
+            ]
+        proposals = None if self.proposals is None else [p.to(device, non_blocking=non_blocking) for p in self.proposals]
+        return Batch(
+            self.images.to(device, non_blocking=non_blocking), list(self.image_sizes),
+            None if self.original_sizes is None else list(self.original_sizes), targets, proposals,
+            None if self.image_ids is None else list(self.image_ids),
+        )
 
 
 @dataclass
@@ -72,6 +123,13 @@ class SampledRoIs:
         box_targets: ``[R, 4]`` encoded regression targets, zero for non-positives.
         sampled: ``[R]`` float, 1 for a sampled RoI (positive or negative), 0 for an unused slot.
         positive: ``[R]`` float, 1 for a positive RoI.
+        rows_per_image: rows of each image (host integers, images in order). Within an image's
+            rows the positives come first, and there are at most ``max_positives_per_image`` of
+            them: a branch that needs only the positives (the mask branch) runs on the first
+            ``min(rows, max_positives_per_image)`` rows of each image, a static set of rows.
+        max_positives_per_image: the sampler's cap on positives per image.
+        gt_masks: per image ``[G_i, H, W]`` instance masks of the gts (mask models; ``matched_gt``
+            indexes them), else None.
     """
 
     rois: Tensor
@@ -80,6 +138,19 @@ class SampledRoIs:
     box_targets: Tensor
     sampled: Tensor
     positive: Tensor
+    rows_per_image: tuple[int, ...] = ()
+    max_positives_per_image: int = 0
+    gt_masks: list[Tensor] | None = None
+
+    def positive_prefix(self) -> Tensor:
+        """``[K]`` int64 row indices of the first ``min(rows, max_positives_per_image)`` rows of every
+        image: all positive rows (and padding rows of weight 0). Built from host integers, so a
+        host-to-device copy and no sync."""
+        index, start = [], 0
+        for count in self.rows_per_image:
+            index.extend(range(start, start + min(int(count), int(self.max_positives_per_image))))
+            start += int(count)
+        return torch.tensor(index, dtype=torch.int64).to(self.rois.device, non_blocking=True)
 
     @property
     def num_sampled(self) -> Tensor:

@@ -332,9 +332,9 @@ def test_rpn_training_loss_is_sync_free(device, sampling, monkeypatch):
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(1)
     if sampling == "exhaustive":  # every assigned anchor is sampled: the loss is deterministic
-        settings = dict(batch_size_per_image=10**6, positive_fraction=1.0, neg_pos_ub=-1)
+        settings = dict(batch_size=10**6, positive_fraction=1.0, neg_pos_ub=-1)
     else:  # Libra R-CNN's RPN: 256 anchors, half positive at most, negatives <= 5 x positives
-        settings = dict(batch_size_per_image=256, positive_fraction=0.5, neg_pos_ub=5)
+        settings = dict(batch_size=256, positive_fraction=0.5, neg_pos_ub=5)
     rpn = RegionProposalNetwork(in_channels=16, ignore_iof_thr=0.5, **settings).train()
     features_cpu, targets_cpu = fpn_features(16, generator), batch_targets(generator)
     reference = copy.deepcopy(rpn)
@@ -458,7 +458,7 @@ def test_roi_head_sample_is_sync_free(device, preset, num_proposals):
 
     rois, labels, matched = samples.rois.cpu(), samples.labels.cpu(), samples.matched_gt.cpu()
     sampled, positive, box_targets = samples.sampled.cpu().bool(), samples.positive.cpu().bool(), samples.box_targets.cpu()
-    slots = roi_head.batch_size_per_image
+    slots = roi_head.batch_size
     max_positives = int(slots * roi_head.positive_fraction)
     for index, target in enumerate(targets_cpu):
         gts = target["boxes"]

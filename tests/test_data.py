@@ -122,7 +122,7 @@ def test_normalisation_uses_imagenet_mean_and_std():
 
 
 def test_multiscale_training_draws_short_side_in_range_and_is_seeded():
-    transform = DetectionTransform(train=True, min_size=800, max_size=1333, multiscale_min_sizes=(640, 800), flip_prob=0.5)
+    transform = DetectionTransform(train=True, min_size=800, max_size=1333, multi_scale_range=(640, 800), flip_prob=0.5)
     image = torch.zeros(3, 30, 40)
     shorts, flips = set(), set()
     for seed in range(12):
@@ -214,7 +214,7 @@ def test_coco_errors_name_paths_and_ids(tmp_path):
 
 def test_dataset_augmentation_is_reproducible_per_index_and_epoch(tmp_path):
     image_dir, ann_file = _make_coco(tmp_path)
-    ds = CocoDetection(image_dir, ann_file, train=True, min_size=48, max_size=1000, multiscale_min_sizes=(32, 64), seed=3)
+    ds = CocoDetection(image_dir, ann_file, train=True, min_size=48, max_size=1000, multi_scale_range=(32, 64), seed=3)
     metas = [(ds[(0, e)][1]["img_shape"], ds[(0, e)][1]["flip"]) for e in range(10)]
     assert metas == [(ds[(0, e)][1]["img_shape"], ds[(0, e)][1]["flip"]) for e in range(10)]
     assert len(set(metas)) > 2  # epochs differ

@@ -69,7 +69,7 @@ def test_lvis_recipe_is_the_papers():
 
 
 def test_lvis_multi_scale_draws_the_six_short_sides():
-    transform = DetectionTransform(train=True, min_size=800, max_size=1333, multiscale_min_sizes=(640, 800), multiscale_step=32)
+    transform = DetectionTransform(train=True, min_size=800, max_size=1333, multi_scale_range=(640, 800), multi_scale_step=32)
     assert transform.multiscale_choices() == [640, 672, 704, 736, 768, 800]
     from libra.data.transforms import sample_generator
 
@@ -79,8 +79,8 @@ def test_lvis_multi_scale_draws_the_six_short_sides():
         _, _, meta = transform(image, {}, sample_generator(0, key))
         drawn.add(meta["img_shape"][0])
     assert drawn == {640, 672, 704, 736, 768, 800}
-    with pytest.raises(ValueError, match="multiscale_step"):
-        DetectionTransform(multiscale_step=0)
+    with pytest.raises(ValueError, match="multi_scale_step"):
+        DetectionTransform(multi_scale_step=0)
 
 
 # ------------------------------------------------------------------------------ presets
@@ -97,7 +97,7 @@ def test_lvis_presets_are_table_9s_models():
     assert model.roi_head.box_head.fc_cls.weight.shape[0] == 1204
     assert model.roi_head.mask_head.conv_logits.weight.shape[0] == 1203
     assert model.roi_head.pos_sampler == "class_balanced" and model.roi_head.neg_sampler == "iou_balanced"
-    assert model.roi_head.score_thresh == 0.001 and model.roi_head.detections_per_img == 300
+    assert model.roi_head.score_thr == 0.001 and model.roi_head.max_per_img == 300
     with pytest.raises(ValueError, match="bcr_s"):
         preset_config("libra_mask_rcnn_r50_fpn_lvis_bcr", bcr_s=1)
     with pytest.raises(ValueError, match="bcr_t"):

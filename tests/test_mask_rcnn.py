@@ -91,7 +91,7 @@ def test_mask_presets_build_the_mask_detector_with_mmdetection_names():
         model = tiny(name)
         assert isinstance(model, MaskRCNN) and isinstance(model.roi_head, MaskRoIHead)
         assert model.iou_types == ("bbox", "segm")
-        assert model.roi_head.mask_thresh == 0.5 and model.roi_head.mask_size == 28
+        assert model.roi_head.mask_thr == 0.5 and model.roi_head.mask_size == 28
         assert model.roi_head.mask_roi_extractor.output_size == 14
     plain, libra = tiny("mask_rcnn_r50_fpn"), tiny("libra_mask_rcnn_r50_fpn")
     assert len(plain.neck) == 1 and plain.roi_head.neg_sampler == "random"
@@ -187,7 +187,7 @@ def test_mask_loss_is_bce_on_the_gt_class_channel_end_to_end():
         hook.remove()
         del model.roi_head.sample
     samples = captured["samples"]
-    counts = [min(model.roi_head.batch_size_per_image, 2 + model.rpn.post_nms_top_n["train"])]
+    counts = [min(model.roi_head.batch_size, 2 + model.rpn.post_nms_top_n["train"])]
     rows = positive_prefix_index(counts, model.roi_head.max_positives_per_image, torch.device("cpu"))
     from libra.masks import mask_targets
 

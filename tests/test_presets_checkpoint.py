@@ -80,15 +80,15 @@ def test_libra_preset_matches_mmdet_settings():
     loss = model.roi_head.box_loss
     assert (loss.alpha, loss.gamma, loss.beta) == (0.5, 1.5, 1.0)
     rpn, head = model.rpn, model.roi_head
-    assert rpn.batch_size_per_image == 256 and rpn.positive_fraction == 0.5
+    assert rpn.batch_size == 256 and rpn.positive_fraction == 0.5
     assert rpn.pre_nms_top_n == {"train": 2000, "test": 1000}
     assert rpn.post_nms_top_n == {"train": 1000, "test": 1000}
-    assert rpn.nms_thresh == 0.7
+    assert rpn.nms_thr == 0.7
     assert (rpn.assigner.pos_iou_thr, rpn.assigner.neg_iou_thr, rpn.assigner.min_pos_iou) == (0.7, 0.3, 0.3)
-    assert head.batch_size_per_image == 512 and head.positive_fraction == 0.25
+    assert head.batch_size == 512 and head.positive_fraction == 0.25
     assert (head.assigner.pos_iou_thr, head.assigner.neg_iou_thr, head.assigner.match_low_quality) == (0.5, 0.5, False)
     assert head.box_coder.stds == (0.1, 0.1, 0.2, 0.2)
-    assert (head.score_thresh, head.nms_thresh, head.detections_per_img) == (0.05, 0.5, 100)
+    assert (head.score_thr, head.nms_thr, head.max_per_img) == (0.05, 0.5, 100)
     lgr = tiny("libra_faster_rcnn_r50_fpn_lgr").roi_head.cls_loss
     assert (lgr.alpha, lgr.gamma) == (0.8, 1.0)
 
@@ -114,11 +114,11 @@ def test_libra_preset_matches_mmdet_settings():
         ({"rpn_neg_pos_ub": -1}, lambda m: m.rpn.neg_pos_ub == -1),
         ({"ignore_iof_thr": -1}, lambda m: m.rpn.assigner.ignore_iof_thr == -1 and m.roi_head.assigner.ignore_iof_thr == -1),
         ({"rpn_batch_size": 64, "roi_batch_size": 128},
-         lambda m: m.rpn.batch_size_per_image == 64 and m.roi_head.batch_size_per_image == 128),
+         lambda m: m.rpn.batch_size == 64 and m.roi_head.batch_size == 128),
         ({"score_thr": 0.001, "nms_thr": 0.6, "max_per_img": 300},
-         lambda m: (m.roi_head.score_thresh, m.roi_head.nms_thresh, m.roi_head.detections_per_img) == (0.001, 0.6, 300)),
+         lambda m: (m.roi_head.score_thr, m.roi_head.nms_thr, m.roi_head.max_per_img) == (0.001, 0.6, 300)),
         ({"rpn_pre_nms_top_n_test": 500, "rpn_post_nms_top_n_test": 300, "rpn_nms_thr": 0.8},
-         lambda m: m.rpn.pre_nms_top_n["test"] == 500 and m.rpn.post_nms_top_n["test"] == 300 and m.rpn.nms_thresh == 0.8),
+         lambda m: m.rpn.pre_nms_top_n["test"] == 500 and m.rpn.post_nms_top_n["test"] == 300 and m.rpn.nms_thr == 0.8),
         # injection points: the RPN's box loss and sampler, Table 6's loss parameters, sigmoid scoring
         ({"rpn_box_loss": "balanced_l1", "rpn_box_loss_beta": 0.11},
          lambda m: type(m.rpn.box_loss) is BalancedL1Loss and m.rpn.box_loss.beta == 0.11),
@@ -176,7 +176,7 @@ def test_every_mask_preset_builds(name):
     assert model.roi_head.neg_sampler == ("iou_balanced" if libra else "random")
     assert type(model.roi_head.box_loss) is (BalancedL1Loss if libra else L1Loss)
     lvis = "_lvis" in name
-    assert (model.roi_head.score_thresh, model.roi_head.detections_per_img) == ((0.001, 300) if lvis else (0.05, 100))
+    assert (model.roi_head.score_thr, model.roi_head.max_per_img) == ((0.001, 300) if lvis else (0.05, 100))
     assert model.roi_head.use_sigmoid == name.endswith("_bcr")
 
 

@@ -238,7 +238,7 @@ def test_loss_normalisation_on_a_hand_made_case():
         {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([1])},
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},
     ]
-    losses = dense.loss(anchors.double(), logits, deltas, targets)
+    losses = dense.loss_by_feat(anchors.double(), logits, deltas, targets)
     counted = {0: [0, 2, 3], 1: [0, 1, 2, 3]}
     expected_cls = 0.0
     for image, rows in counted.items():
@@ -257,7 +257,7 @@ def test_loss_normalisation_on_a_hand_made_case():
     inlier = 0.5 / b * (b * x + 1) * torch.log1p(b * x / 0.11) - 0.5 * x
     outlier = 1.5 * x + 1.5 / b - 0.5 * 0.11
     expected_box = torch.where(x < 0.11, inlier, outlier).sum() / 2
-    torch.testing.assert_close(libra.loss(anchors.double(), logits, deltas, targets)["loss_bbox"], expected_box)
+    torch.testing.assert_close(libra.loss_by_feat(anchors.double(), logits, deltas, targets)["loss_bbox"], expected_box)
 
 
 def test_loss_of_a_mixed_size_batch_ignores_other_images_padding():
@@ -287,13 +287,13 @@ def test_loss_of_a_mixed_size_batch_ignores_other_images_padding():
 
     n0, n1 = num_pos(anchors, targets[0]), num_pos(alone_anchors, targets[1])
     assert n0 >= 2 and n1 >= 1
-    mixed = dense.loss(anchors, logits, deltas, targets, valid)
-    first = dense.loss(anchors, logits[:1], deltas[:1], targets[:1], valid[:1])
-    second = dense.loss(alone_anchors, logits[1:, valid[1]], deltas[1:, valid[1]], targets[1:])
+    mixed = dense.loss_by_feat(anchors, logits, deltas, targets, valid)
+    first = dense.loss_by_feat(anchors, logits[:1], deltas[:1], targets[:1], valid[:1])
+    second = dense.loss_by_feat(alone_anchors, logits[1:, valid[1]], deltas[1:, valid[1]], targets[1:])
     for key in ("loss_cls", "loss_bbox"):
         torch.testing.assert_close(mixed[key] * (n0 + n1), first[key] * n0 + second[key] * n1)
     # without the flags image 1's padding anchors would count as negatives
-    unflagged = dense.loss(anchors, logits, deltas, targets, None)
+    unflagged = dense.loss_by_feat(anchors, logits, deltas, targets, None)
     assert not torch.allclose(unflagged["loss_cls"], mixed["loss_cls"])
 
 
@@ -324,14 +324,14 @@ def _one_level_predict(dense, probabilities, anchor_boxes, image_sizes, deltas=N
     logits = torch.tensor(probabilities).logit()[None]  # [1, N, C]
     anchors = torch.tensor(anchor_boxes)
     deltas = torch.zeros(1, anchors.shape[0], 4) if deltas is None else deltas
-    return dense.predict([anchors], [logits], [deltas], image_sizes)[0]
+    return dense.predict_by_feat([anchors], [logits], [deltas], image_sizes)[0]
 
 
 def test_test_time_keeps_the_top_pairs_not_the_top_anchors():
-    """pre_nms_top_n pairs (anchor, class) by score: anchor 0 holds the two best pairs, so ranking
+    """pre_nms_top_n_test pairs (anchor, class) by score: anchor 0 holds the two best pairs, so ranking
     anchors by their best class (anchors 0 and 1) would keep another set."""
     dense = tiny_retinanet().dense_head.eval()
-    dense.pre_nms_top_n = 2
+    dense.pre_nms_top_n_test = 2
     probabilities = [[0.9, 0.8, 0.1], [0.75, 0.1, 0.1], [0.7, 0.02, 0.6]]
     boxes = [[0.0, 0.0, 20.0, 20.0], [40.0, 40.0, 60.0, 60.0], [0.0, 40.0, 20.0, 60.0]]
     output = _one_level_predict(dense, probabilities, boxes, [(64, 64)])
@@ -339,7 +339,7 @@ def test_test_time_keeps_the_top_pairs_not_the_top_anchors():
     assert output["labels"].tolist() == [0, 1]
     torch.testing.assert_close(output["boxes"], torch.tensor([boxes[0], boxes[0]]))  # class-wise NMS: both stay
     # with room for every pair: threshold 0.05 (drops 0.02), then class-wise NMS, sorted
-    dense.pre_nms_top_n = 1000
+    dense.pre_nms_top_n_test = 1000
     output = _one_level_predict(dense, probabilities, boxes, [(64, 64)])
     assert output["scores"].shape[0] == 8 and (output["scores"] > 0.05).all()
     assert (output["scores"][:-1] >= output["scores"][1:]).all()
@@ -348,23 +348,23 @@ def test_test_time_keeps_the_top_pairs_not_the_top_anchors():
 def test_test_time_pairs_are_per_level_clipped_and_nms_is_class_wise():
     torch.manual_seed(0)
     dense = tiny_retinanet().dense_head.eval()
-    dense.pre_nms_top_n = 1
+    dense.pre_nms_top_n_test = 1
     level0 = torch.tensor([[0.0, 0.0, 30.0, 30.0], [1.0, 1.0, 31.0, 31.0]])
     level1 = torch.tensor([[2.0, 2.0, 32.0, 32.0], [50.0, 50.0, 90.0, 90.0]])
     logits0 = torch.tensor([[[0.9, 0.1, 0.1], [0.8, 0.1, 0.1]]]).logit()
     logits1 = torch.tensor([[[0.1, 0.1, 0.7], [0.6, 0.1, 0.1]]]).logit()
     zeros = torch.zeros(1, 2, 4)
-    output = dense.predict([level0, level1], [logits0, logits1], [zeros, zeros], [(64, 80)])[0]
+    output = dense.predict_by_feat([level0, level1], [logits0, logits1], [zeros, zeros], [(64, 80)])[0]
     # one pair per level (0.9 of level 0, 0.7 of level 1): different classes, so no suppression
     torch.testing.assert_close(output["scores"], torch.tensor([0.9, 0.7]))
     assert output["labels"].tolist() == [0, 2]
     # same class, overlapping boxes: the lower one is suppressed (IoU > 0.5)
-    dense.pre_nms_top_n = 2
-    output = dense.predict([level0], [logits0], [zeros], [(64, 80)])[0]
+    dense.pre_nms_top_n_test = 2
+    output = dense.predict_by_feat([level0], [logits0], [zeros], [(64, 80)])[0]
     torch.testing.assert_close(output["scores"], torch.tensor([0.9]))
     # clipped to the image (64 x 40), not to a padded batch; boxes pushed outside are dropped
     deltas = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [10.0, 0.0, 0.0, 0.0]]])
-    output = dense.predict([level1], [logits1], [deltas], [(40, 64)])[0]
+    output = dense.predict_by_feat([level1], [logits1], [deltas], [(40, 64)])[0]
     assert output["boxes"].tolist() == [[2.0, 2.0, 32.0, 32.0]]  # the second box left the image: empty
 
 
@@ -501,7 +501,7 @@ def test_presets_build_with_mmdet_settings(name, depth, libra):
         assert type(dense.box_loss) is L1Loss
     assert dense.box_coder.means == (0.0,) * 4 and dense.box_coder.stds == (1.0,) * 4
     assert dense.anchor_generator.strides == (8, 16, 32, 64, 128)
-    assert (dense.score_thresh, dense.pre_nms_top_n, dense.nms_thresh, dense.detections_per_img) == (0.05, 1000, 0.5, 100)
+    assert (dense.score_thr, dense.pre_nms_top_n_test, dense.nms_thr, dense.max_per_img) == (0.05, 1000, 0.5, 100)
 
 
 def test_preset_keys_are_the_detectors_own():

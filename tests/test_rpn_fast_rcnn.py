@@ -51,7 +51,7 @@ def test_rpn_presets_have_the_standalone_test_settings():
         # rpn_r50_fpn_1x_coco test_cfg.rpn: nms_pre=2000 per level, max_per_img=1000, nms 0.7
         assert model.rpn.pre_nms_top_n["test"] == 2000
         assert model.rpn.post_nms_top_n["test"] == 1000
-        assert model.rpn.nms_thresh == 0.7
+        assert model.rpn.nms_thr == 0.7
         assert not hasattr(model, "roi_head")
 
 

@@ -128,7 +128,7 @@ def sampler_settings(roi_head: nn.Module, sampler: str, iou_balanced: dict | Non
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
-    common = {"num": roi_head.batch_size_per_image, "pos_fraction": roi_head.positive_fraction}
+    common = {"num": roi_head.batch_size, "pos_fraction": roi_head.positive_fraction}
     if sampler == "random":
         return {**common, "pos_sampler": "random", "neg_sampler": "random"}
     if iou_balanced is None:

@@ -46,11 +46,11 @@ def build_dataset(
     train: bool | None = None,
     min_size: int | None = None,
     max_size: int | None = None,
-    multiscale_min_sizes: tuple[int, int] | None = None,
+    multi_scale_range: tuple[int, int] | None = None,
     flip_prob: float = 0.5,
     seed: int = 0,
     synthetic_kwargs: dict | None = None,
-    multiscale_step: int = 1,
+    multi_scale_step: int = 1,
     with_masks: bool = False,
 ) -> DetectionDataset:
     """Build a dataset by name.
@@ -64,9 +64,9 @@ def build_dataset(
         split: 'train' / 'val' (COCO, LVIS, synthetic), 'train' / 'test' / 'val' / ... (VOC).
         train: training mode; default ``split.startswith('train')``.
         min_size, max_size: resize rule; default `DEFAULT_SIZES[name]`.
-        multiscale_min_sizes: e.g. (640, 800) for multi-scale training (paper 4.1.3).
+        multi_scale_range: e.g. (640, 800) for multi-scale training (paper 4.1.3).
         synthetic_kwargs: extra arguments of `ensure_synthetic_dataset` (num_train, num_val, image_size, seed).
-        multiscale_step: step of the multi-scale short sides (1; 32 for LVIS: 640, 672, ..., 800).
+        multi_scale_step: step of the multi-scale short sides (1; 32 for LVIS: 640, 672, ..., 800).
         with_masks: decode instance masks into ``target["masks"]`` (a mask model's training data;
             `DataError` for a dataset without segmentations, e.g. VOC).
     """
@@ -79,10 +79,10 @@ def build_dataset(
         train=train,
         min_size=default_min if min_size is None else min_size,
         max_size=default_max if max_size is None else max_size,
-        multiscale_min_sizes=multiscale_min_sizes,
+        multi_scale_range=multi_scale_range,
         flip_prob=flip_prob,
         seed=seed,
-        multiscale_step=multiscale_step,
+        multi_scale_step=multi_scale_step,
     )
     if name == "coco":
         image_dir, ann_file = build_coco_paths(data_root, split)

@@ -117,7 +117,7 @@ class CocoDetection(DetectionDataset):
         ann_file: instances JSON.
         train: training mode (augmentation, drop images without boxes).
         transform: resize/flip/normalise; default ``DetectionTransform(train, min_size, max_size)``.
-        min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step: used to build the default transform.
+        min_size, max_size, multi_scale_range, flip_prob, multi_scale_step: used to build the default transform.
         seed: base seed of the per-sample augmentation RNG.
     """
 
@@ -129,10 +129,10 @@ class CocoDetection(DetectionDataset):
         transform: DetectionTransform | None = None,
         min_size: int = 800,
         max_size: int = 1333,
-        multiscale_min_sizes: tuple[int, int] | None = None,
+        multi_scale_range: tuple[int, int] | None = None,
         flip_prob: float = 0.5,
         seed: int = 0,
-        multiscale_step: int = 1,
+        multi_scale_step: int = 1,
     ) -> None:
         self.root = Path(root)
         self.ann_file = Path(ann_file)
@@ -141,7 +141,7 @@ class CocoDetection(DetectionDataset):
         self.coco = load_coco_api(self.ann_file)
         records, self.label_to_cat_id, class_names = parse_coco_annotations(self.coco, self.root, train)
         if transform is None:
-            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step)
+            transform = DetectionTransform(train, min_size, max_size, multi_scale_range, flip_prob, multi_scale_step)
         super().__init__(records, class_names, train, transform, seed)
 
     @property

@@ -68,10 +68,10 @@ class LVISDetection(DetectionDataset):
         transform: DetectionTransform | None = None,
         min_size: int = 800,
         max_size: int = 1333,
-        multiscale_min_sizes: tuple[int, int] | None = None,
+        multi_scale_range: tuple[int, int] | None = None,
         flip_prob: float = 0.5,
         seed: int = 0,
-        multiscale_step: int = 1,
+        multi_scale_step: int = 1,
     ) -> None:
         self.root = Path(image_root)
         if not self.root.is_dir():
@@ -85,7 +85,7 @@ class LVISDetection(DetectionDataset):
         )
         self.frequencies = [str(self.lvis.cats[c].get("frequency", "f")) for c in self.label_to_cat_id]
         if transform is None:
-            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step)
+            transform = DetectionTransform(train, min_size, max_size, multi_scale_range, flip_prob, multi_scale_step)
         super().__init__(records, class_names, train, transform, seed)
 
     evaluation_protocol = "lvis"  # federated AP with APr / APc / APf

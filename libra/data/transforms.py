@@ -35,6 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from libra.structures import Batch
+
 # ImageNet statistics on RGB 0..255 (MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`:
 # `data_preprocessor.mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375], bgr_to_rgb=True`).
 PIXEL_MEAN: tuple[float, float, float] = (123.675, 116.28, 103.53)
@@ -117,12 +119,12 @@ class DetectionTransform:
     """Resize (+ optional multi-scale), flip and normalise one image and its boxes.
 
     Args:
-        train: training mode enables multi-scale (if ``multiscale_min_sizes`` is given) and flip.
+        train: training mode enables multi-scale (if ``multi_scale_range`` is given) and flip.
         min_size, max_size: target short side and cap on the long side (800 / 1333 for COCO).
-        multiscale_min_sizes: ``(lo, hi)``: in training the short side is drawn uniformly from
+        multi_scale_range: ``(lo, hi)``: in training the short side is drawn uniformly from
             lo, lo + step, ..., hi (paper 4.1.3 uses (640, 800)); the long side stays <= max_size.
         flip_prob: probability of a horizontal flip in training (0.5).
-        multiscale_step: the step of those short sides: 1 (every integer, MMDetection's
+        multi_scale_step: the step of those short sides: 1 (every integer, MMDetection's
             ``multiscale_mode='range'`` of the COCO recipe) or 32 for LVIS (640, 672, ..., 800:
             ``mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1``, ``multiscale_mode='value'``, paper Sec. 4.2).
     """
@@ -130,26 +132,26 @@ class DetectionTransform:
     train: bool = False
     min_size: int = 800
     max_size: int = 1333
-    multiscale_min_sizes: tuple[int, int] | None = None
+    multi_scale_range: tuple[int, int] | None = None
     flip_prob: float = 0.5
-    multiscale_step: int = 1
+    multi_scale_step: int = 1
 
     def __post_init__(self) -> None:
-        if self.multiscale_min_sizes is not None:
-            lo, hi = self.multiscale_min_sizes
+        if self.multi_scale_range is not None:
+            lo, hi = self.multi_scale_range
             if not 0 < lo <= hi:
-                raise ValueError(f"multiscale_min_sizes must be (lo, hi) with 0 < lo <= hi, got {self.multiscale_min_sizes}")
-        if isinstance(self.multiscale_step, bool) or not isinstance(self.multiscale_step, int) or self.multiscale_step < 1:
-            raise ValueError(f"multiscale_step must be a positive integer, got {self.multiscale_step!r}")
+                raise ValueError(f"multi_scale_range must be (lo, hi) with 0 < lo <= hi, got {self.multi_scale_range}")
+        if isinstance(self.multi_scale_step, bool) or not isinstance(self.multi_scale_step, int) or self.multi_scale_step < 1:
+            raise ValueError(f"multi_scale_step must be a positive integer, got {self.multi_scale_step!r}")
         if not 0.0 <= self.flip_prob <= 1.0:
             raise ValueError(f"flip_prob must be in [0, 1], got {self.flip_prob}")
 
     def multiscale_choices(self) -> list[int]:
         """The short sides training draws from (``[min_size]`` without multi-scale)."""
-        if self.multiscale_min_sizes is None:
+        if self.multi_scale_range is None:
             return [self.min_size]
-        lo, hi = self.multiscale_min_sizes
-        return list(range(int(lo), int(hi) + 1, self.multiscale_step))
+        lo, hi = self.multi_scale_range
+        return list(range(int(lo), int(hi) + 1, self.multi_scale_step))
 
     def __call__(
         self,
@@ -164,9 +166,9 @@ class DetectionTransform:
         """
         h0, w0 = int(image.shape[-2]), int(image.shape[-1])
         min_size = self.min_size
-        if self.train and self.multiscale_min_sizes is not None:
-            lo, hi = self.multiscale_min_sizes
-            if self.multiscale_step == 1:
+        if self.train and self.multi_scale_range is not None:
+            lo, hi = self.multi_scale_range
+            if self.multi_scale_step == 1:
                 min_size = int(torch.randint(lo, hi + 1, (1,), generator=generator).item())
             else:
                 choices = self.multiscale_choices()
@@ -231,13 +233,14 @@ def pad_images(images: Sequence[Tensor], size_divisibility: int = SIZE_DIVISIBIL
     return batch
 
 
-def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
-    """DataLoader ``collate_fn``: list of (image [3,h,w], target) -> (images [B,3,H,W], targets).
+def collate(batch: Sequence[tuple[Tensor, dict]]) -> Batch:
+    """DataLoader ``collate_fn``: list of (image [3,h,w], target) -> :class:`~libra.structures.Batch`.
 
     Images are padded with 0 (after normalisation) to a common size that is a multiple of 32;
-    ``target["img_shape"]`` keeps each image's unpadded (h, w) (the model's ``image_sizes``).
-    Instance masks (``target["masks"]`` [G, h, w], mask models) are zero-padded the same way to
-    [G, H, W], the padded batch size.
+    ``image_sizes`` keeps each image's unpadded (h, w), ``original_sizes`` the dataset's
+    ``target["ori_shape"]`` (where every target has one), ``proposals`` the pre-computed proposals
+    (``target["proposals"]``, where every target has them: Fast R-CNN). Instance masks
+    (``target["masks"]`` [G, h, w], mask models) are zero-padded the same way to [G, H, W].
     """
     if len(batch) == 0:
         raise ValueError("collate got an empty batch")
@@ -248,7 +251,13 @@ def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[Tensor, list[dict]]:
 
         size = (int(images.shape[-2]), int(images.shape[-1]))
         targets = [{**t, "masks": pad_masks(t["masks"], size)} if "masks" in t else t for t in targets]
-    return images, targets
+    image_sizes = [(int(item[0].shape[-2]), int(item[0].shape[-1])) for item in batch]
+    original_sizes = None
+    if all("ori_shape" in t for t in targets):
+        original_sizes = [(int(t["ori_shape"][0]), int(t["ori_shape"][1])) for t in targets]
+    proposals = [t["proposals"] for t in targets] if all("proposals" in t for t in targets) else None
+    image_ids = [int(t["image_id"]) for t in targets] if all("image_id" in t for t in targets) else None
+    return Batch(images, image_sizes, original_sizes, targets, proposals, image_ids)
 
 
 def preprocess_images(

@@ -139,10 +139,10 @@ class VOCDetection(DetectionDataset):
         transform: DetectionTransform | None = None,
         min_size: int = 800,
         max_size: int = 1333,
-        multiscale_min_sizes: tuple[int, int] | None = None,
+        multi_scale_range: tuple[int, int] | None = None,
         flip_prob: float = 0.5,
         seed: int = 0,
-        multiscale_step: int = 1,
+        multi_scale_step: int = 1,
         class_names: Sequence[str] = VOC_CLASSES,
     ) -> None:
         records = []
@@ -169,7 +169,7 @@ class VOCDetection(DetectionDataset):
             raise ValueError("duplicate VOC image ids: an image is listed twice in the split files")
         self.label_to_cat_id = list(range(1, len(class_names) + 1))
         if transform is None:
-            transform = DetectionTransform(train, min_size, max_size, multiscale_min_sizes, flip_prob, multiscale_step)
+            transform = DetectionTransform(train, min_size, max_size, multi_scale_range, flip_prob, multi_scale_step)
         super().__init__(records, class_names, train, transform, seed)
 
     def skip_hint(self, record: ImageRecord) -> str:

@@ -152,10 +152,10 @@ class RetinaNetDenseHead(nn.Module):
             the sigmoid focal loss (alpha 0.25, gamma 2).
         box_loss: ``forward(pred[B, N, 4], target, weight[B, N], avg_factor)`` on the positives;
             default L1 (``model.bbox_head.loss_bbox=L1Loss``); balanced L1 (beta 0.11) for Libra.
-        score_thresh: test-time minimum sigmoid score of a pair (0.05).
-        pre_nms_top_n: test-time pairs kept per image and level (1000, ``test_cfg.nms_pre``).
-        nms_thresh: IoU of the class-wise NMS (0.5).
-        detections_per_img: kept after NMS (100).
+        score_thr: test-time minimum sigmoid score of a pair (0.05).
+        pre_nms_top_n_test: test-time pairs kept per image and level (1000, ``test_cfg.nms_pre``).
+        nms_thr: IoU of the class-wise NMS (0.5).
+        max_per_img: kept after NMS (100).
 
     Box deltas are not normalised (``bbox_coder`` means 0, stds 1); anchors crossing the image
     border are kept (``allowed_border=-1``).
@@ -172,10 +172,10 @@ class RetinaNetDenseHead(nn.Module):
         ignore_iof_thr: float = -1.0,
         cls_loss: nn.Module | None = None,
         box_loss: nn.Module | None = None,
-        score_thresh: float = 0.05,
-        pre_nms_top_n: int = 1000,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
+        score_thr: float = 0.05,
+        pre_nms_top_n_test: int = 1000,
+        nms_thr: float = 0.5,
+        max_per_img: int = 100,
     ) -> None:
         super().__init__()
         self.anchor_generator = (
@@ -196,30 +196,40 @@ class RetinaNetDenseHead(nn.Module):
         )
         self.cls_loss = cls_loss if cls_loss is not None else SigmoidFocalLoss()
         self.box_loss = box_loss if box_loss is not None else L1Loss()
-        self.score_thresh = score_thresh
-        self.pre_nms_top_n = pre_nms_top_n
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
+        self.score_thr = score_thr
+        self.pre_nms_top_n_test = pre_nms_top_n_test
+        self.nms_thr = nms_thr
+        self.max_per_img = max_per_img
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        features: Sequence[Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections in eval mode.
+    # ------------------------------------------------------------------ loss / predict
+    def loss(
+        self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """``{"loss_cls", "loss_bbox"}`` scalars of a batch.
 
         Args:
             features: pyramid levels ``[B, C_f, H_l, W_l]``, one per anchor stride (P3..P7).
             image_sizes: ``(h, w)`` of each image before padding.
-            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``;
-                required in training.
-
-        Returns:
-            training: ``{"loss_cls", "loss_bbox"}`` scalars; eval: per image ``{"boxes": [D, 4],
-            "scores": [D], "labels": [D] int64}`` in resized image coordinates.
+            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
         """
+        anchors, logits, deltas = self._outputs(features)
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        return self.loss_by_feat(
+            torch.cat(anchors, dim=0),
+            torch.cat(logits, dim=1),
+            torch.cat(deltas, dim=1),
+            targets,
+            self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
+        )
+
+    @torch.no_grad()
+    def predict(self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:
+        """Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}`` in resized image coordinates."""
+        anchors, logits, deltas = self._outputs(features)
+        return self.predict_by_feat(anchors, logits, deltas, image_sizes)
+
+    def _outputs(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level anchors ``[N_l, 4]``, class logits ``[B, N_l, C]`` and deltas ``[B, N_l, 4]``."""
         if len(features) != len(self.anchor_generator.strides):
             raise ValueError(
                 f"got {len(features)} feature levels for anchor strides {self.anchor_generator.strides}"
@@ -229,22 +239,10 @@ class RetinaNetDenseHead(nn.Module):
         anchors = self.anchor_generator(feature_sizes, device=features[0].device, dtype=torch.float32)
         # Scores and boxes in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
         flat = [_flatten_level(c.float(), d.float(), self.num_classes) for c, d in zip(cls_logits, deltas)]
-        logits_per_level = [f[0] for f in flat]
-        deltas_per_level = [f[1] for f in flat]
-        if self.training:
-            if targets is None:
-                raise ValueError("targets are required in training mode; call model.eval() to get detections")
-            return self.loss(
-                torch.cat(anchors, dim=0),
-                torch.cat(logits_per_level, dim=1),
-                torch.cat(deltas_per_level, dim=1),
-                targets,
-                self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
-            )
-        return self.predict(anchors, logits_per_level, deltas_per_level, image_sizes)
+        return anchors, [f[0] for f in flat], [f[1] for f in flat]
 
     # ------------------------------------------------------------------ loss
-    def loss(
+    def loss_by_feat(
         self,
         anchors: Tensor,
         cls_logits: Tensor,
@@ -293,7 +291,7 @@ class RetinaNetDenseHead(nn.Module):
 
     # ------------------------------------------------------------------ test
     @torch.no_grad()
-    def predict(
+    def predict_by_feat(
         self,
         anchors: Sequence[Tensor],
         cls_logits: Sequence[Tensor],
@@ -310,7 +308,7 @@ class RetinaNetDenseHead(nn.Module):
 
         Returns:
             Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}``, ``D <=
-            detections_per_img``, sorted by decreasing score, in resized image coordinates.
+            max_per_img``, sorted by decreasing score, in resized image coordinates.
         """
         num_classes = self.num_classes
         level_scores, level_boxes, level_labels = [], [], []
@@ -318,7 +316,7 @@ class RetinaNetDenseHead(nn.Module):
             # Pair index p = anchor * C + class over the flattened [N_l, C] scores. Taking the top
             # k pairs above the threshold equals taking the top k pairs and then thresholding.
             scores = level_logits.sigmoid().flatten(1)  # [B, N_l * C]
-            k = min(self.pre_nms_top_n, scores.shape[1])  # static: no host sync
+            k = min(self.pre_nms_top_n_test, scores.shape[1])  # static: no host sync
             top_scores, top_pairs = scores.topk(k, dim=1)  # [B, k]
             anchor_index = torch.div(top_pairs, num_classes, rounding_mode="floor")
             top_deltas = level_deltas.gather(1, anchor_index[..., None].expand(-1, -1, 4))
@@ -329,7 +327,7 @@ class RetinaNetDenseHead(nn.Module):
         labels = torch.cat(level_labels, dim=1)
         boxes = clip_boxes_per_image(torch.cat(level_boxes, dim=1), image_sizes)  # [B, K, 4]
         keep_mask = (
-            (scores > self.score_thresh) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
+            (scores > self.score_thr) & (boxes[..., 2] > boxes[..., 0]) & (boxes[..., 3] > boxes[..., 1])
         )
 
         detections = []
@@ -337,6 +335,6 @@ class RetinaNetDenseHead(nn.Module):
             image_boxes = boxes[index][keep_mask[index]]
             image_scores = scores[index][keep_mask[index]]
             image_labels = labels[index][keep_mask[index]]
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)[: self.detections_per_img]
+            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thr)[: self.max_per_img]
             detections.append({"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]})
         return detections

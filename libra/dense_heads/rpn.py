@@ -35,7 +35,7 @@ from libra.boxes import clip_boxes_per_image
 from libra.losses.basic import L1Loss, binary_cross_entropy_with_logits
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
-from libra.samplers import sample_pos_neg
+from libra.samplers import RandomSampler, sample_pos_neg
 from libra.structures import Proposals
 
 
@@ -99,18 +99,17 @@ class RegionProposalNetwork(nn.Module):
             takes its best anchors when that IoU >= min_pos_iou).
         ignore_iof_thr: anchors covered by more than this fraction by an ignore (crowd) box are
             neither positive nor negative.
-        batch_size_per_image: anchors sampled per image for the loss (256).
+        batch_size: anchors sampled per image for the loss (256).
         positive_fraction: at most this fraction of them positive (0.5).
-        pos_sampler, neg_sampler: samplers of :func:`libra.samplers.sample_pos_neg` (``'random'``
-            both, MMDetection's ``train_cfg.rpn.sampler``); ``neg_sampler_kwargs`` configure the
-            negative one (e.g. ``num_bins`` of ``'iou_balanced'``).
+        pos_sampler, neg_sampler: sampler modules (:mod:`libra.samplers`); None: random, both
+            (MMDetection's ``train_cfg.rpn.sampler``).
         neg_pos_ub: Libra caps negatives at ``neg_pos_ub * max(1, #pos)`` (5,
             ``libra-faster-rcnn_r50_fpn_1x_coco: train_cfg.rpn.sampler.neg_pos_ub=5``); -1: no cap.
         box_loss: ``forward(pred, target, weight, avg_factor)`` on the positive anchors' deltas;
             default L1 (``loss_bbox=L1Loss``); balanced L1 (paper Sec. 3.3.1) plugs in here.
         pre_nms_top_n_train / _test: per level, candidates kept by score before NMS (2000 / 1000).
         post_nms_top_n_train / _test: proposals kept per image after NMS (1000 / 1000).
-        nms_thresh: IoU of the per-level NMS (0.7).
+        nms_thr: IoU of the per-level NMS (0.7).
         generator: optional RNG for the sampler (None: the global one).
 
     Anchors crossing the image border are kept (MMDetection's ``allowed_border=-1``).
@@ -125,19 +124,18 @@ class RegionProposalNetwork(nn.Module):
         pos_iou_thr: float = 0.7,
         neg_iou_thr: float = 0.3,
         min_pos_iou: float = 0.3,
-        ignore_iof_thr: float = 0.5,
-        batch_size_per_image: int = 256,
+        ignore_iof_thr: float = -1.0,
+        batch_size: int = 256,
         positive_fraction: float = 0.5,
-        pos_sampler: str = "random",
-        neg_sampler: str = "random",
-        neg_sampler_kwargs: dict | None = None,
+        pos_sampler: nn.Module | None = None,
+        neg_sampler: nn.Module | None = None,
         neg_pos_ub: float = -1.0,
         box_loss: nn.Module | None = None,
         pre_nms_top_n_train: int = 2000,
         pre_nms_top_n_test: int = 1000,
         post_nms_top_n_train: int = 1000,
         post_nms_top_n_test: int = 1000,
-        nms_thresh: float = 0.7,
+        nms_thr: float = 0.7,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -153,16 +151,15 @@ class RegionProposalNetwork(nn.Module):
         self.assigner = MaxIoUAssigner(
             pos_iou_thr, neg_iou_thr, min_pos_iou, match_low_quality=True, ignore_iof_thr=ignore_iof_thr
         )
-        self.batch_size_per_image = batch_size_per_image
+        self.batch_size = batch_size
         self.positive_fraction = positive_fraction
-        self.pos_sampler = pos_sampler
-        self.neg_sampler = neg_sampler
-        self.neg_sampler_kwargs = dict(neg_sampler_kwargs or {})
+        self.pos_sampler = pos_sampler if pos_sampler is not None else RandomSampler()
+        self.neg_sampler = neg_sampler if neg_sampler is not None else RandomSampler()
         self.neg_pos_ub = neg_pos_ub
         self.box_loss = box_loss if box_loss is not None else L1Loss()
         self.pre_nms_top_n = {"train": pre_nms_top_n_train, "test": pre_nms_top_n_test}
         self.post_nms_top_n = {"train": post_nms_top_n_train, "test": post_nms_top_n_test}
-        self.nms_thresh = nms_thresh
+        self.nms_thr = nms_thr
         self.generator = generator
 
     # ------------------------------------------------------------------ forward
@@ -255,7 +252,7 @@ class RegionProposalNetwork(nn.Module):
         # the level as the class, test_cfg.rpn.nms=dict(type="nms", iou_threshold=0.7)).
         image_ids = torch.arange(batch, device=device)[:, None] * num_levels
         groups = (image_ids + torch.cat(level_ids)[None, :]).reshape(-1)
-        keep = batched_nms(boxes.reshape(-1, 4), nms_scores.reshape(-1), groups, self.nms_thresh)
+        keep = batched_nms(boxes.reshape(-1, 4), nms_scores.reshape(-1), groups, self.nms_thr)
         kept = torch.zeros(batch * num_candidates, dtype=torch.bool, device=device)
         kept[keep] = True
         kept = kept.view(batch, num_candidates) & nonempty
@@ -305,14 +302,13 @@ class RegionProposalNetwork(nn.Module):
             positive, negative = sample_pos_neg(
                 assignment.gt_inds,
                 assignment.max_overlaps,
-                num=self.batch_size_per_image,
+                num=self.batch_size,
                 pos_fraction=self.positive_fraction,
                 pos_sampler=self.pos_sampler,
                 neg_sampler=self.neg_sampler,
                 neg_pos_ub=self.neg_pos_ub,
                 labels=assignment.labels,
                 generator=self.generator,
-                **self.neg_sampler_kwargs,
             )
             encoded = self.box_coder.encode_matched(anchors, gt_boxes, assignment.gt_inds - 1, positive)
             objectness_targets.append(positive.to(logits.dtype))

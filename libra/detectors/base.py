@@ -1,10 +1,21 @@
 """What every detector shares: input checks, ground-truth validation, the final rescale.
 
-A detector (two-stage, one-stage, proposal-only) subclasses :class:`Detector` and composes its
-own backbone, neck and heads. Its ``forward`` calls :meth:`Detector.check_inputs` first and
-:meth:`Detector.postprocess` last, so the checks and the one rescale to the original image
-exist once, for every model (torchvision's ``GeneralizedRCNNTransform.postprocess`` plays the
-same role).
+A detector (two-stage, one-stage, proposal-only) subclasses :class:`Detector`, composes its own
+backbone, neck and heads, and implements the one interface the engine calls (MMDetection 3.x's
+``loss`` / ``predict``), on a :class:`~libra.structures.Batch`:
+
+- ``loss(batch) -> {"loss_*": scalar, ...}`` (training; the total loss is the sum of the ``loss*``
+  entries);
+- ``predict(batch) -> [per image {"boxes", "scores", "labels"(, "masks")}]`` (or proposals, for a
+  proposal model), in ``batch.original_sizes`` coordinates;
+- ``predict_proposals(batch)`` where ``makes_proposals`` is True (models with an RPN).
+
+``forward`` dispatches to them (``mode``, or the module's training flag), so ``model(batch)``,
+DistributedDataParallel and the tensor API ``model(images, image_sizes, targets=...,
+original_sizes=...)`` all reach the same code. Each method calls :meth:`Detector.check_batch` first
+and :meth:`Detector.postprocess` last, so the checks and the one rescale to the original image
+(and the one mask paste) exist once, for every model (torchvision's
+``GeneralizedRCNNTransform.postprocess`` plays the same role).
 
 Ground-truth validation (one host sync per batch):
 
@@ -25,6 +36,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from libra.masks import paste_masks_in_image
+from libra.necks import neck_strides
+from libra.structures import Batch
+
 MIN_IMAGE_SIDE = 32
 
 _NON_FINITE_IMAGES = (
@@ -41,12 +56,17 @@ class Detector(nn.Module):
 
     Attributes:
         iou_types: what the evaluator should measure for this model's outputs: ``("bbox",)`` for
-            a detector, ``("proposal",)`` for a proposal model (later ``"segm"`` with masks).
+            a detector, ``("bbox", "segm")`` with masks, ``("proposal",)`` for a proposal model.
+        makes_proposals: the model has an RPN whose proposals :meth:`predict_proposals` returns
+            (proposal recall, ``eval.py --save-proposals``).
+        takes_proposals: the model runs on pre-computed proposals (``batch.proposals``: Fast R-CNN).
         validate_targets: check the ground truth (module docstring). Costs one host sync per
             training batch; turn off only for inputs checked elsewhere.
     """
 
     iou_types: tuple[str, ...] = ("bbox",)
+    makes_proposals: bool = False
+    takes_proposals: bool = False
 
     def __init__(self, num_classes: int, validate_targets: bool = True) -> None:
         super().__init__()
@@ -55,21 +75,88 @@ class Detector(nn.Module):
         self.num_classes = num_classes
         self.validate_targets = validate_targets
 
+    # ------------------------------------------------------------------ interface
+    def forward(
+        self,
+        images: Tensor | Batch,
+        image_sizes: Sequence[tuple[int, int]] | None = None,
+        targets: Sequence[dict[str, Tensor]] | None = None,
+        original_sizes: Sequence[tuple[int, int]] | None = None,
+        proposals: Sequence[Tensor] | None = None,
+        *,
+        mode: str | None = None,
+        **predict_options,
+    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
+        """``loss`` in training mode, ``predict`` in eval mode (or what ``mode`` names:
+        ``"loss"``, ``"predict"``, ``"proposals"``).
+
+        Args:
+            images: a :class:`~libra.structures.Batch`, or ``[B, 3, H, W]`` normalised images,
+                zero-padded bottom-right, with the other arguments (the fields of a ``Batch``).
+            image_sizes: ``(h, w)`` of each image before padding (``h <= H``, ``w <= W``).
+            targets: per image ``{"boxes": [G, 4] float (resized image coords), "labels": [G] int64
+                in [0, C-1], "ignore_boxes": [Gi, 4] (optional)}``; required in training.
+            original_sizes: ``(h0, w0)`` per image; eval boxes are rescaled to them.
+            proposals: per image ``[P_i, 4]`` pre-computed proposals (Fast R-CNN).
+            mode: ``"loss"``, ``"predict"`` or ``"proposals"``; None: by ``self.training``.
+            **predict_options: passed to ``predict`` (e.g. ``return_proposals=True``).
+        """
+        if isinstance(images, Batch):
+            batch = images
+        else:
+            if image_sizes is None:
+                raise ValueError("pass image_sizes (one (h, w) per image) with the images, or a libra.structures.Batch")
+            batch = Batch(
+                images, list(image_sizes), None if original_sizes is None else list(original_sizes),
+                None if targets is None else list(targets), None if proposals is None else list(proposals),
+            )
+        mode = mode or ("loss" if self.training else "predict")
+        if mode == "loss":
+            return self.loss(batch)
+        if mode == "predict":
+            return self.predict(batch, **predict_options)
+        if mode == "proposals":
+            return self.predict_proposals(batch)
+        raise ValueError(f"mode must be 'loss', 'predict' or 'proposals', got {mode!r}")
+
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """The training losses of ``batch`` (``batch.targets`` required)."""
+        raise NotImplementedError
+
+    def predict(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """Per image outputs in ``batch.original_sizes`` coordinates (resized ones without them)."""
+        raise NotImplementedError
+
+    def predict_proposals(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` by decreasing score (models
+        with ``makes_proposals``)."""
+        raise ValueError(
+            f"{type(self).__name__} makes no proposals of its own (proposal recall and --save-proposals need a "
+            "model with an RPN: a Faster / Mask R-CNN or RPN preset)"
+        )
+
     # ------------------------------------------------------------------ inputs
+    def check_batch(self, batch: Batch, training: bool) -> tuple[list[tuple[int, int]], list[dict[str, Tensor]] | None]:
+        """Check the batch; for ``training`` also validate the targets and move them to the images' device.
+
+        Returns:
+            ``(image_sizes as int pairs, targets or None)``.
+        """
+        return self.check_inputs(batch.images, batch.image_sizes, batch.targets if training else None,
+                                 batch.original_sizes, training=training)
+
     def check_inputs(
         self,
         images: Tensor,
         image_sizes: Sequence[tuple[int, int]],
         targets: Sequence[dict[str, Tensor]] | None,
         original_sizes: Sequence[tuple[int, int]] | None,
+        training: bool | None = None,
     ) -> tuple[list[tuple[int, int]], list[dict[str, Tensor]] | None]:
-        """Check the batch; in training also validate the targets and move them to the images' device.
-
-        Returns:
-            ``(image_sizes as int pairs, targets or None)``.
-        """
+        """Shape checks; in training (``training``, default the module's flag) also target validation."""
+        training = self.training if training is None else training
         sizes = check_images(images, image_sizes, original_sizes)
-        if not self.training:
+        if not training:
             if not bool(torch.isfinite(images).all()):  # one host sync; inference syncs anyway (NMS)
                 raise ValueError(_NON_FINITE_IMAGES)
             return sizes, None
@@ -79,26 +166,53 @@ class Detector(nn.Module):
             targets = check_targets(targets, len(sizes), self.num_classes, images_finite=torch.isfinite(images).all())
         return sizes, [targets_to_device(target, images.device) for target in targets]
 
-    # ------------------------------------------------------------------ outputs
     @staticmethod
+    def check_strides(neck: nn.Module, **consumers: Sequence[int]) -> None:
+        """Refuse (one line) a composition whose anchor generator or RoI extractor uses other strides
+        than the maps the neck outputs. ``consumers``: name -> strides; an anchor generator must
+        cover every level (``anchors=...``), an RoI extractor the first levels (``roi_*=...``)."""
+        strides = neck_strides(neck)
+        if strides is None:
+            return  # a custom neck that does not say
+        for name, used in consumers.items():
+            used = tuple(int(s) for s in used)
+            expected = strides if name == "anchors" else strides[: len(used)]
+            if used != expected:
+                raise ValueError(
+                    f"the {name.replace('_', ' ')} use strides {used} but the neck outputs maps of strides {strides}: "
+                    "build them from the neck's strides (libra.necks.neck_strides), as libra.presets.build_model does"
+                )
+
+    # ------------------------------------------------------------------ outputs
+    mask_thr: float = 0.5  # threshold of pasted mask probabilities (a mask model's own, MaskRCNN)
+
     def postprocess(
+        self,
         outputs: list[dict[str, Tensor]],
         image_sizes: Sequence[tuple[int, int]],
         original_sizes: Sequence[tuple[int, int]] | None,
     ) -> list[dict[str, Tensor]]:
-        """Rescale every box output (``boxes``, ``proposals``) from the resized to the original image.
+        """The one postprocess of every detector: rescale every box output (``boxes``,
+        ``proposals``) from the resized to the original image, and paste mask probabilities
+        (``mask_probs`` [D, M, M] at ``boxes``) into the original image at the rescaled boxes,
+        thresholded at ``mask_thr`` (``masks`` [D, h0, w0] bool).
 
         Args:
             outputs: per image dicts in resized image coordinates.
             image_sizes: ``(h, w)`` per image (resized).
             original_sizes: ``(h0, w0)`` per image, or None to keep resized coordinates.
         """
-        if original_sizes is None:
-            return outputs
-        for output, size, original in zip(outputs, image_sizes, original_sizes):
-            for key in BOX_KEYS:
-                if key in output:
-                    output[key] = rescale_boxes(output[key], size, original)
+        if original_sizes is not None:
+            for output, size, original in zip(outputs, image_sizes, original_sizes):
+                for key in BOX_KEYS:
+                    if key in output:
+                        output[key] = rescale_boxes(output[key], size, original)
+        paste_sizes = original_sizes if original_sizes is not None else image_sizes
+        for output, size in zip(outputs, paste_sizes):
+            if "mask_probs" in output:
+                # Pasted at the boxes as returned (rescaled above), so masks and boxes agree.
+                probs = output.pop("mask_probs")
+                output["masks"] = paste_masks_in_image(probs, output["boxes"], (int(size[0]), int(size[1])), self.mask_thr)
         return outputs
 
 

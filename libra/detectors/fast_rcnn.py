@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from libra.boxes import clip_boxes_per_image
 from libra.roi_heads import RoIHead
-from libra.structures import Proposals
+from libra.structures import Batch, Proposals
 
 from .base import Detector
 
@@ -33,47 +33,37 @@ class FastRCNN(Detector):
         validate_targets: check the ground truth (:mod:`libra.detectors.base`).
 
     Attributes:
-        takes_proposals: True: the engine passes each image's proposals (``target["proposals"]``
-            of the data pipeline) as ``proposals=``.
+        takes_proposals: True: it runs on ``batch.proposals`` (``collate`` takes them from
+            ``target["proposals"]``, which the data pipeline resizes and flips with the image).
     """
 
     takes_proposals = True
 
     def __init__(self, backbone: nn.Module, neck: nn.Sequential, roi_head: RoIHead, validate_targets: bool = True) -> None:
         super().__init__(roi_head.num_classes, validate_targets)
+        self.check_strides(neck, roi_extractor=roi_head.roi_extractor.featmap_strides)
         self.backbone = backbone
         self.neck = neck
         self.roi_head = roi_head
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-        proposals: Sequence[Tensor] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections in eval mode.
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"loss_cls", "loss_bbox", "acc"}`` on RoIs sampled from ``batch.proposals`` (per image
+        ``[P_i, 4]`` in the resized image; ``P_i`` may differ between images and may be 0)."""
+        image_sizes, targets = self.check_batch(batch, training=True)
+        batch_proposals = pad_proposals(batch.proposals, image_sizes, batch.images.device)
+        features = self.neck(self.backbone(batch.images))
+        samples = self.roi_head.sample(batch_proposals, targets)
+        return self.roi_head.loss(features, samples)
 
-        Args:
-            images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
-            image_sizes: ``(h, w)`` of each image before padding.
-            targets: per image ``{"boxes", "labels", "ignore_boxes"}`` (as Faster R-CNN's); training only.
-            original_sizes: ``(h0, w0)`` per image; eval boxes are rescaled to them.
-            proposals: per image ``[P_i, 4]`` boxes in the resized image's coordinates (required;
-                ``P_i`` may differ between images and may be 0).
-
-        Returns:
-            training: ``{"loss_cls", "loss_bbox", "acc"}``; eval: per image ``{"boxes", "scores", "labels"}``.
-        """
-        image_sizes, targets = self.check_inputs(images, image_sizes, targets, original_sizes)
-        batch_proposals = pad_proposals(proposals, image_sizes, images.device)
-        features = self.neck(self.backbone(images))
-        if self.training:
-            samples = self.roi_head.sample(batch_proposals, targets)
-            return self.roi_head.loss(features, samples)
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """Per image ``{"boxes", "scores", "labels"}`` from ``batch.proposals``, in ``batch.original_sizes``
+        coordinates."""
+        image_sizes, _ = self.check_batch(batch, training=False)
+        batch_proposals = pad_proposals(batch.proposals, image_sizes, batch.images.device)
+        features = self.neck(self.backbone(batch.images))
         detections = self.roi_head.predict(features, batch_proposals, image_sizes)
-        return self.postprocess(detections, image_sizes, original_sizes)
+        return self.postprocess(detections, image_sizes, batch.original_sizes)
 
 
 def pad_proposals(

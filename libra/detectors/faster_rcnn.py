@@ -9,19 +9,18 @@ the second module of ``neck``, and balanced L1 / LGR losses are the ``RoIHead`` 
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from libra.dense_heads import RegionProposalNetwork
 from libra.roi_heads import RoIHead
+from libra.structures import Batch
 
 from .base import Detector, check_images
 
 
 class FasterRCNN(Detector):
-    """Two-stage detector.
+    """Two-stage detector (``loss`` / ``predict`` / ``predict_proposals``, :mod:`libra.detectors.base`).
 
     Args:
         backbone: ``[B, 3, H, W] -> [C2, C3, C4, C5]``.
@@ -35,6 +34,8 @@ class FasterRCNN(Detector):
         num_classes: C, foreground classes.
     """
 
+    makes_proposals = True
+
     def __init__(
         self,
         backbone: nn.Module,
@@ -44,63 +45,53 @@ class FasterRCNN(Detector):
         validate_targets: bool = True,
     ) -> None:
         super().__init__(roi_head.num_classes, validate_targets)
+        self.check_strides(neck, anchors=rpn.anchor_generator.strides, roi_extractor=roi_head.roi_extractor.featmap_strides)
         self.backbone = backbone
         self.neck = neck
         self.rpn = rpn
         self.roi_head = roi_head
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-        return_proposals: bool = False,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections in eval mode.
-
-        Args:
-            images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
-            image_sizes: ``(h, w)`` of each image before padding (``h <= H``, ``w <= W``).
-            targets: per image ``{"boxes": [G, 4] float (resized image coords), "labels": [G] int64
-                in [0, C-1], "ignore_boxes": [Gi, 4] (optional)}``; required in training.
-            original_sizes: ``(h0, w0)`` per image; eval boxes are rescaled to them.
-            return_proposals: eval only; add ``"proposals" [P, 4]`` and ``"proposal_scores" [P]``
-                (in the same coordinates as the boxes) to each output dict.
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """Training losses: RPN, then the R-CNN stage on RoIs sampled once for every branch.
 
         Returns:
-            training: ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "acc"}`` scalars;
-            the total loss is the sum of the entries whose key starts with ``"loss"``.
-            eval: per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}``.
+            ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "acc"}`` scalars (plus the
+            RoI head's own branch losses, e.g. ``loss_mask``); the total loss is the sum of the
+            entries whose key starts with ``"loss"``.
         """
-        image_sizes, targets = self.check_inputs(images, image_sizes, targets, original_sizes)
-        features = self.neck(self.backbone(images))
-        if self.training:
-            proposals, rpn_losses = self.rpn(features, image_sizes, targets)
-            samples = self.roi_head.sample(proposals, targets)
-            return {**rpn_losses, **self.roi_head.loss(features, samples)}
+        image_sizes, targets = self.check_batch(batch, training=True)
+        features = self.neck(self.backbone(batch.images))
+        proposals, rpn_losses = self.rpn(features, image_sizes, targets)
+        samples = self.roi_head.sample(proposals, targets)  # once, for every branch of the RoI head
+        return {**rpn_losses, **self.roi_head.loss(features, samples)}
 
+    @torch.no_grad()
+    def predict(self, batch: Batch, return_proposals: bool = False) -> list[dict[str, Tensor]]:
+        """Detections per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}`` (plus what the
+        RoI head adds, e.g. ``masks``) in ``batch.original_sizes`` coordinates.
+
+        Args:
+            return_proposals: add ``"proposals" [P, 4]`` and ``"proposal_scores" [P]`` (in the same
+                coordinates as the boxes) to each output dict.
+        """
+        image_sizes, _ = self.check_batch(batch, training=False)
+        features = self.neck(self.backbone(batch.images))
         proposals, _ = self.rpn(features, image_sizes)
         detections = self.roi_head.predict(features, proposals, image_sizes)
         if return_proposals:
             for output, proposal_output in zip(detections, proposals.outputs()):
                 output.update(proposal_output)
-        return self.postprocess(detections, image_sizes, original_sizes)
+        return self.postprocess(detections, image_sizes, batch.original_sizes)
 
     @torch.no_grad()
-    def predict_proposals(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-    ) -> list[dict[str, Tensor]]:
-        """RPN proposals only (for proposal recall), with the test settings when in eval mode.
+    def predict_proposals(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """RPN proposals only (for proposal recall), with the RPN's settings of the current mode.
 
         Returns:
             Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` sorted by decreasing score,
-            in ``original_sizes`` coordinates when given.
+            in ``batch.original_sizes`` coordinates when given.
         """
-        image_sizes = check_images(images, image_sizes, original_sizes)
-        features = self.neck(self.backbone(images))
+        image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
+        features = self.neck(self.backbone(batch.images))
         proposals, _ = self.rpn(features, image_sizes)
-        return self.postprocess(proposals.outputs(), image_sizes, original_sizes)
+        return self.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)

@@ -3,8 +3,13 @@
     backbone -> neck -> RPN -> RoIHead.sample (once) -> box branch loss  (loss_cls, loss_bbox)
                                                    \\-> mask branch loss (loss_mask)
     test:  RPN -> box branch predict -> mask head on the final boxes (resized-image coordinates)
-           -> postprocess (boxes rescaled to the original image, once)
-           -> masks pasted into the ORIGINAL image at the rescaled boxes, thresholded at 0.5
+           -> postprocess: boxes rescaled to the original image (once), masks pasted into the
+              ORIGINAL image at the rescaled boxes, thresholded at 0.5
+
+Faster R-CNN's ``loss`` / ``predict`` run unchanged: the mask branch lives in the RoI head
+(:class:`~libra.roi_heads.MaskRoIHead` extends the box branch's ``sample`` / ``loss`` /
+``predict``), and the one postprocess pastes the masks. This class adds the mask targets' checks,
+``iou_types`` and the mask threshold.
 
 The balancing components of Libra R-CNN (IoU-balanced sampling, balanced feature pyramid,
 balanced L1) act on the shared parts and the box branch exactly as in Faster R-CNN; the mask
@@ -20,8 +25,8 @@ from typing import Sequence
 from torch import Tensor, nn
 
 from libra.dense_heads import RegionProposalNetwork
-from libra.masks import paste_masks_in_image
 from libra.roi_heads import MaskRoIHead
+from libra.structures import Batch
 
 from .faster_rcnn import FasterRCNN
 
@@ -55,57 +60,18 @@ class MaskRCNN(FasterRCNN):
         if not isinstance(roi_head, MaskRoIHead):
             raise ValueError(f"MaskRCNN needs a MaskRoIHead (box and mask branch), got {type(roi_head).__name__}")
         super().__init__(backbone, neck, rpn, roi_head, validate_targets)
+        self.check_strides(neck, mask_roi_extractor=roi_head.mask_roi_extractor.featmap_strides)
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-        return_proposals: bool = False,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections with masks in eval mode.
+    @property
+    def mask_thr(self) -> float:
+        """Threshold of the pasted mask probabilities (the mask branch's ``mask_thr``, 0.5)."""
+        return self.roi_head.mask_thr
 
-        Args:
-            images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
-            image_sizes: ``(h, w)`` of each image before padding.
-            targets: per image ``{"boxes": [G, 4], "labels": [G], "masks": [G, H', W'] uint8/bool
-                (instance masks in the resized image's coordinates, any padding: ``collate`` pads
-                them to ``H x W``), "ignore_boxes": [Gi, 4] (optional)}``; required in training.
-            original_sizes: ``(h0, w0)`` per image: boxes are rescaled to them and masks pasted
-                into them; None keeps both in resized-image coordinates.
-            return_proposals: eval only; add ``"proposals"`` / ``"proposal_scores"``.
-
-        Returns:
-            training: ``{"loss_rpn_cls", "loss_rpn_bbox", "loss_cls", "loss_bbox", "loss_mask", "acc"}``;
-            eval: per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64,
-            "masks": [D, h0, w0] bool}`` (masks of the image ``original_sizes`` names, or of the
-            resized image without it).
-        """
-        if self.training and targets is not None:
-            check_mask_targets(targets)
-        image_sizes, targets = self.check_inputs(images, image_sizes, targets, original_sizes)
-        features = self.neck(self.backbone(images))
-        if self.training:
-            proposals, rpn_losses = self.rpn(features, image_sizes, targets)
-            samples = self.roi_head.sample(proposals, targets)  # once, for both branches
-            losses = {**rpn_losses, **self.roi_head.loss(features, samples)}
-            gt_masks = [t["masks"].to(images.device, non_blocking=True) for t in targets]
-            losses.update(self.roi_head.mask_loss(features, samples, gt_masks, self.roi_head.slot_counts(proposals, targets)))
-            return losses
-
-        proposals, _ = self.rpn(features, image_sizes)
-        detections = self.roi_head.predict(features, proposals, image_sizes)
-        mask_probs = self.roi_head.predict_mask_probs(features, detections)  # on the resized-image boxes
-        if return_proposals:
-            for output, proposal_output in zip(detections, proposals.outputs()):
-                output.update(proposal_output)
-        outputs = self.postprocess(detections, image_sizes, original_sizes)  # the one box rescale
-        paste_sizes = original_sizes if original_sizes is not None else image_sizes
-        for output, probs, size in zip(outputs, mask_probs, paste_sizes):
-            # Pasted at the boxes as returned (rescaled above), so masks and boxes agree.
-            output["masks"] = paste_masks_in_image(probs, output["boxes"], (int(size[0]), int(size[1])), self.roi_head.mask_thresh)
-        return outputs
+    def check_batch(self, batch: Batch, training: bool):
+        """:meth:`Detector.check_batch`, and in training first the masks' shapes (one per gt box)."""
+        if training and batch.targets is not None:
+            check_mask_targets(batch.targets)
+        return super().check_batch(batch, training)
 
 
 def check_mask_targets(targets: Sequence[dict[str, Tensor]]) -> None:

@@ -11,11 +11,11 @@ the outputs have the format of every libra detector.
 
 from __future__ import annotations
 
-from typing import Sequence
-
+import torch
 from torch import Tensor, nn
 
 from libra.dense_heads import RetinaNetDenseHead
+from libra.structures import Batch
 
 from .base import Detector
 
@@ -42,33 +42,22 @@ class RetinaNet(Detector):
         validate_targets: bool = True,
     ) -> None:
         super().__init__(dense_head.num_classes, validate_targets)
+        self.check_strides(neck, anchors=dense_head.anchor_generator.strides)
         self.backbone = backbone
         self.neck = neck
         self.dense_head = dense_head
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, detections in eval mode.
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"loss_cls", "loss_bbox"}`` scalars (the total loss is their sum)."""
+        image_sizes, targets = self.check_batch(batch, training=True)
+        features = self.neck(self.backbone(batch.images))
+        return self.dense_head.loss(features, image_sizes, targets)
 
-        Args:
-            images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
-            image_sizes: ``(h, w)`` of each image before padding (``h <= H``, ``w <= W``).
-            targets: per image ``{"boxes": [G, 4] float (resized image coords), "labels": [G] int64
-                in [0, C-1], "ignore_boxes": [Gi, 4] (optional)}``; required in training.
-            original_sizes: ``(h0, w0)`` per image; eval boxes are rescaled to them.
-
-        Returns:
-            training: ``{"loss_cls", "loss_bbox"}`` scalars (the total loss is their sum);
-            eval: per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}``.
-        """
-        image_sizes, targets = self.check_inputs(images, image_sizes, targets, original_sizes)
-        features = self.neck(self.backbone(images))
-        if self.training:
-            return self.dense_head(features, image_sizes, targets)
-        detections = self.dense_head(features, image_sizes)
-        return self.postprocess(detections, image_sizes, original_sizes)
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}`` in ``batch.original_sizes``
+        coordinates."""
+        image_sizes, _ = self.check_batch(batch, training=False)
+        features = self.neck(self.backbone(batch.images))
+        detections = self.dense_head.predict(features, image_sizes)
+        return self.postprocess(detections, image_sizes, batch.original_sizes)

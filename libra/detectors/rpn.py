@@ -10,12 +10,11 @@ class-agnostic COCO proposal recall (``iou_types = ("proposal",)``), and are wha
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import torch
 from torch import Tensor, nn
 
 from libra.dense_heads import RegionProposalNetwork
+from libra.structures import Batch
 
 from .base import Detector, check_images
 
@@ -33,6 +32,7 @@ class ProposalNetwork(Detector):
     """
 
     iou_types = ("proposal",)
+    makes_proposals = True
 
     def __init__(
         self,
@@ -45,53 +45,35 @@ class ProposalNetwork(Detector):
         # Objectness is class-agnostic; ``num_classes`` is the dataset's, for checkpoints and the
         # target validation (labels must still lie in [0, C-1]).
         super().__init__(num_classes, validate_targets)
+        self.check_strides(neck, anchors=rpn.anchor_generator.strides)
         self.backbone = backbone
         self.neck = neck
         self.rpn = rpn
 
-    def forward(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training mode, proposals in eval mode.
-
-        Args:
-            images: ``[B, 3, H, W]`` normalised images, zero-padded bottom-right.
-            image_sizes: ``(h, w)`` of each image before padding.
-            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``;
-                required in training (the labels are not used: objectness is class-agnostic).
-            original_sizes: ``(h0, w0)`` per image; eval proposals are rescaled to them.
-
-        Returns:
-            training: ``{"loss_rpn_cls", "loss_rpn_bbox"}`` scalars;
-            eval: per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` by decreasing score.
-        """
-        if not self.training:
-            return self.predict_proposals(images, image_sizes, original_sizes)
-        image_sizes, targets = self.check_inputs(images, image_sizes, targets, original_sizes)
-        features = self.neck(self.backbone(images))
+    def loss(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"loss_rpn_cls", "loss_rpn_bbox"}`` scalars (the labels are not used: objectness is
+        class-agnostic, but they are validated)."""
+        image_sizes, targets = self.check_batch(batch, training=True)
+        features = self.neck(self.backbone(batch.images))
         # Trained alone, the RPN's proposals feed nothing: skip computing them.
         _, losses = self.rpn(features, image_sizes, targets, with_proposals=False)
         return losses
 
     @torch.no_grad()
-    def predict_proposals(
-        self,
-        images: Tensor,
-        image_sizes: Sequence[tuple[int, int]],
-        original_sizes: Sequence[tuple[int, int]] | None = None,
-    ) -> list[dict[str, Tensor]]:
+    def predict(self, batch: Batch) -> list[dict[str, Tensor]]:
+        """The outputs of a proposal model are its proposals: :meth:`predict_proposals`."""
+        return self.predict_proposals(batch)
+
+    @torch.no_grad()
+    def predict_proposals(self, batch: Batch) -> list[dict[str, Tensor]]:
         """Proposals with the RPN's settings of the current mode (same interface as
         :meth:`FasterRCNN.predict_proposals`).
 
         Returns:
             Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` sorted by decreasing score,
-            in ``original_sizes`` coordinates when given.
+            in ``batch.original_sizes`` coordinates when given.
         """
-        image_sizes = check_images(images, image_sizes, original_sizes)
-        features = self.neck(self.backbone(images))
+        image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
+        features = self.neck(self.backbone(batch.images))
         proposals, _ = self.rpn(features, image_sizes)
-        return self.postprocess(proposals.outputs(), image_sizes, original_sizes)
+        return self.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)

@@ -48,13 +48,13 @@ class DataSettings:
     data_root: str | None
     min_size: int
     max_size: int
-    multiscale_min_sizes: tuple[int, int] | None = None
+    multi_scale_range: tuple[int, int] | None = None
     seed: int = 0
     synthetic_num_train: int = 256
     synthetic_num_val: int = 64
     synthetic_image_size: int = 256
     check_images: str = "header"  # pre-flight image check: "header", "full" or "none" (module docstring)
-    multiscale_step: int = 1  # step of the multi-scale short sides (32 for LVIS: 640, 672, ..., 800)
+    multi_scale_step: int = 1  # step of the multi-scale short sides (32 for LVIS: 640, 672, ..., 800)
     # The model predicts masks ("segm" in its iou_types): the training split decodes instance masks
     # (DetectionDataset.with_masks) and the evaluation split must have segmentations.
     with_masks: bool = False
@@ -92,8 +92,8 @@ def build_dataset(
     common: dict[str, Any] = dict(
         min_size=settings.min_size,
         max_size=settings.max_size,
-        multiscale_min_sizes=settings.multiscale_min_sizes if train else None,
-        multiscale_step=settings.multiscale_step,
+        multi_scale_range=settings.multi_scale_range if train else None,
+        multi_scale_step=settings.multi_scale_step,
         seed=settings.seed,
         with_masks=settings.with_masks and train,  # only training reads masks (evaluation reads the gt file)
     )

@@ -234,13 +234,13 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
         data_root=args.data_root,
         min_size=args.min_size,
         max_size=args.max_size,
-        multiscale_min_sizes=getattr(args, "multi_scale_range", None),
+        multi_scale_range=getattr(args, "multi_scale_range", None),
         seed=getattr(args, "seed", 0),
         synthetic_num_train=args.synthetic_num_train,
         synthetic_num_val=args.synthetic_num_val,
         synthetic_image_size=args.synthetic_image_size,
         check_images=getattr(args, "check_images", None) or "header",
-        multiscale_step=int(getattr(args, "multi_scale_step", None) or 1),
+        multi_scale_step=int(getattr(args, "multi_scale_step", None) or 1),
         with_masks="segm" in preset_iou_types(args.model),
     )
 

@@ -71,6 +71,13 @@ class FPN(nn.Module):
         start_level: index of the first backbone map used (0: C2; 1: C3, as RetinaNet).
         extra_levels: ``'max_pool'``, ``'on_input'`` or ``'on_output'`` (module docstring).
         relu_before_extra_convs: apply ReLU to the input of each extra conv after the first.
+        in_strides: stride of each backbone map (ResNet C2..C5: 4, 8, 16, 32).
+
+    Attributes:
+        strides: stride of each output level (``in_strides[start_level:]``, then x2 per extra
+            level: ``(4, 8, 16, 32, 64)`` by default, ``(8, .., 128)`` for RetinaNet's P3..P7). The
+            anchor generator and the RoI extractors take their strides from here, so that they
+            cannot disagree with the maps they run on.
 
     Shapes:
         input ``feats[i]``: ``[B, in_channels[i], H_i, W_i]`` with ``H_{i+1} = ceil(H_i / 2)``;
@@ -86,8 +93,11 @@ class FPN(nn.Module):
         start_level: int = 0,
         extra_levels: str = "max_pool",
         relu_before_extra_convs: bool = False,
+        in_strides: Sequence[int] = (4, 8, 16, 32),
     ) -> None:
         super().__init__()
+        if len(in_strides) != len(in_channels):
+            raise ValueError(f"got {len(in_strides)} in_strides {tuple(in_strides)} for {len(in_channels)} input maps")
         if not 0 <= start_level < len(in_channels):
             raise ValueError(f"start_level must be in [0, {len(in_channels) - 1}], got {start_level}")
         if extra_levels not in EXTRA_LEVELS:
@@ -101,6 +111,8 @@ class FPN(nn.Module):
         self.start_level = start_level
         self.extra_levels = extra_levels
         self.relu_before_extra_convs = relu_before_extra_convs
+        used_strides = [int(stride) for stride in in_strides][start_level:]
+        self.strides = tuple(used_strides + [used_strides[-1] * 2 ** (k + 1) for k in range(num_outs - len(used))])
         self.lateral_convs = nn.ModuleList(nn.Conv2d(channels, out_channels, kernel_size=1) for channels in used)
         self.fpn_convs = nn.ModuleList(
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1) for _ in used

@@ -37,6 +37,7 @@ class PAFPN(FPN):
         in_channels: channels of the backbone maps, finest first.
         out_channels: channels of every output level (256).
         num_outs: number of outputs; levels beyond ``len(in_channels)`` come from stride-2 max pooling.
+        in_strides: stride of each backbone map; ``strides`` are the outputs' (as ``FPN``).
 
     Shapes:
         input ``feats[i]``: ``[B, in_channels[i], H_i, W_i]`` with ``H_{i+1} = ceil(H_i / 2)``
@@ -48,8 +49,9 @@ class PAFPN(FPN):
         in_channels: Sequence[int] = (256, 512, 1024, 2048),
         out_channels: int = 256,
         num_outs: int = 5,
+        in_strides: Sequence[int] = (4, 8, 16, 32),
     ) -> None:
-        super().__init__(in_channels, out_channels, num_outs)
+        super().__init__(in_channels, out_channels, num_outs, in_strides=in_strides)
         num_inputs = len(self.in_channels)
         self.downsample_convs = nn.ModuleList(
             nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=2, padding=1)

@@ -40,7 +40,7 @@ from libra.boxes import clip_boxes_per_image
 from libra.losses.basic import CrossEntropyLoss, L1Loss
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
-from libra.samplers import sample_pos_neg
+from libra.samplers import RandomSampler, sample_pos_neg
 from libra.structures import Proposals, SampledRoIs, boxes_to_rois
 
 from .box_head import select_class_deltas
@@ -58,21 +58,21 @@ class RoIHead(nn.Module):
         pos_iou_thr, neg_iou_thr: assigner thresholds (0.5, 0.5).
         ignore_iof_thr: candidates covered by more than this fraction by an ignore box are not
             sampled (unless positive).
-        batch_size_per_image: RoIs sampled per image (512).
+        batch_size: RoIs sampled per image (512).
         positive_fraction: at most this fraction positive (0.25).
-        pos_sampler: ``'random'``, ``'instance_balanced'`` or ``'class_balanced'``.
-        neg_sampler: ``'random'`` or ``'iou_balanced'``.
-        neg_sampler_kwargs: extra arguments of the negative sampler, e.g. ``num_bins=3,
-            floor_thr=0.0, floor_fraction=0.0`` for the IoU-balanced one (the state MMDetection's
-            ``IoUBalancedNegSampler`` reaches after its first call, ``floor_thr=-1`` rewritten to 0).
+        pos_sampler: positive sampler module (:mod:`libra.samplers`; None: random), e.g.
+            ``InstanceBalancedPosSampler()`` (Libra R-CNN) or ``ClassBalancedPosSampler()`` (LVIS).
+        neg_sampler: negative sampler module (None: random), e.g. ``IoUBalancedNegSampler(num_bins=3,
+            floor_thr=0.0, floor_fraction=0.0)`` (the state MMDetection's ``IoUBalancedNegSampler``
+            reaches after its first call, ``floor_thr=-1`` rewritten to 0).
         cls_loss: ``forward(logits, labels, weight, avg_factor)``; default softmax CE. A loss with
             ``use_sigmoid = True`` makes test-time scores per-class sigmoids instead of a softmax.
         box_loss: ``forward(pred, target, weight, avg_factor)``; default L1 (MMDetection's
             Faster R-CNN baseline).
         box_coder_stds: R-CNN delta stds (0.1, 0.1, 0.2, 0.2).
-        score_thresh: test-time minimum class score (strictly greater, 0.05).
-        nms_thresh: test-time per-class NMS IoU (0.5).
-        detections_per_img: test-time detections kept per image (100).
+        score_thr: test-time minimum class score (strictly greater, 0.05).
+        nms_thr: test-time per-class NMS IoU (0.5).
+        max_per_img: test-time detections kept per image (100).
         generator: optional RNG for the samplers.
     """
 
@@ -84,18 +84,17 @@ class RoIHead(nn.Module):
         *,
         pos_iou_thr: float = 0.5,
         neg_iou_thr: float = 0.5,
-        ignore_iof_thr: float = 0.5,
-        batch_size_per_image: int = 512,
+        ignore_iof_thr: float = -1.0,
+        batch_size: int = 512,
         positive_fraction: float = 0.25,
-        pos_sampler: str = "random",
-        neg_sampler: str = "random",
-        neg_sampler_kwargs: dict | None = None,
+        pos_sampler: nn.Module | None = None,
+        neg_sampler: nn.Module | None = None,
         cls_loss: nn.Module | None = None,
         box_loss: nn.Module | None = None,
         box_coder_stds: Sequence[float] = (0.1, 0.1, 0.2, 0.2),
-        score_thresh: float = 0.05,
-        nms_thresh: float = 0.5,
-        detections_per_img: int = 100,
+        score_thr: float = 0.05,
+        nms_thr: float = 0.5,
+        max_per_img: int = 100,
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
@@ -112,17 +111,16 @@ class RoIHead(nn.Module):
         self.assigner = MaxIoUAssigner(
             pos_iou_thr, neg_iou_thr, min_pos_iou=pos_iou_thr, match_low_quality=False, ignore_iof_thr=ignore_iof_thr
         )
-        self.batch_size_per_image = batch_size_per_image
+        self.batch_size = batch_size
         self.positive_fraction = positive_fraction
-        self.pos_sampler = pos_sampler
-        self.neg_sampler = neg_sampler
-        self.neg_sampler_kwargs = dict(neg_sampler_kwargs or {})
+        self.pos_sampler = pos_sampler if pos_sampler is not None else RandomSampler()
+        self.neg_sampler = neg_sampler if neg_sampler is not None else RandomSampler()
         self.cls_loss = cls_loss if cls_loss is not None else CrossEntropyLoss()
         self.use_sigmoid = bool(getattr(self.cls_loss, "use_sigmoid", False))
         self.box_loss = box_loss if box_loss is not None else L1Loss()
-        self.score_thresh = score_thresh
-        self.nms_thresh = nms_thresh
-        self.detections_per_img = detections_per_img
+        self.score_thr = score_thr
+        self.nms_thr = nms_thr
+        self.max_per_img = max_per_img
         self.generator = generator
 
     # ------------------------------------------------------------------ forward
@@ -152,16 +150,9 @@ class RoIHead(nn.Module):
     # ------------------------------------------------------------------ training
     @property
     def max_positives_per_image(self) -> int:
-        """Upper bound of the positives :meth:`sample` takes per image: ``int(batch_size_per_image
+        """Upper bound of the positives :meth:`sample` takes per image: ``int(batch_size
         * positive_fraction)`` (every positive sampler honours it, ``sample_pos_neg``)."""
-        return int(self.batch_size_per_image * self.positive_fraction)
-
-    def slot_counts(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> list[int]:
-        """Rows of each image in the :class:`SampledRoIs` of :meth:`sample`: ``min(batch_size_per_image,
-        G_i + P)``, from the shapes alone (no host sync). Within an image's rows the positives come
-        first, so its first ``min(rows, max_positives_per_image)`` rows hold all of them."""
-        num_proposals = int(proposals.boxes.shape[1])
-        return [min(self.batch_size_per_image, int(t["boxes"].shape[0]) + num_proposals) for t in targets]
+        return int(self.batch_size * self.positive_fraction)
 
     @torch.no_grad()
     def sample(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
@@ -172,9 +163,10 @@ class RoIHead(nn.Module):
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
 
         Returns:
-            :class:`SampledRoIs` with ``min(batch_size_per_image, G_i + P)`` rows per image.
+            :class:`SampledRoIs` with ``min(batch_size, G_i + P)`` rows per image.
         """
         rois, labels, matched_gts, delta_targets, sampled_weights, positive_weights = [], [], [], [], [], []
+        rows_per_image = []
         for index, target in enumerate(targets):
             gt_boxes = target["boxes"].to(proposals.boxes.dtype)
             gt_labels = target["labels"]
@@ -201,18 +193,18 @@ class RoIHead(nn.Module):
             positive, negative = sample_pos_neg(
                 gt_inds,
                 max_overlaps,
-                num=self.batch_size_per_image,
+                num=self.batch_size,
                 pos_fraction=self.positive_fraction,
                 pos_sampler=self.pos_sampler,
                 neg_sampler=self.neg_sampler,
                 labels=assigned_labels,
                 generator=self.generator,
-                **self.neg_sampler_kwargs,
             )
             # Masks -> a fixed number of slots: positives first, then negatives, then unused
             # candidates (weight 0). topk with a static k needs no host sync; it sorts, so the
-            # positives are the first rows of the image (``slot_counts``, the mask branch).
-            num_slots = min(self.batch_size_per_image, candidates.shape[0])
+            # positives are the first rows of the image (``SampledRoIs.positive_prefix``, the mask branch).
+            num_slots = min(self.batch_size, candidates.shape[0])  # a shape: no host sync
+            rows_per_image.append(int(num_slots))
             priority = positive.to(torch.float32) * 2.0 + negative.to(torch.float32)
             _, slots = priority.topk(num_slots, sorted=True)
             slot_positive = positive[slots]
@@ -235,6 +227,8 @@ class RoIHead(nn.Module):
             box_targets=torch.cat(delta_targets),
             sampled=torch.cat(sampled_weights),
             positive=torch.cat(positive_weights),
+            rows_per_image=tuple(rows_per_image),
+            max_positives_per_image=self.max_positives_per_image,
         )
 
     def loss(self, features: Sequence[Tensor], samples: SampledRoIs) -> dict[str, Tensor]:
@@ -280,7 +274,7 @@ class RoIHead(nn.Module):
 
         Returns:
             Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D] int64}`` in resized image
-            coordinates (the detector rescales them once), ``D <= detections_per_img``, sorted by
+            coordinates (the detector rescales them once), ``D <= max_per_img``, sorted by
             decreasing score.
         """
         batch, num_proposals = proposals.valid.shape
@@ -300,12 +294,12 @@ class RoIHead(nn.Module):
         detections = []
         class_ids = torch.arange(num_classes, device=scores.device).expand(num_proposals, num_classes)
         for index in range(batch):
-            keep_mask = scores[index] > self.score_thresh  # [P, C]
+            keep_mask = scores[index] > self.score_thr  # [P, C]
             image_boxes = boxes[index][keep_mask]
             image_scores = scores[index][keep_mask]
             image_labels = class_ids[keep_mask]
-            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thresh)
-            keep = keep[: self.detections_per_img]
+            keep = batched_nms(image_boxes, image_scores, image_labels, self.nms_thr)
+            keep = keep[: self.max_per_img]
             detections.append(
                 {"boxes": image_boxes[keep], "scores": image_scores[keep], "labels": image_labels[keep]}
             )

@@ -21,7 +21,7 @@ Depends on ``random_sampler.py`` and ``instance_balanced_pos_sampler.py`` from t
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .instance_balanced_pos_sampler import balanced_quota
 from .random_sampler import count_per_group, dense_group_ids, random_ranks, random_sample, random_sample_per_group
@@ -71,3 +71,22 @@ def class_balanced_pos_sample(
     chosen = chosen | random_sample(positive & ~chosen, num_expected - chosen.sum(), generator)
     chosen = random_sample(chosen, num_expected, generator)
     return torch.where(positive.sum() <= num_expected, positive, chosen)
+
+
+class ClassBalancedPosSampler(nn.Module):
+    """Module form of :func:`class_balanced_pos_sample` (the LVIS positives of Sec. 3.1); the
+    sampler interface of :class:`~libra.samplers.random_sampler.RandomSampler`. Needs ``labels``."""
+
+    def forward(
+        self,
+        candidates: Tensor,
+        num_expected: int | Tensor,
+        *,
+        gt_inds: Tensor,
+        max_overlaps: Tensor | None = None,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        if labels is None:
+            raise ValueError("the class-balanced positive sampler needs labels (the gt label of each box)")
+        return class_balanced_pos_sample(gt_inds, labels, num_expected, generator) & candidates

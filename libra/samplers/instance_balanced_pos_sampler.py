@@ -20,7 +20,7 @@ Depends on ``random_sampler.py`` from this folder.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .random_sampler import dense_group_ids, random_ranks, random_sample
 
@@ -66,3 +66,22 @@ def instance_balanced_pos_sample(
     chosen = chosen | random_sample(positive & ~chosen, num_expected - chosen.sum(), generator)
     chosen = random_sample(chosen, num_expected, generator)
     return torch.where(positive.sum() <= num_expected, positive, chosen)
+
+
+class InstanceBalancedPosSampler(nn.Module):
+    """Module form of :func:`instance_balanced_pos_sample` (Libra R-CNN's positives, Sec. 3.1;
+    MMDetection ``InstanceBalancedPosSampler``); the sampler interface of
+    :class:`~libra.samplers.random_sampler.RandomSampler`. The candidates are the positives
+    (``gt_inds > 0``), which it reads from ``gt_inds``."""
+
+    def forward(
+        self,
+        candidates: Tensor,
+        num_expected: int | Tensor,
+        *,
+        gt_inds: Tensor,
+        max_overlaps: Tensor | None = None,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        return instance_balanced_pos_sample(gt_inds, num_expected, generator) & candidates

@@ -142,7 +142,9 @@ def iou_balanced_neg_sample(
 
 
 class IoUBalancedNegSampler(nn.Module):
-    """Module form of :func:`iou_balanced_neg_sample` holding its hyper-parameters (no state).
+    """Module form of :func:`iou_balanced_neg_sample` holding its hyper-parameters (no state); the
+    sampler interface of :class:`~libra.samplers.random_sampler.RandomSampler` (it reads
+    ``max_overlaps``).
 
     Args:
         num_bins: K, number of IoU bins (3).
@@ -160,14 +162,17 @@ class IoUBalancedNegSampler(nn.Module):
 
     def forward(
         self,
-        neg_mask: Tensor,
-        max_overlaps: Tensor,
+        candidates: Tensor,
         num_expected: int | Tensor,
+        *,
+        max_overlaps: Tensor,
+        gt_inds: Tensor | None = None,
+        labels: Tensor | None = None,
         generator: torch.Generator | None = None,
     ) -> Tensor:
-        """``[N]`` bool mask of sampled negatives; see :func:`iou_balanced_neg_sample`."""
+        """``[N]`` bool mask of sampled negatives among ``candidates``; see :func:`iou_balanced_neg_sample`."""
         return iou_balanced_neg_sample(
-            neg_mask, max_overlaps, num_expected, self.num_bins, self.floor_thr, self.floor_fraction, generator
+            candidates, max_overlaps, num_expected, self.num_bins, self.floor_thr, self.floor_fraction, generator
         )
 
     def extra_repr(self) -> str:

@@ -19,7 +19,7 @@ p = N / M (paper Eq. 1).
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def _random_keys(num: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
@@ -126,3 +126,29 @@ def random_sample(
     if candidates.dim() != 1 or candidates.dtype != torch.bool:
         raise ValueError(f"candidates must be a [N] bool mask, got {candidates.dtype} {tuple(candidates.shape)}")
     return random_sample_per_group(candidates, None, num_expected, generator)
+
+
+class RandomSampler(nn.Module):
+    """Module form of :func:`random_sample`: the baseline sampler of both positives and negatives
+    (MMDetection ``RandomSampler``). The sampler interface every sampler module of this folder
+    implements (so a head can take any of them, and a new one is one file plus a preset entry)::
+
+        sampler(candidates [N] bool, num_expected int | 0-dim tensor, *, gt_inds [N] int64,
+                max_overlaps [N] float, labels [N] int64 | None, generator) -> [N] bool
+
+    returning a subset of ``candidates`` of at most ``num_expected`` elements, on the device
+    without host synchronisation. ``gt_inds`` (-1 ignored, 0 negative, ``i + 1`` gt i),
+    ``max_overlaps`` and ``labels`` are the assignment's; a sampler reads what it needs.
+    """
+
+    def forward(
+        self,
+        candidates: Tensor,
+        num_expected: int | Tensor,
+        *,
+        gt_inds: Tensor | None = None,
+        max_overlaps: Tensor | None = None,
+        labels: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        return random_sample(candidates, num_expected, generator)

@@ -14,20 +14,18 @@ Positives are boxes with gt index > 0, negatives those with 0; ignored (-1)
 boxes are never sampled. Counts stay tensors on the device: no host sync.
 Adding ground-truth boxes as proposals is the caller's job (do it before
 assignment or append them with IoU 1.0).
+
+The samplers are modules passed in (``libra.presets`` builds them from the preset's ``sampler``,
+``pos_sampler`` and ``neg_sampler``); any module with the interface of
+:class:`~libra.samplers.random_sampler.RandomSampler` plugs in.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .class_balanced_pos_sampler import class_balanced_pos_sample
-from .instance_balanced_pos_sampler import instance_balanced_pos_sample
-from .iou_balanced_neg_sampler import iou_balanced_neg_sample
-from .random_sampler import random_sample
-
-POS_SAMPLERS = ("random", "instance_balanced", "class_balanced")
-NEG_SAMPLERS = ("random", "iou_balanced")
+from .random_sampler import RandomSampler
 
 
 def sample_pos_neg(
@@ -35,12 +33,11 @@ def sample_pos_neg(
     max_overlaps: Tensor,
     num: int,
     pos_fraction: float,
-    pos_sampler: str = "random",
-    neg_sampler: str = "random",
+    pos_sampler: nn.Module | None = None,
+    neg_sampler: nn.Module | None = None,
     neg_pos_ub: float = -1,
     labels: Tensor | None = None,
     generator: torch.Generator | None = None,
-    **neg_sampler_kwargs,
 ) -> tuple[Tensor, Tensor]:
     """Choose the positives and negatives of one image.
 
@@ -49,12 +46,11 @@ def sample_pos_neg(
         max_overlaps: ``[N]`` float max IoU of each box (read by the IoU-balanced sampler).
         num: total number of samples wanted (RPN 256, R-CNN 512).
         pos_fraction: largest share of positives (RPN 0.5, R-CNN 0.25).
-        pos_sampler: ``'random'``, ``'instance_balanced'`` or ``'class_balanced'`` (needs ``labels``).
-        neg_sampler: ``'random'`` or ``'iou_balanced'``.
+        pos_sampler, neg_sampler: sampler modules (the interface of
+            :class:`~libra.samplers.random_sampler.RandomSampler`); None: random.
         neg_pos_ub: cap negatives at ``neg_pos_ub * max(1, #sampled positives)``; < 0 disables.
-        labels: ``[N]`` int64 gt label per box, for ``'class_balanced'``.
+        labels: ``[N]`` int64 gt label per box (read by the class-balanced positive sampler).
         generator: optional ``torch.Generator`` for reproducible draws.
-        **neg_sampler_kwargs: ``num_bins``, ``floor_thr``, ``floor_fraction`` for ``'iou_balanced'``.
 
     Returns:
         ``(pos_mask, neg_mask)``, two disjoint ``[N]`` bool masks.
@@ -67,35 +63,23 @@ def sample_pos_neg(
         )
     if num < 0 or not 0.0 <= pos_fraction <= 1.0:
         raise ValueError(f"need num >= 0 and 0 <= pos_fraction <= 1, got num={num}, pos_fraction={pos_fraction}")
-    if pos_sampler not in POS_SAMPLERS:
-        raise ValueError(f"unknown pos_sampler {pos_sampler!r}; choose one of {POS_SAMPLERS}")
-    if neg_sampler not in NEG_SAMPLERS:
-        raise ValueError(f"unknown neg_sampler {neg_sampler!r}; choose one of {NEG_SAMPLERS}")
-    if neg_sampler == "random" and neg_sampler_kwargs:
-        raise ValueError(f"neg_sampler 'random' takes no options, got {sorted(neg_sampler_kwargs)}")
-    if pos_sampler == "class_balanced" and labels is None:
-        raise ValueError("pos_sampler 'class_balanced' needs labels (the gt label of each box)")
+    for name, sampler in (("pos_sampler", pos_sampler), ("neg_sampler", neg_sampler)):
+        if sampler is not None and not callable(sampler):
+            raise ValueError(f"{name} must be a sampler module (libra.samplers), got {type(sampler).__name__}")
+    pos_sampler = pos_sampler if pos_sampler is not None else _RANDOM
+    neg_sampler = neg_sampler if neg_sampler is not None else _RANDOM
+    assignment = dict(gt_inds=gt_inds, max_overlaps=max_overlaps, labels=labels, generator=generator)
 
     num_expected_pos = int(num * pos_fraction)
-    positive = gt_inds > 0
-    if pos_sampler == "random":
-        pos_mask = random_sample(positive, num_expected_pos, generator)
-    elif pos_sampler == "instance_balanced":
-        pos_mask = instance_balanced_pos_sample(gt_inds, num_expected_pos, generator)
-    else:
-        pos_mask = class_balanced_pos_sample(gt_inds, labels, num_expected_pos, generator)
+    pos_mask = pos_sampler(gt_inds > 0, num_expected_pos, **assignment)
 
     num_pos = pos_mask.sum()  # a device tensor: the negative count is computed without a sync
     num_expected_neg = num - num_pos
     if neg_pos_ub >= 0:
         neg_upper_bound = torch.floor(num_pos.clamp(min=1).to(torch.float64) * neg_pos_ub).to(torch.long)
         num_expected_neg = torch.minimum(num_expected_neg, neg_upper_bound)
-
-    negative = gt_inds == 0
-    if neg_sampler == "random":
-        neg_mask = random_sample(negative, num_expected_neg, generator)
-    else:
-        neg_mask = iou_balanced_neg_sample(
-            negative, max_overlaps, num_expected_neg, generator=generator, **neg_sampler_kwargs
-        )
+    neg_mask = neg_sampler(gt_inds == 0, num_expected_neg, **assignment)
     return pos_mask, neg_mask
+
+
+_RANDOM = RandomSampler()
