@@ -33,7 +33,6 @@ checkpoint, the first results file or in the run's work dir). Exit code 1 with a
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -44,18 +43,12 @@ import torch
 from libra.analysis._io import AnalysisError
 from libra.engine.builders import DataError, build_dataset
 from libra.engine.checkpoint import CheckpointError
+from libra.detectors import FasterRCNN
 from libra.engine.cli import apply_recipe, build_detector, data_settings, one_line
+from libra.engine.loading import build_eval_parser, load_weights, resolve_checkpoint_args
 
 EXIT_BAD_INPUT = 1
 MODEL_COMMANDS = ("neg-iou", "samples", "bfp")
-
-
-def _eval_script():
-    """``eval.py`` (beside this file) as a module: its parser, ``resolve`` and ``load_weights`` rebuild a model."""
-    here = str(Path(__file__).resolve().parent)
-    if here not in sys.path:
-        sys.path.insert(0, here)
-    return importlib.import_module("eval")
 
 
 # ------------------------------------------------------------------------------ parser
@@ -145,7 +138,7 @@ def _progress(total: int, desc: str, unit: str = "image"):
 
 def _eval_args(argv: list[str]) -> argparse.Namespace:
     """eval.py's namespace for ``argv`` (its own flags only; a wrong one is a one-line error)."""
-    parser = _eval_script().build_parser()
+    parser = build_eval_parser()
 
     def refuse(message: str):
         raise AnalysisError(f"{message} (analyze.py takes eval.py's data / model flags besides its own)")
@@ -160,17 +153,16 @@ def load_model(checkpoint: str, split: str, rest: list[str], two_stage: bool = T
     Returns ``(model in eval mode on its device, dataset, eval.py's resolved namespace)``; with
     ``two_stage`` a model without its own RPN and R-CNN stage is refused.
     """
-    script = _eval_script()
     args = _eval_args(["--checkpoint", checkpoint, "--split", split, *rest])
-    args, kind, saved = script.resolve(args)
+    args, kind, saved = resolve_checkpoint_args(args)
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     dataset = build_dataset(data_settings(args), train=False, split=split)
     model = build_detector(args, dataset.num_classes)
-    if two_stage and (not hasattr(model, "rpn") or not hasattr(model, "roi_head")):
+    if two_stage and not isinstance(model, FasterRCNN):
         raise AnalysisError(f"{args.model} has no RPN and R-CNN stage of its own; this figure needs a two-stage detector")
-    script.load_weights(model, kind, saved, args, dataset.num_classes, dataset.class_names)
+    load_weights(model, kind, saved, args, dataset.num_classes, dataset.class_names)
     return model.to(device).eval(), dataset, args
 
 
@@ -208,10 +200,9 @@ def _iou_balanced(model, num_bins: int | None) -> dict | None:
         return None
     if num_bins < 1:
         raise AnalysisError(f"--num-bins must be >= 1, got {num_bins}")
-    from libra.analysis.sampling import DEFAULT_IOU_BALANCED
+    from libra.analysis.sampling import iou_balanced_settings
 
-    head = model.roi_head
-    settings = dict(head.neg_sampler_kwargs) if head.neg_sampler == "iou_balanced" and head.neg_sampler_kwargs else dict(DEFAULT_IOU_BALANCED)
+    settings = iou_balanced_settings(model.roi_head)
     settings["num_bins"] = num_bins
     return settings
 
@@ -327,16 +318,13 @@ def run_loss_curves(args: argparse.Namespace, rest: list[str]) -> int:
     if args.model:
         flags += ["--model", args.model]
     if args.checkpoint:
-        resolved, _, _ = _eval_script().resolve(_eval_args(["--checkpoint", args.checkpoint, *flags]))
+        resolved, _, _ = resolve_checkpoint_args(_eval_args(["--checkpoint", args.checkpoint, *flags]))
     else:
         resolved = _eval_args(flags)
         resolved.dataset = resolved.dataset or "synthetic"
         resolved.model = resolved.model or "libra_faster_rcnn_r50_fpn"
         apply_recipe(resolved)
-    try:
-        config = preset_config(resolved.model, **resolved.overrides)
-    except ValueError as error:
-        raise AnalysisError(f"--model {resolved.model}: {one_line(error)}") from None
+    config = resolved.model_config
     if "box_loss_alpha" not in config:
         raise AnalysisError(f"{resolved.model} has no box-loss parameters (box_loss_alpha / gamma / beta)")
 

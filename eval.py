@@ -30,122 +30,31 @@ import torch
 
 from libra.data.proposals import top_proposals
 from libra.engine.builders import DataError, build_dataset, build_eval_loader
-from libra.engine.checkpoint import (
-    CheckpointError,
-    atomic_write_text,
-    check_model_identity,
-    is_libra_checkpoint,
-    load_checkpoint_file,
-    load_model_state,
-)
-from libra.engine.cli import (
-    add_data_arguments,
-    add_model_arguments,
-    apply_recipe,
-    build_detector,
-    check_proposals_flags,
-    data_settings,
-    one_line,
-)
+from libra.engine.checkpoint import CheckpointError, atomic_write_text
+from libra.engine.cli import build_detector, check_proposals_flags, data_settings, one_line
 from libra.engine.distributed import DistributedContext, launch
 from libra.engine.evaluator_loop import evaluate_model
-from libra.engine.trainer import autocast_context, proposal_inputs
+from libra.engine.loading import (  # noqa: F401  (guess_mmdet_preset, read_checkpoint: eval.py's API of before)
+    build_eval_parser,
+    guess_mmdet_preset,
+    load_weights,
+    read_checkpoint,
+    resolve_checkpoint_args,
+)
+from libra.engine.trainer import autocast_context
 
 EXIT_BAD_INPUT = 1
 
-# Training-time settings that define the model / data and are taken from a libra checkpoint
-# unless given on this command line.
-_FROM_CHECKPOINT = (
-    "dataset", "model", "sampler", "neck", "box_loss", "cls_loss", "box_head", "frozen_stages", "backbone_norm",
-    "width_per_group", "stage_blocks", "min_size", "max_size", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size",
-    "data_root",
-)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description="Evaluate a libra / MMDetection checkpoint.",
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default=None, help="libra or MMDetection .pth (required unless --fps)")
-    data = add_data_arguments(parser, dataset_default=None)
-    data.add_argument("--workers", type=int, default=2)
-    add_model_arguments(parser, model_default=None)
-    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
-    parser.add_argument(
-        "--save-proposals", nargs="?", const="auto", default=None, metavar="FILE",
-        help="also write the top --proposals-per-image proposals of every image (Fast R-CNN input, format in "
-        "libra/data/proposals.py); no value: proposals_<split>.pt in --work-dir. Implies --proposals",
-    )
-    parser.add_argument("--proposals-per-image", type=int, default=1000, help="proposals kept per image by --save-proposals")
-    parser.add_argument(
-        "--split", choices=("train", "val"), default="val",
-        help="the split to run on (train: e.g. to save the training images' proposals; test transform either way)",
-    )
-    parser.add_argument("--fps", action="store_true", help="measure inference images/s (batch 1, after warm-up)")
-    parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
-    parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
-    parser.add_argument("--show-score-thr", type=float, default=0.3)
-    parser.add_argument("--batch-size", type=int, default=1, help="images per process")
-    parser.add_argument("--amp", action="store_true")
-    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
-    parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
-    parser.add_argument("--work-dir", default=None)
-    parser.add_argument("--threads", type=int, default=None)
-    return parser
-
-
-def read_checkpoint(path: str) -> tuple[str, dict]:
-    """('libra' | 'mmdet', checkpoint dict)."""
-    checkpoint = load_checkpoint_file(path, map_location="cpu")
-    if is_libra_checkpoint(checkpoint):
-        return "libra", checkpoint
-    state = checkpoint.get("state_dict", checkpoint)
-    if isinstance(state, dict) and any(k.startswith(("rpn_head.", "roi_head.bbox_head.", "bbox_head.")) for k in state):
-        return "mmdet", checkpoint
-    raise CheckpointError(
-        f"{path} is neither a libra checkpoint (train.py) nor an MMDetection detector checkpoint "
-        "(state_dict with rpn_head.* / roi_head.bbox_head.* / bbox_head.* keys)"
-    )
-
-
-def guess_mmdet_preset(state: dict) -> str:
-    """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
-    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
-    only ``rpn_head.*``: a standalone RPN; only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the
-    BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its
-    grouped 3x3 convs)."""
-    rpn = any(k.startswith("rpn_head.") for k in state)
-    roi = any(k.startswith("roi_head.") for k in state)
-    if any(k.startswith("bbox_head.retina_cls") for k in state):
-        family = "retinanet"
-    elif rpn and any(k.startswith("roi_head.mask_head.") for k in state):
-        family = "mask_rcnn"
-    else:
-        family = "faster_rcnn" if rpn and roi else ("rpn" if rpn else "fast_rcnn")
-    libra = any(k.startswith("neck.1.") for k in state)
-    blocks = {k.split(".")[2] for k in state if k.startswith("backbone.layer3.")}
-    conv2 = state.get("backbone.layer1.0.conv2.weight")
-    grouped = conv2 is not None and conv2.dim() == 4 and conv2.shape[1] < conv2.shape[0]
-    depth = "x101_64x4d" if grouped else ("r101" if len(blocks) > 6 else "r50")
-    return f"{'libra_' if libra else ''}{family}_{depth}_fpn"
+build_parser = build_eval_parser
 
 
 def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, dict | None]:
-    kind, checkpoint = (None, None)
-    if args.checkpoint:
-        kind, checkpoint = read_checkpoint(args.checkpoint)
-    elif not args.fps:
+    """The checkpoint's model and data (:func:`libra.engine.loading.resolve_checkpoint_args`), then
+    eval.py's own settings (proposals files, work dir)."""
+    if not args.checkpoint and not args.fps:
         raise CheckpointError("--checkpoint is required (only --fps runs without one, on random weights)")
+    args, kind, checkpoint = resolve_checkpoint_args(args)
     saved = checkpoint.get("args", {}) if kind == "libra" else {}
-    for key in _FROM_CHECKPOINT:
-        if getattr(args, key, None) is None and saved.get(key) is not None:
-            setattr(args, key, saved[key])
-    if kind == "libra" and saved.get("set") and not args.set:
-        args.set = list(saved["set"])
-    args.dataset = args.dataset or "synthetic"
-    if args.model is None and kind == "mmdet":
-        args.model = guess_mmdet_preset(checkpoint.get("state_dict", checkpoint))
-    args.model = args.model or "libra_faster_rcnn_r50_fpn"
-    apply_recipe(args)  # sizes, synthetic settings, backbone knobs and overrides not given or saved
     if args.proposals_file is None and kind == "libra":
         # A Fast R-CNN checkpoint names the proposals it was trained and evaluated on.
         args.proposals_file = saved.get("val_proposals_file" if args.split == "val" else "proposals_file")
@@ -162,27 +71,6 @@ def resolve(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, d
     return args, kind, checkpoint
 
 
-def load_weights(
-    model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int, class_names=None
-) -> None:
-    if kind == "libra":
-        check_model_identity(checkpoint, args.model, num_classes, args.checkpoint, class_names=class_names)
-        load_model_state(model, checkpoint["model"], args.checkpoint)
-    elif kind == "mmdet":
-        from libra.mmdet_checkpoint import load_mmdet_checkpoint
-
-        state = checkpoint.get("state_dict", checkpoint)
-        fc_cls = state.get("roi_head.bbox_head.fc_cls.weight")
-        if fc_cls is not None and fc_cls.shape[0] != num_classes + 1:
-            raise CheckpointError(
-                f"{args.checkpoint} classifies {fc_cls.shape[0] - 1} classes but the {args.dataset} dataset has {num_classes}"
-            )
-        try:
-            load_mmdet_checkpoint(model, checkpoint)
-        except ValueError as error:
-            raise CheckpointError(f"{args.checkpoint} does not fit --model {args.model}: {one_line(error)}") from None
-
-
 @torch.no_grad()
 def measure_fps(model: torch.nn.Module, dataset, ctx: DistributedContext, num_images: int, amp: bool) -> float:
     """Images per second at batch 1 (5 warm-up images, then ``num_images`` timed with device syncs)."""
@@ -192,15 +80,12 @@ def measure_fps(model: torch.nn.Module, dataset, ctx: DistributedContext, num_im
     count = min(len(dataset), num_images + 5)
     times = []
     for index in range(count):
-        images, targets = collate([dataset[index % len(dataset)]])
-        images = images.to(ctx.device)
-        sizes = [tuple(targets[0]["img_shape"])]
-        originals = [tuple(targets[0]["ori_shape"])]
+        batch = collate([dataset[index % len(dataset)]]).to(ctx.device)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         start = time.perf_counter()
         with autocast_context(ctx.device, amp):
-            model(images, sizes, original_sizes=originals, **proposal_inputs(model, targets))
+            model.predict(batch)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         if index >= 5 or count <= 5:
@@ -226,7 +111,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     settings = data_settings(args)
     dataset = build_dataset(settings, train=False, split=args.split, proposals_file=args.proposals_file)
     model = build_detector(args, dataset.num_classes)
-    if args.proposals and not hasattr(model, "predict_proposals"):
+    if args.proposals and not model.makes_proposals:
         raise CheckpointError(
             f"--proposals / --save-proposals need a model with an RPN; {args.model} makes no proposals of its own"
         )
@@ -292,10 +177,10 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
         progress=True, tag=tag, on_batch=callback if (args.save_proposals or args.show) else None,
     )
     if ctx.is_main:
-        segm = "" if args.proposals or "segm" not in getattr(model, "iou_types", ()) else (
+        segm = "" if args.proposals or "segm" not in model.iou_types else (
             f" and {work_dir / (tag + 'segm_detections.json')}"
         )
-        proposals_only = args.proposals or "proposal" in getattr(model, "iou_types", ())
+        proposals_only = args.proposals or "proposal" in model.iou_types
         detections = "" if proposals_only else f", {work_dir / (tag + 'detections.json')}"
         print(f"wrote {work_dir / (tag + 'metrics.json')}" + detections + segm, flush=True)
     if args.save_proposals:

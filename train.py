@@ -52,6 +52,7 @@ from libra.engine.checkpoint import (
     CheckpointError,
     atomic_write_text,
     check_model_identity,
+    checkpoint_model_config,
     is_libra_checkpoint,
     load_checkpoint_file,
     load_model_state,
@@ -65,6 +66,7 @@ from libra.engine.cli import (
     check_proposals_flags,
     data_settings,
     one_line,
+    resolve_model_config,
 )
 from libra.engine.distributed import (
     EXIT_INTERRUPTED,
@@ -99,13 +101,9 @@ RESUME_IDENTITY = (
     ("model", "--model"),
     ("dataset", "--dataset"),
     ("optimizer", "--optimizer"),
-    ("frozen_stages", "--frozen-stages"),
-    ("backbone_norm", "--backbone-norm"),
-    ("width_per_group", "--width-per-group"),
-    ("stage_blocks", "--stage-blocks"),
-    ("overrides", "detector switches (--sampler/--neck/--box-loss/--cls-loss/--box-head/--set)"),
     ("repeat_factor_sampling", "--repeat-factor-sampling"),
 )
+# The model itself is compared through its complete config (checkpoint ``model_config``).
 RESUME_IDENTITY_SYNTHETIC = (
     ("synthetic_num_train", "--synthetic-num-train"),
     ("synthetic_image_size", "--synthetic-image-size"),
@@ -297,6 +295,9 @@ def check_resume_settings(checkpoint: dict, args: argparse.Namespace, path: Path
         for key, flag in keys
         if key in saved and _normalized(saved[key]) != _normalized(current.get(key))
     ]
+    saved_config = checkpoint_model_config(checkpoint, path)
+    if _normalized(saved_config) != _normalized(args.model_config):
+        differences.append(_difference("the model config (flags / --set)", saved_config, args.model_config))
     if differences:
         advice = "resume with the checkpoint's settings, or start a new --work-dir without --resume"
         if any(d.startswith("--optimizer ") for d in differences):
@@ -511,6 +512,8 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
         if not is_libra_checkpoint(checkpoint):
             raise CheckpointError(f"{path} is not a libra training checkpoint (use eval.py for MMDetection checkpoints)")
         check_model_identity(checkpoint, args.model, train_set.num_classes, path, class_names=class_names)
+        # The model continues as the checkpoint built it; a flag or --set given now must agree with it.
+        args.model_config = resolve_model_config(args, {}, base=checkpoint_model_config(checkpoint, path))
         notes = check_resume_settings(checkpoint, args, path)
     model = build_detector(args, train_set.num_classes, train_set=train_set).to(ctx.device)
     if checkpoint is not None:
@@ -575,6 +578,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
         model_name=args.model,
         num_classes=train_set.num_classes,
         class_names=class_names,
+        model_config=args.model_config,
         args={
             k: v
             for k, v in vars(args).items()

@@ -10,9 +10,9 @@ Keys: ``min_size`` / ``max_size`` (resize: short side, cap on the long side), ``
 factor sampling, on by default for LVIS, threshold 0.001), ``optimizer``, ``lr`` (used as is) or
 ``lr_per_16_images`` (scaled linearly with the total batch), ``schedules`` (``name -> (epochs,
 lr steps)``), ``warmup_iters``, ``grad_clip`` (max gradient norm, 0: none), ``batch_size`` (per GPU),
-``workers``, ``log_interval``, ``keep_checkpoints`` (0: all), backbone knobs (``backbone_norm``,
-``frozen_stages``, ``width_per_group``, ``stage_blocks``; None: the preset's) and ``overrides``
-(extra preset overrides).
+``workers``, ``log_interval``, ``keep_checkpoints`` (0: all) and ``overrides``: preset keys this
+recipe sets (e.g. the synthetic recipe's shallow backbone and narrow heads). They are defaults: a
+value the user gives (a dedicated flag such as ``--frozen-stages``, or ``--set``) always wins.
 
 Where one dataset needs a detector-specific change (the synthetic recipe shrinks each detector's
 own heads, whose keys the other detector's presets do not have), ``DATASET_DETECTOR_RECIPES``
@@ -44,10 +44,6 @@ COCO_RECIPE: dict[str, Any] = {
     "workers": 4,
     "log_interval": 50,
     "keep_checkpoints": 0,
-    "backbone_norm": None,
-    "frozen_stages": None,
-    "width_per_group": None,
-    "stage_blocks": None,
     "overrides": {},
 }
 
@@ -96,11 +92,13 @@ SYNTHETIC_RECIPE: dict[str, Any] = {
     "workers": 0,
     "log_interval": 20,
     "keep_checkpoints": 2,  # the newest two
-    "backbone_norm": "bn",
-    "frozen_stages": -1,
-    "width_per_group": 64,
-    "stage_blocks": (1, 1, 1, 1),
-    "overrides": {"fpn_channels": 128},
+    "overrides": {
+        "backbone_norm": "bn",
+        "frozen_stages": -1,
+        "width_per_group": 64,
+        "stage_blocks": (1, 1, 1, 1),
+        "fpn_channels": 128,
+    },
 }
 
 # LVIS v1 as the paper trained it (Sec. 4.2: "We train the models following the 1x schedule in

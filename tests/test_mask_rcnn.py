@@ -29,7 +29,6 @@ from libra.engine.builders import build_eval_loader
 from libra.masks import MaskWarning, encode_rle
 from libra.presets import PRESETS, build_model, preset_config, preset_iou_types
 from libra.roi_heads import FCNMaskHead, MaskRoIHead
-from libra.roi_heads.mask_roi_head import positive_prefix_index
 from libra.structures import Proposals
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -135,9 +134,8 @@ def test_mask_targets_through_sample_match_a_hand_made_mask_and_box(monkeypatch)
     proposal_boxes = torch.tensor([[[8.0, 8.0, 36.0, 36.0], [9.0, 9.0, 36.0, 36.0], [40.0, 40.0, 60.0, 60.0]]])
     proposals = Proposals(proposal_boxes, torch.ones(1, 3), torch.tensor([[True, True, False]]))
     samples = head.sample(proposals, targets)
-    counts = head.slot_counts(proposals, targets)
-    assert counts == [4] and samples.rois.shape[0] == 4
-    rows = positive_prefix_index(counts, head.max_positives_per_image, samples.rois.device)
+    assert samples.rows_per_image == (4,) and samples.rois.shape[0] == 4
+    rows = samples.positive_prefix()
     assert float(samples.positive[rows].sum()) == float(samples.positive.sum()) == 3.0  # the gt + 2 proposals
 
     seen = {}
@@ -150,7 +148,8 @@ def test_mask_targets_through_sample_match_a_hand_made_mask_and_box(monkeypatch)
 
     monkeypatch.setattr(mask_roi_head, "mask_targets", spy)
     features = model.neck(model.backbone(torch.randn(1, 3, 64, 64)))
-    loss = head.mask_loss(features, samples, [mask], counts)["loss_mask"]
+    assert samples.gt_masks is not None and torch.equal(samples.gt_masks[0], mask)
+    loss = head.mask_loss(features, samples)["loss_mask"]
     assert torch.isfinite(loss)
     exact = (seen["rois"][:, 1:] == gt_box).all(dim=1)
     assert int(exact.sum()) == 2 and (seen["matched"][exact] == 0).all()  # the gt and its copy
@@ -187,8 +186,8 @@ def test_mask_loss_is_bce_on_the_gt_class_channel_end_to_end():
         hook.remove()
         del model.roi_head.sample
     samples = captured["samples"]
-    counts = [min(model.roi_head.batch_size, 2 + model.rpn.post_nms_top_n["train"])]
-    rows = positive_prefix_index(counts, model.roi_head.max_positives_per_image, torch.device("cpu"))
+    assert samples.rows_per_image == (min(model.roi_head.batch_size, 2 + model.rpn.post_nms_top_n["train"]),)
+    rows = samples.positive_prefix()
     from libra.masks import mask_targets
 
     rois = samples.rois[rows]

@@ -26,7 +26,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor, nn
 
-from libra.samplers import sample_pos_neg
+from libra.samplers import InstanceBalancedPosSampler, IoUBalancedNegSampler, RandomSampler, sample_pos_neg
 
 # IoU-balanced sampling as the Libra R-CNN config uses it when the model itself samples randomly
 # (MMDetection `libra-faster-rcnn_r50_fpn_1x_coco`: `train_cfg.rcnn.sampler.neg_sampler`
@@ -130,11 +130,19 @@ def sampler_settings(roi_head: nn.Module, sampler: str, iou_balanced: dict | Non
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
     common = {"num": roi_head.batch_size, "pos_fraction": roi_head.positive_fraction}
     if sampler == "random":
-        return {**common, "pos_sampler": "random", "neg_sampler": "random"}
+        return {**common, "pos_sampler": RandomSampler(), "neg_sampler": RandomSampler()}
     if iou_balanced is None:
-        own = roi_head.neg_sampler == "iou_balanced" and roi_head.neg_sampler_kwargs
-        iou_balanced = dict(roi_head.neg_sampler_kwargs) if own else dict(DEFAULT_IOU_BALANCED)
-    return {**common, "pos_sampler": "instance_balanced", "neg_sampler": "iou_balanced", **iou_balanced}
+        iou_balanced = iou_balanced_settings(roi_head)
+    return {**common, "pos_sampler": InstanceBalancedPosSampler(), "neg_sampler": IoUBalancedNegSampler(**iou_balanced)}
+
+
+def iou_balanced_settings(roi_head: nn.Module) -> dict:
+    """``num_bins`` / ``floor_thr`` / ``floor_fraction`` of the head's IoU-balanced negative sampler,
+    or :data:`DEFAULT_IOU_BALANCED` when it samples negatives otherwise."""
+    sampler = roi_head.neg_sampler
+    if isinstance(sampler, IoUBalancedNegSampler):
+        return {"num_bins": sampler.num_bins, "floor_thr": sampler.floor_thr, "floor_fraction": sampler.floor_fraction}
+    return dict(DEFAULT_IOU_BALANCED)
 
 
 @torch.no_grad()

@@ -275,8 +275,11 @@ def make_checkpoint(
     num_classes: int,
     args: dict | None = None,
     class_names: Sequence[str] | None = None,
+    model_config: dict | None = None,
 ) -> dict:
-    """Assemble the checkpoint dict (unwraps DistributedDataParallel)."""
+    """Assemble the checkpoint dict (unwraps DistributedDataParallel). ``model_config`` is the
+    complete config the model was built from (``libra.presets.preset_config``): ``eval.py``,
+    ``analyze.py``, ``--resume`` and ``load_detector`` rebuild the model from it."""
     module = model.module if hasattr(model, "module") else model
     return {
         "format": CHECKPOINT_FORMAT,
@@ -292,4 +295,32 @@ def make_checkpoint(
         "num_classes": int(num_classes),
         "class_names": [str(n) for n in class_names] if class_names is not None else None,
         "args": dict(args) if args is not None else {},
+        "model_config": _plain_config(model_config) if model_config is not None else None,
     }
+
+
+def _plain_config(config: dict) -> dict:
+    """The config with plain values only (names, numbers, tuples): a module given from Python (a
+    custom backbone or sampler) cannot be rebuilt from a file and is recorded by its class name."""
+    return {k: (f"<module {type(v).__name__}>" if isinstance(v, torch.nn.Module) else v) for k, v in config.items()}
+
+
+def checkpoint_model_config(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> dict:
+    """The complete model config a libra checkpoint was built from: its ``model_config``, or for a
+    checkpoint written before configs were recorded, the config its recorded command line resolves
+    to (preset, ``overrides`` and backbone flags, as libra resolved them then)."""
+    from libra.presets import preset_config
+
+    name = checkpoint.get("model_name") or (checkpoint.get("args") or {}).get("model")
+    record = checkpoint.get("model_config")
+    try:
+        if record is not None:
+            return preset_config(name, **record)
+        args = checkpoint.get("args") or {}
+        overrides = dict(args.get("overrides") or {})
+        for key in ("frozen_stages", "backbone_norm", "width_per_group", "stage_blocks"):
+            if args.get(key) is not None:
+                overrides[key] = args[key]
+        return preset_config(name, **overrides)
+    except ValueError as error:
+        raise CheckpointError(f"{path}: its model config does not build with this libra: {error}") from None

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
-import math
 import re
 from typing import Any
 
@@ -23,9 +22,12 @@ from libra.recipes import recipe
 from .builders import DATASETS, IMAGE_CHECKS, DataError, DataSettings
 
 
-# Flags that are preset overrides with their own command-line switch.
-ABLATION_FLAGS = ("sampler", "neck", "box_loss", "cls_loss", "box_head")
-BACKBONE_FLAGS = ("frozen_stages", "backbone_norm", "width_per_group", "stage_blocks")
+# Preset keys with a command-line flag of their own (``--frozen-stages`` is ``frozen_stages``): aliases
+# of ``--set key=value``, applied before ``--set``; giving both with different values is refused.
+MODEL_FLAGS = (
+    "sampler", "neck", "box_loss", "cls_loss", "box_head", "frozen_stages", "backbone_norm", "width_per_group",
+    "stage_blocks",
+)
 SYNTHETIC_FLAGS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_size")
 
 
@@ -56,17 +58,18 @@ def add_data_arguments(parser: argparse.ArgumentParser, dataset_default: str | N
 def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | None) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default=model_default, help="a preset of libra.presets")
-    group.add_argument("--sampler", choices=("random", "iou_balanced"), default=None)
-    group.add_argument("--neck", choices=("fpn", "bfp", "pafpn", "bpafpn"), default=None)
-    group.add_argument("--box-loss", choices=("smooth_l1", "l1", "balanced_l1", "lgr_l1"), default=None)
+    choices = presets.CHOICES
+    group.add_argument("--sampler", choices=choices["sampler"], default=None)
+    group.add_argument("--neck", choices=choices["neck"], default=None)
+    group.add_argument("--box-loss", choices=choices["box_loss"], default=None)
     group.add_argument(
-        "--cls-loss", choices=("ce", "lgr_ce", "sigmoid_ce", "bcr"), default=None,
+        "--cls-loss", choices=choices["cls_loss"], default=None,
         help="bcr: bucketed class re-weighting (paper Sec. 3.3.3; --set bcr_t=0.025 --set bcr_s=10, Table 10)",
     )
-    group.add_argument("--box-head", choices=("shared2fc", "4conv1fc"), default=None)
+    group.add_argument("--box-head", choices=choices["box_head"], default=None)
     group.add_argument("--frozen-stages", type=int, default=None, help="-1 none, 0 stem, k stem + layer1..k (preset: 1)")
     group.add_argument(
-        "--backbone-norm", choices=("frozen", "bn"), default=None,
+        "--backbone-norm", choices=choices["backbone_norm"], default=None,
         help="frozen: BN with fixed statistics (ImageNet recipe); bn: trainable statistics (from scratch)",
     )
     group.add_argument("--width-per-group", type=int, default=None, help="ResNet 3x3 width per group (64 = standard)")
@@ -84,12 +87,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, model_default: str | No
 def parse_set_overrides(items: list[str], preset: str | None = None) -> dict[str, Any]:
     """``["key=value", ...]`` -> ``{key: value}`` with JSON values where they parse (else strings).
 
-    With ``preset`` each value is checked against the preset's default for the key (one-line
-    `DataError` naming the item, the expected type and the default): an int key takes an integer,
-    a float key a finite number, a bool key true/false, a key with fixed choices one of them, a
-    str key a string, a list/tuple key a JSON list (as a tuple); ``null`` / ``None`` where None is
-    allowed; keys whose default is None take any value (``width_per_group``: an integer,
-    ``stage_blocks``: 4 integers). Unknown keys are rejected with the closest valid ones.
+    With ``preset`` each value goes through the one validator of preset keys
+    (:func:`libra.presets.check_setting`): a one-line `DataError` names the item, what the key
+    takes and the preset default; an unknown key gets the closest valid ones.
     """
     defaults = preset_config(preset) if preset is not None else None
     overrides: dict[str, Any] = {}
@@ -103,105 +103,73 @@ def parse_set_overrides(items: list[str], preset: str | None = None) -> dict[str
         except json.JSONDecodeError:
             value = text
         if defaults is not None:
-            value = _check_override(key, text, value, defaults)
+            if key not in defaults:
+                close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
+                if close:
+                    raise DataError(f"--set {item}: unknown key {key!r}; did you mean {' or '.join(close)}? (valid keys: libra/presets.py)")
+                raise DataError(f"--set {item}: unknown key {key!r}; valid keys: {', '.join(sorted(defaults))}")
+            try:
+                value = presets.check_setting(key, value, defaults[key])
+            except ValueError as error:
+                raise DataError(f"--set {item}: {error}") from None
         overrides[key] = value
     return overrides
 
 
-# Keys whose preset default is None but whose values have a type (libra.presets docstring).
-_NONE_DEFAULT_KINDS = {"width_per_group": "int", "stage_blocks": "4 ints"}
-# Smallest values of integer keys that are sizes or counts (smaller ones crash deep in the model).
-_MIN_INT = {
-    "fpn_channels": 1, "fc_channels": 1, "width_per_group": 1, "num_bins": 1, "rpn_batch_size": 0, "roi_batch_size": 0,
-    "rpn_pre_nms_top_n_train": 0, "rpn_pre_nms_top_n_test": 0, "rpn_post_nms_top_n_train": 0,
-    "rpn_post_nms_top_n_test": 0,
-}
+def resolve_model_config(args: argparse.Namespace, recipe_overrides: dict[str, Any], base: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The complete config of the model ``args.model`` from, in this order (later wins): the
+    recipe's preset keys, ``base`` (a checkpoint's recorded config), the dedicated flags
+    (:data:`MODEL_FLAGS`), then ``--set``. A flag and a ``--set`` of one key with different values
+    are refused in one line; every value is validated once (:func:`libra.presets.preset_config`)."""
+    sets = parse_set_overrides(list(getattr(args, "set", []) or []), args.model)
+    flags: dict[str, Any] = {}
+    for key in MODEL_FLAGS:
+        value = getattr(args, key, None)
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        try:
+            flags[key] = presets.check_setting(key, value, presets.PRESETS[args.model][key])
+        except ValueError as error:
+            raise DataError(f"{flag} {value}: {error}") from None
+        if key in sets and sets[key] != flags[key]:
+            raise DataError(
+                f"{flag} {value} and --set {key}={sets[key]!r} give {key} two values: pass one of them"
+            )
+    layers = {**recipe_overrides, **(base or {}), **flags, **sets}
+    try:
+        return preset_config(args.model, **layers)
+    except ValueError as error:
+        raise DataError(f"--model {args.model}: {one_line(error)}") from None
 
 
-def _check_override(key: str, text: str, value: Any, defaults: dict[str, Any]) -> Any:
-    item = f"--set {key}={text}"
-    if key not in defaults:
-        close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.6)
-        if close:
-            raise DataError(f"{item}: unknown key {key!r}; did you mean {' or '.join(close)}? (valid keys: libra/presets.py)")
-        raise DataError(f"{item}: unknown key {key!r}; valid keys: {', '.join(sorted(defaults))}")
-    default = defaults[key]
-    choices = getattr(presets, "_CHOICES", {}).get(key)
-    none_ok = default is None or (choices is not None and None in choices)
-    if none_ok and (value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null"))):
-        return None
-    shown = f"(preset default {default!r})"
-    if choices is not None:
-        if isinstance(value, str) and value in choices:
-            return value
-        listed = ", ".join("null" if c is None else str(c) for c in choices)
-        raise DataError(f"{item}: expected one of {listed} {shown}")
-    if isinstance(default, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            return value.strip().lower() == "true"
-        raise DataError(f"{item}: expected true or false {shown}")
-    kind = "int" if isinstance(default, int) else "float" if isinstance(default, float) else None
-    kind = kind or ("str" if isinstance(default, str) else "list" if isinstance(default, (list, tuple)) else None)
-    if default is None:
-        kind = _NONE_DEFAULT_KINDS.get(key)
-    if kind == "int":
-        if isinstance(value, float) and value.is_integer():
-            value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise DataError(f"{item}: expected an integer {shown}")
-        if key in _MIN_INT and value < _MIN_INT[key]:
-            raise DataError(f"{item}: expected an integer >= {_MIN_INT[key]} {shown}")
-        return value
-    if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise DataError(f"{item}: expected a number {shown}")
-        if not math.isfinite(value):
-            raise DataError(f"{item}: expected a finite number {shown}")
-        return float(value)
-    if kind == "str":
-        if not isinstance(value, str):
-            raise DataError(f"{item}: expected a string {shown}")
-        return value
-    if kind == "4 ints":
-        if not (isinstance(value, list) and len(value) == 4 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in value)):
-            raise DataError(f"{item}: expected null or a list of 4 integers >= 1, e.g. [1, 1, 1, 1] {shown}")
-        return tuple(value)
-    if kind == "list":
-        if not isinstance(value, list):
-            raise DataError(f"{item}: expected a JSON list such as [1, 2] {shown}")
-        return tuple(value)
-    return value  # None default, no type known: any JSON value (or the text itself)
+def user_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The preset keys the user gave (dedicated flags and ``--set``), as validated values."""
+    given = {key: getattr(args, key) for key in MODEL_FLAGS if getattr(args, key, None) is not None}
+    given.update(parse_set_overrides(list(getattr(args, "set", []) or []), args.model))
+    return {key: presets.check_setting(key, value, presets.PRESETS[args.model][key]) for key, value in given.items()}
 
 
-def apply_recipe(args: argparse.Namespace) -> dict[str, Any]:
-    """Fill the data and model settings that are None in ``args`` from the recipe of
-    ``(args.dataset, the preset's detector)``; sets ``args.overrides``. Returns the recipe.
+def apply_recipe(args: argparse.Namespace, base_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Fill the data settings that are None in ``args`` from the recipe of ``(args.dataset, the
+    preset's detector)`` and resolve the model's complete config into ``args.model_config``
+    (:func:`resolve_model_config`; ``base_config``: a checkpoint's). Returns the recipe.
 
-    A bad ``--model`` or ``--set`` raises `DataError` (a ValueError with a one-line message), before
-    any file is read or written."""
+    A bad ``--model``, flag or ``--set`` raises `DataError` (a ValueError with a one-line message),
+    before any file is read or written."""
     try:
         detector = preset_config(args.model)["detector"]
     except ValueError as error:
         raise DataError(f"--model {args.model}: {one_line(error)}") from None
     chosen = recipe(args.dataset, detector)
-    for key in ("min_size", "max_size", *BACKBONE_FLAGS):
+    for key in ("min_size", "max_size"):
         if getattr(args, key, None) is None:
             setattr(args, key, chosen.get(key))
     synthetic = recipe("synthetic", detector)
     for key in SYNTHETIC_FLAGS:
         if getattr(args, key, None) is None:
             setattr(args, key, synthetic[key])
-    overrides = dict(chosen.get("overrides", {}))
-    for key in ABLATION_FLAGS:
-        if getattr(args, key, None) is not None:
-            overrides[key] = getattr(args, key)
-    try:
-        overrides.update(parse_set_overrides(list(getattr(args, "set", []) or []), args.model))
-    except ValueError as error:
-        raise DataError(one_line(error)) from None
-    args.overrides = overrides
+    args.model_config = resolve_model_config(args, dict(chosen.get("overrides", {})), base_config)
     if getattr(args, "device", None) is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return chosen
@@ -246,27 +214,23 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
 
 
 def build_detector(args: argparse.Namespace, num_classes: int, train_set=None) -> torch.nn.Module:
-    """The preset ``args.model`` with the command line's overrides (backbone knobs included).
+    """The model ``args.model`` with its resolved config ``args.model_config`` (:func:`apply_recipe`).
 
     ``train_set``: the training dataset, whose per-class image counts a ``cls_loss='bcr'`` model needs
     (bucketed class re-weighting, Eq. 21); they are cached in ``args.work_dir`` keyed by the
     annotation file (:func:`libra.data.class_counts.cached_class_image_counts`). Without it (eval.py)
     a BCR model is built for evaluation only; its checkpoint holds the class weights.
     """
-    overrides = dict(args.overrides)
-    for key in BACKBONE_FLAGS:
-        value = getattr(args, key, None)
-        if value is not None:
-            overrides[key] = tuple(value) if key == "stage_blocks" else value
+    config = args.model_config
     counts = None
-    if train_set is not None and preset_config(args.model, **overrides).get("cls_loss") == "bcr":
+    if train_set is not None and config.get("cls_loss") == "bcr":
         from pathlib import Path
 
         from libra.data.class_counts import cached_class_image_counts
 
         counts = cached_class_image_counts(train_set, Path(args.work_dir) / "class_image_counts.json")
     return build_model(
-        args.model, num_classes, pretrained=getattr(args, "pretrained", None), class_image_counts=counts, **overrides
+        args.model, num_classes, pretrained=getattr(args, "pretrained", None), class_image_counts=counts, **config
     )
 
 

@@ -15,16 +15,17 @@ from typing import Any, Callable
 
 import torch
 
+from libra.detectors import Detector
 from libra.evaluation import build_evaluator
 
 from .checkpoint import atomic_write_text
 from .distributed import DistributedContext, all_gather_object, synchronize
-from .trainer import autocast_context, proposal_inputs
+from .trainer import autocast_context
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap(model: torch.nn.Module) -> Detector:
     """The detector inside DistributedDataParallel (inference needs no gradient sync)."""
-    return model.module if hasattr(model, "module") else model
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 @torch.no_grad()
@@ -40,8 +41,9 @@ def run_inference(
 ) -> None:
     """Run the model over ``loader`` and ``evaluator.update`` with detections in original coordinates.
 
-    With ``proposals`` the evaluator receives the RPN proposals (``{"boxes", "scores"}``) instead
-    of the final detections (proposal recall, AR@100/300/1000).
+    The detector is driven through its interface only (``predict``, or ``predict_proposals`` with
+    ``proposals``: the evaluator then receives the RPN proposals instead of the final detections,
+    proposal recall AR@100/300/1000).
     """
     detector = unwrap(model)
     was_training = detector.training
@@ -52,21 +54,17 @@ def run_inference(
 
         iterator = tqdm(loader, desc="eval", unit="batch", dynamic_ncols=True, leave=False)
     try:
-        for images, targets in iterator:
-            images = images.to(ctx.device, non_blocking=True)
-            image_sizes = [tuple(int(v) for v in t["img_shape"]) for t in targets]
-            original_sizes = [tuple(int(v) for v in t["ori_shape"]) for t in targets]
+        for batch in iterator:
+            batch = batch.to(ctx.device)
             with autocast_context(ctx.device, amp):
-                if proposals:
-                    outputs = detector.predict_proposals(images, image_sizes, original_sizes)
-                    outputs = [{"boxes": o["proposals"], "scores": o["proposal_scores"]} for o in outputs]
-                else:
-                    outputs = detector(images, image_sizes, original_sizes=original_sizes, **proposal_inputs(detector, targets))
+                # Proposal recall reads the proposals of a model with an RPN; a proposal model's
+                # predictions are its proposals.
+                outputs = detector.predict_proposals(batch) if proposals else detector.predict(batch)
             # fp32 on the host (AMP outputs may be half precision; labels stay int64).
             outputs = [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in o.items()} for o in outputs]
-            evaluator.update([int(t["image_id"]) for t in targets], outputs)
+            evaluator.update(batch.image_ids, outputs)
             if on_batch is not None:
-                on_batch(images, targets, outputs)
+                on_batch(batch.images, batch.targets, outputs)
     finally:
         detector.train(was_training)
 
@@ -74,7 +72,7 @@ def run_inference(
 def get_iou_types(model: torch.nn.Module) -> tuple[str, ...]:
     """What ``model``'s outputs are evaluated as: its ``iou_types`` (``("bbox",)`` for a detector,
     ``("proposal",)`` for a proposal model; a mask model adds ``"segm"``)."""
-    return tuple(getattr(unwrap(model), "iou_types", ("bbox",)))
+    return tuple(unwrap(model).iou_types)
 
 
 def gather_evaluator(evaluator, ctx: DistributedContext):

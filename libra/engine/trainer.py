@@ -41,6 +41,8 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 import torch
 
+from libra.structures import Batch
+
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, deferred_interrupts, make_checkpoint
 from .distributed import DistributedContext, all_gather_object, all_reduce_dict, synchronize
 from .lr_schedule import WarmupMultiStepLR
@@ -123,39 +125,6 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank)) % (2**31)
 
 
-def move_targets(targets: list[dict], device: torch.device) -> list[dict]:
-    """Copy the tensors of each target dict to ``device`` (other entries unchanged)."""
-    moved = []
-    for target in targets:
-        moved.append(
-            {k: (v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in target.items()}
-        )
-    return moved
-
-
-def proposal_inputs(model: torch.nn.Module, targets: list[dict]) -> dict:
-    """``{"proposals": [per image [P_i, 4]]}`` for a model that takes pre-computed proposals
-    (``takes_proposals``, Fast R-CNN: the data pipeline put them in ``target["proposals"]``), else {}."""
-    detector = model.module if hasattr(model, "module") else model
-    if not getattr(detector, "takes_proposals", False):
-        return {}
-    if any("proposals" not in target for target in targets):
-        raise ValueError(
-            "this model trains and tests on pre-computed proposals but the data has none: pass "
-            "--proposals-file (train.py: and --val-proposals-file) written by eval.py --save-proposals"
-        )
-    return {"proposals": [target["proposals"] for target in targets]}
-
-
-def image_sizes_of(targets: list[dict], images: torch.Tensor) -> list[tuple[int, int]]:
-    """``(h, w)`` of each image before padding (``img_shape`` of the dataset target)."""
-    sizes = []
-    for target in targets:
-        shape = target.get("img_shape")
-        sizes.append((int(shape[0]), int(shape[1])) if shape is not None else (images.shape[-2], images.shape[-1]))
-    return sizes
-
-
 def autocast_context(device: torch.device, enabled: bool):
     """fp16 autocast on CUDA, bf16 on the CPU (fp16 matmuls are slow there); a no-op when disabled."""
     if not enabled:
@@ -197,6 +166,7 @@ class TrainConfig:
     num_classes: int = 0
     class_names: tuple[str, ...] | None = None  # the dataset's, in label order (recorded in checkpoints)
     args: dict | None = None
+    model_config: dict | None = None  # the complete config the model was built from (recorded in checkpoints)
 
 
 class Trainer:
@@ -207,7 +177,7 @@ class Trainer:
         optimizer: SGD over the trainable parameters.
         scheduler: ``WarmupMultiStepLR`` bound to ``optimizer``.
         scaler: ``torch.amp.GradScaler`` (enabled only for AMP on CUDA).
-        make_loader: ``(epoch, batches to skip) -> iterable of (images, targets)`` over that
+        make_loader: ``(epoch, batches to skip) -> iterable of`` :class:`~libra.structures.Batch` over that
             epoch's batches (sampler already ``set_epoch``-ed; the skip is > 0 only when
             resuming from a checkpoint written inside an epoch).
         ctx: this process's ``DistributedContext``.
@@ -263,6 +233,7 @@ class Trainer:
             num_classes=self.config.num_classes,
             args=self.config.args,
             class_names=self.config.class_names,
+            model_config=self.config.model_config,
         )
         checkpoint["iter_in_epoch"] = self.iter_in_epoch
         checkpoint["iters_per_epoch"] = self.config.iters_per_epoch
@@ -393,9 +364,7 @@ class Trainer:
             norms = torch.stack(torch._foreach_norm([p.detach().float() for p in self.model.parameters()]))
         return float(norms.max()) if bool(torch.isfinite(norms).all()) else math.inf
 
-    def _first_non_finite_output(
-        self, images: torch.Tensor, image_sizes: list, targets: list, rng: dict | None
-    ) -> str | None:
+    def _first_non_finite_output(self, batch: Batch, rng: dict | None) -> str | None:
         """Run the failed forward pass again (the generator states of its start when known, no autograd,
         no DDP) with a hook on every module; the first (innermost) module whose output holds NaN / inf."""
         module = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
@@ -414,7 +383,7 @@ class Trainer:
             if rng is not None:
                 set_rng_state(rng, self.ctx.device)
             with torch.no_grad(), autocast_context(self.ctx.device, self.config.amp):
-                module(images, image_sizes, targets, **proposal_inputs(module, targets))
+                module.loss(batch)
         except Exception:  # noqa: BLE001 - expected: it is the failing pass
             pass
         finally:
@@ -428,9 +397,7 @@ class Trainer:
         epoch: int,
         error: BaseException,
         where: str,
-        images: torch.Tensor | None = None,
-        image_sizes: list | None = None,
-        targets: list | None = None,
+        batch: Batch | None = None,
         rng: dict | None = None,
     ) -> None:
         """An error of the forward / backward pass is reported as divergence (``NonFiniteLossError``)
@@ -458,8 +425,8 @@ class Trainer:
                     f"{head}: non-finite gradients and the backward pass failed ({text}); {advice}", rank_local=True
                 ) from error
         # Non-finite inputs are the data's fault (the detector rejects them: exit code 1, "bad input").
-        if images is not None and bool(torch.isfinite(images).all()) and _first_non_finite(targets) is None:
-            culprit = self._first_non_finite_output(images, image_sizes, targets, rng)
+        if batch is not None and bool(torch.isfinite(batch.images).all()) and _first_non_finite(batch.targets) is None:
+            culprit = self._first_non_finite_output(batch, rng)
             if culprit is not None:
                 raise NonFiniteLossError(
                     f"{head}: non-finite activations (first in the output of {culprit}; weights finite, max parameter "
@@ -514,23 +481,22 @@ class Trainer:
             set_rng_state(self._resume_rng, device)
             self._resume_rng = None
         self._rng_after_step = get_rng_state(device)  # the states before this epoch's next batch
-        for images, targets in iterator:
+        for batch in iterator:
             if self.iteration >= config.max_iters:
                 return False
             data_time = timer.lap()
-            images = images.to(device, non_blocking=True)
-            targets = move_targets(targets, device)
-            image_sizes = image_sizes_of(targets, images)
+            batch = batch.to(device)
             self.scheduler.set_position(self.iteration, epoch)
 
             rng_before = self._rng_after_step  # (the data fetch draws nothing from the global generators)
             try:
                 with autocast_context(device, config.amp):
-                    loss_dict = model(images, image_sizes, targets, **proposal_inputs(model, targets))
+                    # Through forward (mode="loss"), so that DistributedDataParallel sees the call.
+                    loss_dict = model(batch, mode="loss")
             except Exception as error:
                 if isinstance(error, NonFiniteLossError):
                     raise
-                self._raise_if_diverged(epoch, error, "forward pass", images, image_sizes, targets, rng_before)
+                self._raise_if_diverged(epoch, error, "forward pass", batch, rng_before)
                 raise
             losses = {k: v for k, v in loss_dict.items() if k.startswith("loss")}
             total = sum(v.float() for v in losses.values())

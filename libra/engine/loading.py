@@ -1,0 +1,243 @@
+"""Turning a checkpoint (libra's or MMDetection's) and a command line into a ready detector.
+
+Shared by ``eval.py``, ``analyze.py`` and the Python API (:func:`load_detector`); no script imports
+another script. A libra checkpoint records the complete config its model was built from
+(``model_config``, :func:`libra.engine.checkpoint.checkpoint_model_config`; older checkpoints are
+resolved from their recorded command line), so the model is rebuilt from it, and a flag or
+``--set`` given now applies on top of it (e.g. a test-time ``--set score_thr=0.001``). An
+MMDetection checkpoint (``state_dict`` with ``rpn_head.*`` / ``roi_head.*`` / ``bbox_head.*``
+keys) is loaded into the preset its keys describe (:func:`guess_mmdet_preset`) or ``--model``.
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from libra.detectors import Detector
+from libra.presets import build_model, preset_config
+
+from .builders import DataError
+from .checkpoint import (
+    CheckpointError,
+    check_model_identity,
+    checkpoint_model_config,
+    is_libra_checkpoint,
+    load_checkpoint_file,
+    load_model_state,
+)
+from .cli import add_data_arguments, add_model_arguments, apply_recipe, one_line
+
+# Data settings of the training run that eval.py / analyze.py take from a libra checkpoint unless
+# given on their command line (the model's own settings come from its recorded config).
+DATA_FROM_CHECKPOINT = (
+    "dataset", "model", "min_size", "max_size", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size",
+    "data_root",
+)
+
+
+def build_eval_parser() -> argparse.ArgumentParser:
+    """eval.py's command line (analyze.py's model commands take the same data / model flags)."""
+    parser = argparse.ArgumentParser(description="Evaluate a libra / MMDetection checkpoint.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", default=None, help="libra or MMDetection .pth (required unless --fps)")
+    data = add_data_arguments(parser, dataset_default=None)
+    data.add_argument("--workers", type=int, default=2)
+    add_model_arguments(parser, model_default=None)
+    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
+    parser.add_argument(
+        "--save-proposals", nargs="?", const="auto", default=None, metavar="FILE",
+        help="also write the top --proposals-per-image proposals of every image (Fast R-CNN input, format in "
+        "libra/data/proposals.py); no value: proposals_<split>.pt in --work-dir. Implies --proposals",
+    )
+    parser.add_argument("--proposals-per-image", type=int, default=1000, help="proposals kept per image by --save-proposals")
+    parser.add_argument(
+        "--split", choices=("train", "val"), default="val",
+        help="the split to run on (train: e.g. to save the training images' proposals; test transform either way)",
+    )
+    parser.add_argument("--fps", action="store_true", help="measure inference images/s (batch 1, after warm-up)")
+    parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
+    parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
+    parser.add_argument("--show-score-thr", type=float, default=0.3)
+    parser.add_argument("--batch-size", type=int, default=1, help="images per process")
+    parser.add_argument("--amp", action="store_true")
+    parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
+    parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
+    parser.add_argument("--work-dir", default=None)
+    parser.add_argument("--threads", type=int, default=None)
+    return parser
+
+
+def read_checkpoint(path: str) -> tuple[str, dict]:
+    """('libra' | 'mmdet', checkpoint dict)."""
+    checkpoint = load_checkpoint_file(path, map_location="cpu")
+    if is_libra_checkpoint(checkpoint):
+        return "libra", checkpoint
+    state = checkpoint.get("state_dict", checkpoint)
+    if isinstance(state, dict) and any(k.startswith(("rpn_head.", "roi_head.bbox_head.", "bbox_head.")) for k in state):
+        return "mmdet", checkpoint
+    raise CheckpointError(
+        f"{path} is neither a libra checkpoint (train.py) nor an MMDetection detector checkpoint "
+        "(state_dict with rpn_head.* / roi_head.bbox_head.* / bbox_head.* keys)"
+    )
+
+
+def guess_mmdet_preset(state: dict) -> str:
+    """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
+    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
+    only ``rpn_head.*``: a standalone RPN; only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the
+    BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its
+    grouped 3x3 convs)."""
+    rpn = any(k.startswith("rpn_head.") for k in state)
+    roi = any(k.startswith("roi_head.") for k in state)
+    if any(k.startswith("bbox_head.retina_cls") for k in state):
+        family = "retinanet"
+    elif rpn and any(k.startswith("roi_head.mask_head.") for k in state):
+        family = "mask_rcnn"
+    else:
+        family = "faster_rcnn" if rpn and roi else ("rpn" if rpn else "fast_rcnn")
+    libra = any(k.startswith("neck.1.") for k in state)
+    blocks = {k.split(".")[2] for k in state if k.startswith("backbone.layer3.")}
+    conv2 = state.get("backbone.layer1.0.conv2.weight")
+    grouped = conv2 is not None and conv2.dim() == 4 and conv2.shape[1] < conv2.shape[0]
+    depth = "x101_64x4d" if grouped else ("r101" if len(blocks) > 6 else "r50")
+    return f"{'libra_' if libra else ''}{family}_{depth}_fpn"
+
+
+def resolve_checkpoint_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, dict | None]:
+    """Read ``args.checkpoint`` and fill ``args`` from it: the training run's data settings (unless
+    given), the model (the checkpoint's, or the preset an MMDetection checkpoint's keys describe)
+    and ``args.model_config`` (the checkpoint's recorded config with this command line's flags and
+    ``--set`` on top). Returns ``(args, 'libra' | 'mmdet' | None, checkpoint dict or None)``."""
+    kind, checkpoint = (None, None)
+    if getattr(args, "checkpoint", None):
+        kind, checkpoint = read_checkpoint(args.checkpoint)
+    saved = checkpoint.get("args", {}) if kind == "libra" else {}
+    for key in DATA_FROM_CHECKPOINT:
+        if getattr(args, key, None) is None and saved.get(key) is not None:
+            setattr(args, key, saved[key])
+    args.dataset = args.dataset or "synthetic"
+    if args.model is None and kind == "mmdet":
+        args.model = guess_mmdet_preset(checkpoint.get("state_dict", checkpoint))
+    args.model = args.model or "libra_faster_rcnn_r50_fpn"
+    base = None
+    if kind == "libra" and checkpoint.get("model_name", args.model) == args.model:
+        base = checkpoint_model_config(checkpoint, args.checkpoint)
+    apply_recipe(args, base)  # sizes and synthetic settings not given or saved; the model config
+    return args, kind, checkpoint
+
+
+def load_weights(
+    model: torch.nn.Module, kind: str | None, checkpoint: dict | None, args, num_classes: int, class_names=None
+) -> None:
+    if kind == "libra":
+        check_model_identity(checkpoint, args.model, num_classes, args.checkpoint, class_names=class_names)
+        load_model_state(model, checkpoint["model"], args.checkpoint)
+    elif kind == "mmdet":
+        from libra.mmdet_checkpoint import load_mmdet_checkpoint
+
+        state = checkpoint.get("state_dict", checkpoint)
+        fc_cls = state.get("roi_head.bbox_head.fc_cls.weight")
+        if fc_cls is not None and fc_cls.shape[0] != num_classes + 1:
+            raise CheckpointError(
+                f"{args.checkpoint} classifies {fc_cls.shape[0] - 1} classes but the {args.dataset} dataset has {num_classes}"
+            )
+        try:
+            load_mmdet_checkpoint(model, checkpoint)
+        except ValueError as error:
+            raise CheckpointError(f"{args.checkpoint} does not fit --model {args.model}: {one_line(error)}") from None
+
+
+@dataclass
+class LoadedDetector:
+    """What :func:`load_detector` returns: the model (eval mode, on its device) and what it is."""
+
+    model: Detector
+    preset: str
+    config: dict[str, Any]
+    num_classes: int
+    class_names: tuple[str, ...] | None
+    kind: str  # "libra" or "mmdet"
+
+
+def mmdet_num_classes(state: dict) -> int | None:
+    """C of an MMDetection detector state dict: from its classifier's rows (None for an RPN)."""
+    fc_cls = state.get("roi_head.bbox_head.fc_cls.weight")
+    if fc_cls is not None:
+        return int(fc_cls.shape[0]) - 1  # + background
+    retina_cls, retina_reg = state.get("bbox_head.retina_cls.weight"), state.get("bbox_head.retina_reg.weight")
+    if retina_cls is not None and retina_reg is not None:
+        return int(retina_cls.shape[0]) // (int(retina_reg.shape[0]) // 4)  # C x A rows, 4 x A
+    return None
+
+
+def mmdet_class_names(checkpoint: dict) -> tuple[str, ...] | None:
+    """Class names an MMDetection checkpoint carries (``meta.dataset_meta.classes`` in 3.x,
+    ``meta.CLASSES`` in 2.x), or None."""
+    meta = checkpoint.get("meta") or {}
+    names = (meta.get("dataset_meta") or {}).get("classes") or meta.get("CLASSES")
+    return tuple(str(n) for n in names) if names else None
+
+
+def load_detector(
+    checkpoint: str | Path,
+    *,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedDetector:
+    """A libra or MMDetection checkpoint as a ready detector (eval mode, on ``device``).
+
+    Args:
+        checkpoint: path of a ``train.py`` checkpoint or a released MMDetection one.
+        preset: the preset to build (default: the checkpoint's; an MMDetection checkpoint's is
+            guessed from its keys, :func:`guess_mmdet_preset`). A libra checkpoint of another
+            preset is refused.
+        overrides: preset keys applied on top of the recorded config (test-time settings such as
+            ``score_thr``); validated as everywhere (:func:`libra.presets.preset_config`).
+        num_classes, class_names: the data the model is meant for; a checkpoint trained for other
+            classes is refused in one line. An MMDetection RPN has no classifier: ``num_classes``
+            defaults to 1 there.
+        device: where the model is put.
+
+    Raises:
+        CheckpointError: the file is not a checkpoint libra reads, or does not fit (one line).
+    """
+    kind, raw = read_checkpoint(str(checkpoint))
+    overrides = dict(overrides or {})
+    if kind == "libra":
+        name = raw.get("model_name") or (raw.get("args") or {}).get("model")
+        preset = preset or name
+        saved_classes = raw.get("class_names")
+        check_model_identity(raw, preset, int(num_classes or raw["num_classes"]), checkpoint, class_names=class_names)
+        config = preset_config(preset, **{**checkpoint_model_config(raw, checkpoint), **overrides})
+        classes = int(raw["num_classes"])
+        model = build_model(preset, classes, **config)
+        load_model_state(model, raw["model"], checkpoint)
+        names = tuple(saved_classes) if saved_classes else (tuple(class_names) if class_names else None)
+    else:
+        from libra.mmdet_checkpoint import load_mmdet_checkpoint
+
+        state = raw.get("state_dict", raw)
+        preset = preset or guess_mmdet_preset(state)
+        try:
+            config = preset_config(preset, **overrides)
+        except ValueError as error:
+            raise CheckpointError(f"{checkpoint}: {one_line(error)}") from None
+        found = mmdet_num_classes(state)
+        classes = found if found is not None else int(num_classes or 1)
+        if num_classes is not None and classes != int(num_classes):
+            raise CheckpointError(f"{checkpoint} classifies {classes} classes but the data has {num_classes}")
+        model = build_model(preset, classes, **config)
+        try:
+            load_mmdet_checkpoint(model, raw)
+        except ValueError as error:
+            raise CheckpointError(f"{checkpoint} does not fit --model {preset}: {one_line(error)}") from None
+        names = mmdet_class_names(raw) or (tuple(class_names) if class_names else None)
+    model.to(device).eval()
+    return LoadedDetector(model, preset, config, classes, names, kind)
