@@ -98,12 +98,9 @@ def test_candidates_and_samplers_reproduce_the_roi_heads_own_sample():
     candidates = roi_candidates(head, proposals.boxes[0], proposals.valid[0], targets[0])
     for name in ("random", "iou_balanced"):
         head.generator = torch.Generator().manual_seed(11)
-        head.pos_sampler, head.neg_sampler = sampler_settings(head, name)["pos_sampler"], name
-        if name == "random":
-            saved_kwargs, head.neg_sampler_kwargs = head.neg_sampler_kwargs, {}
+        settings = sampler_settings(head, name)
+        head.pos_sampler, head.neg_sampler = settings["pos_sampler"], settings["neg_sampler"]
         own = head.sample(proposals, targets)
-        if name == "random":
-            head.neg_sampler_kwargs = saved_kwargs
         positive, negative = sample_with(candidates, sampler_settings(head, name), torch.Generator().manual_seed(11))
         mine = sorted(map(tuple, candidates.boxes[positive | negative].tolist()))
         expected = sorted(map(tuple, own.rois[own.sampled > 0, 1:].tolist()))

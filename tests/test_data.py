@@ -226,7 +226,7 @@ def test_dataset_augmentation_is_reproducible_per_index_and_epoch(tmp_path):
     batches.set_epoch(4)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate)
     first = next(iter(loader))
-    assert (first[1][0]["img_shape"], first[1][0]["flip"]) == metas[4]
+    assert (first.targets[0]["img_shape"], first.targets[0]["flip"]) == metas[4]
     # Persistent workers never see set_epoch on the dataset; the epoch travels with the indices.
     loader = torch.utils.data.DataLoader(ds, batch_sampler=batches, collate_fn=collate, num_workers=2, persistent_workers=True)
     for epoch in (2, 5):

@@ -18,7 +18,7 @@ from conftest import TinyBackbone
 from libra.boxes import box_iou
 from libra.detectors import FasterRCNN
 from libra.presets import build_model
-from libra.structures import Proposals
+from libra.structures import Batch, Proposals
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -176,7 +176,7 @@ def test_eval_output_format_rescaling_and_proposals():
         assert (proposal_scores[:-1] >= proposal_scores[1:]).all()
         assert (proposals[:, 2] > proposals[:, 0]).all() and (proposals[:, 3] > proposals[:, 1]).all()
         assert (proposals[:, 2] <= w0 + 1e-3).all() and (proposals[:, 3] <= h0 + 1e-3).all()
-    recall_outputs = model.predict_proposals(images, sizes, originals)
+    recall_outputs = model.predict_proposals(Batch(images, sizes, originals))
     torch.testing.assert_close(recall_outputs[0]["proposals"], outputs[0]["proposals"])
 
 

@@ -193,9 +193,12 @@ class _ToyDetector(torch.nn.Module):
         self.calls = 0
         self.nan_at = nan_at
 
-    def forward(self, images, image_sizes, targets):
+    def forward(self, batch, mode="loss"):
+        return self.loss(batch)
+
+    def loss(self, batch):
         self.calls += 1
-        loss_cls = self.weight * images.mean()
+        loss_cls = self.weight * batch.images.mean()
         if self.calls == self.nan_at:
             loss_cls = loss_cls * float("nan")
         return {"loss_cls": loss_cls, "loss_bbox": self.weight * 0.5, "acc": torch.tensor(50.0)}
@@ -204,12 +207,13 @@ class _ToyDetector(torch.nn.Module):
 def _toy_trainer(tmp_path, nan_at: int, epochs: int = 2):
     from libra.engine.distributed import DistributedContext
     from libra.engine.trainer import TrainConfig, Trainer
+    from libra.structures import Batch
 
     model = _ToyDetector(nan_at)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = WarmupMultiStepLR(optimizer, step_epochs=[1], warmup_iters=0)
     scaler = torch.amp.GradScaler("cuda", enabled=False)
-    batch = (torch.ones(1, 3, 4, 4), [{"img_shape": (4, 4)}])
+    batch = Batch(torch.ones(1, 3, 4, 4), [(4, 4)], targets=[{"img_shape": (4, 4)}])
     config = TrainConfig(num_epochs=epochs, max_iters=100, iters_per_epoch=3, log_interval=1, work_dir=tmp_path,
                          model_name="toy", num_classes=1)
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))

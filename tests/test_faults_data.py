@@ -470,7 +470,7 @@ def test_set_overrides_are_checked_against_the_preset():
         "fpn_channels=true": "expected an integer",
         "fpn_channels=0": "expected an integer >= 1",
         "fc_channels=-2": "expected an integer >= 1",
-        "score_thr=high": "expected a number",
+        "score_thr=high": "expected a finite number",
         "score_thr=NaN": "finite",
         "box_loss=3": "expected one of",
         "neck=bfp2": "expected one of",

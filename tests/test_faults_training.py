@@ -123,7 +123,7 @@ def test_resume_with_another_optimizer_is_refused_naming_both(sgd_run, data_root
     # Another detector switch (same weights layout, another loss).
     result = run_script("train.py", *TINY, *data_args(data_root), "--optimizer", "sgd", "--lr", "0.01",
                         "--box-loss", "smooth_l1", "--epochs", "2", "--resume", "--work-dir", str(sgd_run))
-    assert_clean_error(result, 1, "box_loss=(preset default) (this run: box_loss=smooth_l1)")
+    assert_clean_error(result, 1, "box_loss=balanced_l1 (this run: box_loss=smooth_l1)")
     assert snapshot(sgd_run) == before  # refused before anything was written
 
 
@@ -133,6 +133,7 @@ def test_optimizer_state_of_another_kind_is_refused_without_recorded_args(tmp_pa
     from libra.engine.distributed import DistributedContext
     from libra.engine.lr_schedule import WarmupMultiStepLR
     from libra.engine.trainer import TrainConfig, Trainer
+    from libra.structures import Batch
 
     def trainer_with(optimizer_class):
         model = torch.nn.Linear(2, 2)
@@ -368,8 +369,11 @@ class _NaNInside(torch.nn.Module):
         self.rpn = torch.nn.Identity()
         self.error, self.make_nan = error, make_nan
 
-    def forward(self, images, image_sizes, targets):
-        boxes = self.rpn(images * (float("inf") if self.make_nan else 1.0) * 0.0 + self.weight)
+    def forward(self, batch, mode="loss"):
+        return self.loss(batch)
+
+    def loss(self, batch):
+        boxes = self.rpn(batch.images * (float("inf") if self.make_nan else 1.0) * 0.0 + self.weight)
         if self.error is not None:
             raise self.error
         return {"loss_cls": self.weight * boxes.mean()}
@@ -379,10 +383,11 @@ def _toy_run(tmp_path, model):
     from libra.engine.distributed import DistributedContext
     from libra.engine.lr_schedule import WarmupMultiStepLR
     from libra.engine.trainer import TrainConfig, Trainer
+    from libra.structures import Batch
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = WarmupMultiStepLR(optimizer, step_epochs=[1], warmup_iters=0)
-    batch = (torch.ones(1, 3, 4, 4), [{"img_shape": (4, 4)}])
+    batch = Batch(torch.ones(1, 3, 4, 4), [(4, 4)], targets=[{"img_shape": (4, 4)}])
     config = TrainConfig(num_epochs=1, max_iters=10, iters_per_epoch=2, work_dir=tmp_path, model_name="toy")
     ctx = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
     trainer = Trainer(model, optimizer, scheduler, torch.amp.GradScaler("cuda", enabled=False),

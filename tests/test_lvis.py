@@ -54,13 +54,13 @@ def test_lvis_recipe_is_the_papers():
     assert args.repeat_factor_sampling is True and args.repeat_threshold == 0.001
     assert args.multi_scale is True and args.multi_scale_range == (640, 800) and args.multi_scale_step == 32
     assert args.min_size == 800 and args.max_size == 1333 and args.epochs == 12 and args.lr_steps == (8, 11)
-    assert args.overrides["score_thr"] == 0.001 and args.overrides["max_per_img"] == 300
+    assert args.model_config["score_thr"] == 0.001 and args.model_config["max_per_img"] == 300
     # A COCO preset on LVIS gets the same test settings; flags turn the defaults off.
     args = train.resolve_args(train.build_parser().parse_args(
         ["--dataset", "lvis", "--data-root", "/x", "--model", "faster_rcnn_r50_fpn", "--no-repeat-factor-sampling",
          "--no-multi-scale"]
     ))
-    assert args.overrides["score_thr"] == 0.001 and args.overrides["max_per_img"] == 300
+    assert args.model_config["score_thr"] == 0.001 and args.model_config["max_per_img"] == 300
     assert args.repeat_factor_sampling is False and args.multi_scale_range is None
     coco = train.resolve_args(train.build_parser().parse_args(["--dataset", "coco", "--data-root", "/x"]))
     assert coco.repeat_factor_sampling is False and coco.multi_scale is False
@@ -96,7 +96,8 @@ def test_lvis_presets_are_table_9s_models():
     model = tiny("libra_mask_rcnn_r50_fpn_lvis", 1203)
     assert model.roi_head.box_head.fc_cls.weight.shape[0] == 1204
     assert model.roi_head.mask_head.conv_logits.weight.shape[0] == 1203
-    assert model.roi_head.pos_sampler == "class_balanced" and model.roi_head.neg_sampler == "iou_balanced"
+    assert type(model.roi_head.pos_sampler).__name__ == "ClassBalancedPosSampler"
+    assert type(model.roi_head.neg_sampler).__name__ == "IoUBalancedNegSampler"
     assert model.roi_head.score_thr == 0.001 and model.roi_head.max_per_img == 300
     with pytest.raises(ValueError, match="bcr_s"):
         preset_config("libra_mask_rcnn_r50_fpn_lvis_bcr", bcr_s=1)
@@ -294,7 +295,7 @@ def test_lvis_presets_train_and_evaluate_on_real_mini(preset, lvis_root, tmp_pat
         assert {f"{prefix}{name}" for name in ("AP", "AP50", "AP75", "APr", "APc", "APf")} <= set(metrics)
         assert all(-1.0 <= metrics[f"{prefix}{name}"] <= 1.0 for name in ("AP", "APr", "APc", "APf"))
     config = json.loads((work / "config.json").read_text())
-    assert config["repeat_factor_sampling"] is True and config["overrides"]["score_thr"] == 0.001
+    assert config["repeat_factor_sampling"] is True and config["model_config"]["score_thr"] == 0.001
     if preset.endswith("_bcr"):
         counts = json.loads((work / "class_image_counts.json").read_text())
         assert counts["num_classes"] == 1203 and sum(counts["counts"]) == 6  # 2 persons, bus, car, ... in 3 images

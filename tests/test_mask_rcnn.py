@@ -38,6 +38,11 @@ needs_real_mini = pytest.mark.skipif(not REAL_MINI.is_dir(), reason=f"real_mini 
 NUM_CLASSES = 3
 
 
+# The sampler module class each preset name builds (libra.presets.POS_SAMPLERS / NEG_SAMPLERS).
+SAMPLER_CLASSES = {"random": "RandomSampler", "instance_balanced": "InstanceBalancedPosSampler",
+                   "class_balanced": "ClassBalancedPosSampler", "iou_balanced": "IoUBalancedNegSampler"}
+
+
 def tiny(preset: str = "libra_mask_rcnn_r50_fpn", num_classes: int = NUM_CLASSES, **overrides) -> MaskRCNN:
     settings = dict(
         backbone=TinyBackbone(),
@@ -93,9 +98,9 @@ def test_mask_presets_build_the_mask_detector_with_mmdetection_names():
         assert model.roi_head.mask_thr == 0.5 and model.roi_head.mask_size == 28
         assert model.roi_head.mask_roi_extractor.output_size == 14
     plain, libra = tiny("mask_rcnn_r50_fpn"), tiny("libra_mask_rcnn_r50_fpn")
-    assert len(plain.neck) == 1 and plain.roi_head.neg_sampler == "random"
-    assert len(libra.neck) == 2 and libra.roi_head.neg_sampler == "iou_balanced"
-    assert libra.roi_head.pos_sampler == "instance_balanced" and libra.rpn.neg_pos_ub == 5
+    assert len(plain.neck) == 1 and type(plain.roi_head.neg_sampler).__name__ == SAMPLER_CLASSES["random"]
+    assert len(libra.neck) == 2 and type(libra.roi_head.neg_sampler).__name__ == SAMPLER_CLASSES["iou_balanced"]
+    assert type(libra.roi_head.pos_sampler).__name__ == SAMPLER_CLASSES["instance_balanced"] and libra.rpn.neg_pos_ub == 5
     # Full-size mask head: mask-rcnn_r50_fpn_1x_coco's FCNMaskHead (256-channel convs, 80 classes).
     full = build_model("mask_rcnn_r50_fpn", 80, backbone=TinyBackbone(), fpn_channels=256, fc_channels=32)
     shapes = {k: tuple(v.shape) for k, v in full.state_dict().items() if k.startswith("roi_head.mask_head.")}

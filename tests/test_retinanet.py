@@ -198,13 +198,13 @@ def test_channel_layout_is_anchor_major_then_class():
     model = tiny_retinanet().eval()
     dense = model.dense_head
     captured = {}
-    original_predict = dense.predict
+    original_predict = dense.predict_by_feat
 
     def spy(anchors, cls_logits, deltas, image_sizes):
         captured["flat"] = cls_logits
         return original_predict(anchors, cls_logits, deltas, image_sizes)
 
-    dense.predict = spy
+    dense.predict_by_feat = spy
     images = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         features = model.neck(model.backbone(images))
@@ -505,9 +505,9 @@ def test_presets_build_with_mmdet_settings(name, depth, libra):
 
 
 def test_preset_keys_are_the_detectors_own():
-    with pytest.raises(ValueError, match=r"unknown override.*'rpn_batch_size'"):
+    with pytest.raises(ValueError, match=r"unknown key.*'rpn_batch_size'"):
         preset_config("libra_retinanet_r50_fpn", rpn_batch_size=64)
-    with pytest.raises(ValueError, match=r"unknown override.*'head_channels'"):
+    with pytest.raises(ValueError, match=r"unknown key.*'head_channels'"):
         preset_config("libra_faster_rcnn_r50_fpn", head_channels=64)
     with pytest.raises(ValueError, match="cannot override.*choose a preset of that detector.*libra_retinanet_r50_fpn"):
         preset_config("faster_rcnn_r50_fpn", detector="retinanet")
@@ -530,6 +530,7 @@ def test_recipes_for_retinanet():
                              ("libra_faster_rcnn_r50_fpn", "faster_rcnn"), ("faster_rcnn_r50_fpn", "faster_rcnn")]:
         preset_config(preset, **recipe("synthetic", detector)["overrides"])
     assert recipe("synthetic")["overrides"] == {
+        "backbone_norm": "bn", "frozen_stages": -1, "width_per_group": 64, "stage_blocks": (1, 1, 1, 1),
         "fpn_channels": 128, "fc_channels": 256, "roi_batch_size": 128, "rpn_pre_nms_top_n_train": 600,
         "rpn_post_nms_top_n_train": 300, "rpn_pre_nms_top_n_test": 300, "rpn_post_nms_top_n_test": 300,
     }
@@ -546,7 +547,9 @@ def test_train_script_uses_the_retinanet_schedule():
     two_stage = resolved("--model", "libra_faster_rcnn_r50_fpn", "--dataset", "coco", "--data-root", "/nonexistent")
     assert two_stage.lr == pytest.approx(0.02 * two_stage.total_batch / 16)
     synthetic = resolved("--model", "libra_retinanet_r50_fpn")
-    assert synthetic.lr == 3e-4 and synthetic.overrides == {"fpn_channels": 128, "head_channels": 128}
+    assert synthetic.lr == 3e-4
+    config = synthetic.model_config
+    assert (config["fpn_channels"], config["head_channels"], config["stage_blocks"]) == (128, 128, (1, 1, 1, 1))
 
 
 # ------------------------------------------------------------------------- no host sync on CUDA

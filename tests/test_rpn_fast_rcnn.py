@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
-
 from conftest import TinyBackbone
 from libra.boxes import box_iou
 from libra.data.base import DataError
 from libra.data.proposals import ProposalSet, load_proposals, save_proposals, top_proposals
 from libra.detectors import FastRCNN, ProposalNetwork, pad_proposals
+from libra.structures import Batch
 from libra.losses import BalancedL1Loss, L1Loss
 from libra.necks import BalancedFeaturePyramid
 from libra.presets import PRESETS, TABLE3_ABLATION, build_model, preset_config
@@ -22,6 +22,11 @@ from libra.presets import PRESETS, TABLE3_ABLATION, build_model, preset_config
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 NUM_CLASSES = 3
+
+
+# The sampler module class each preset name builds (libra.presets.POS_SAMPLERS / NEG_SAMPLERS).
+SAMPLER_CLASSES = {"random": "RandomSampler", "instance_balanced": "InstanceBalancedPosSampler",
+                   "class_balanced": "ClassBalancedPosSampler", "iou_balanced": "IoUBalancedNegSampler"}
 
 
 def tiny(preset: str, **overrides) -> torch.nn.Module:
@@ -75,10 +80,10 @@ def test_fast_rcnn_presets_have_no_rpn_and_the_libra_components():
         assert not any(key.startswith("rpn_") for key in config), name
         assert isinstance(tiny(name), FastRCNN)
     plain, libra = tiny("fast_rcnn_r50_fpn"), tiny("libra_fast_rcnn_r50_fpn")
-    assert len(plain.neck) == 1 and plain.roi_head.neg_sampler == "random" and isinstance(plain.roi_head.box_loss, L1Loss)
-    assert len(libra.neck) == 2 and libra.roi_head.neg_sampler == "iou_balanced"
-    assert libra.roi_head.pos_sampler == "instance_balanced" and isinstance(libra.roi_head.box_loss, BalancedL1Loss)
-    with pytest.raises(ValueError, match="unknown override"):
+    assert len(plain.neck) == 1 and type(plain.roi_head.neg_sampler).__name__ == SAMPLER_CLASSES["random"] and isinstance(plain.roi_head.box_loss, L1Loss)
+    assert len(libra.neck) == 2 and type(libra.roi_head.neg_sampler).__name__ == SAMPLER_CLASSES["iou_balanced"]
+    assert type(libra.roi_head.pos_sampler).__name__ == SAMPLER_CLASSES["instance_balanced"] and isinstance(libra.roi_head.box_loss, BalancedL1Loss)
+    with pytest.raises(ValueError, match="unknown key"):
         preset_config("fast_rcnn_r50_fpn", rpn_batch_size=128)
     with pytest.raises(ValueError, match="cannot override"):
         preset_config("rpn_r50_fpn", detector="faster_rcnn")
@@ -109,7 +114,7 @@ def test_proposal_network_outputs_sorted_proposals_in_original_coordinates():
     boxes = resized["proposals"]
     assert boxes[:, 0].min() >= 0 and boxes[:, 2].max() <= 128 and boxes[:, 3].max() <= 96
     torch.testing.assert_close(original["proposals"], boxes * 2)
-    torch.testing.assert_close(model.predict_proposals(images, [(96, 128)])[0]["proposals"], boxes)
+    torch.testing.assert_close(model.predict_proposals(Batch(images, [(96, 128)]))[0]["proposals"], boxes)
 
 
 def test_standalone_rpn_training_computes_no_proposals(monkeypatch):

@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from libra.samplers import (
+    ClassBalancedPosSampler,
+    InstanceBalancedPosSampler,
     IoUBalancedNegSampler,
     class_balanced_pos_sample,
     instance_balanced_pos_sample,
@@ -157,7 +159,7 @@ def test_iou_balanced_module_and_validation():
     neg_mask, max_overlaps, bin_ids = make_negatives([300, 100, 50], num_zero=10)
     sampler = IoUBalancedNegSampler(num_bins=3)
     assert "num_bins=3" in repr(sampler)
-    chosen = sampler(neg_mask, max_overlaps, 60, generator=seeded())
+    chosen = sampler(neg_mask, 60, max_overlaps=max_overlaps, generator=seeded())
     assert [int((chosen & (bin_ids == k)).sum()) for k in range(3)] == [20, 20, 20]
     with pytest.raises(ValueError, match="num_bins"):
         iou_balanced_neg_sample(neg_mask, max_overlaps, 10, num_bins=0)
@@ -269,14 +271,14 @@ def test_sample_pos_neg_libra_rcnn_setting():
     max_overlaps[:300:50] = 1.0
     max_overlaps[310:1310] = 0.0
     pos, neg = sample_pos_neg(
-        gt_inds, max_overlaps, 512, 0.25, "instance_balanced", "iou_balanced", generator=seeded(), num_bins=3
+        gt_inds, max_overlaps, 512, 0.25, InstanceBalancedPosSampler(), IoUBalancedNegSampler(num_bins=3), generator=seeded()
     )
     assert int(pos.sum()) == 128 and int(neg.sum()) == 384
     assert int((pos & (gt_inds == 2)).sum()) == 10
     assert not (neg & (max_overlaps == 0)).any()  # 1000 IoU > 0 negatives suffice
     # Same seed, same result.
     again = sample_pos_neg(
-        gt_inds, max_overlaps, 512, 0.25, "instance_balanced", "iou_balanced", generator=seeded(), num_bins=3
+        gt_inds, max_overlaps, 512, 0.25, InstanceBalancedPosSampler(), IoUBalancedNegSampler(num_bins=3), generator=seeded()
     )
     assert torch.equal(pos, again[0]) and torch.equal(neg, again[1])
 
@@ -284,15 +286,13 @@ def test_sample_pos_neg_libra_rcnn_setting():
 def test_sample_pos_neg_errors():
     gt_inds = torch.tensor([1, 0, 0])
     max_overlaps = torch.tensor([0.9, 0.1, 0.0])
-    with pytest.raises(ValueError, match="pos_sampler"):
+    with pytest.raises(ValueError, match="pos_sampler must be a sampler module"):
         sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, pos_sampler="ohem")
-    with pytest.raises(ValueError, match="neg_sampler"):
+    with pytest.raises(ValueError, match="neg_sampler must be a sampler module"):
         sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, neg_sampler="ohem")
     with pytest.raises(ValueError, match="labels"):
-        sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, pos_sampler="class_balanced")
-    with pytest.raises(ValueError, match="no options"):
-        sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, num_bins=3)
-    pos, neg = sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, "class_balanced", labels=torch.tensor([0, -1, -1]))
+        sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, pos_sampler=ClassBalancedPosSampler())
+    pos, neg = sample_pos_neg(gt_inds, max_overlaps, 2, 0.5, ClassBalancedPosSampler(), labels=torch.tensor([0, -1, -1]))
     assert pos.tolist() == [True, False, False] and int(neg.sum()) == 1
 
 
@@ -319,8 +319,8 @@ def test_samplers_and_assigner_run_without_host_sync_on_cuda():
             iou_balanced_neg_sample(result.gt_inds == 0, result.max_overlaps, 300, generator=gen),
             instance_balanced_pos_sample(result.gt_inds, 128, generator=gen),
             class_balanced_pos_sample(result.gt_inds, result.labels, 128, generator=gen),
-            *sample_pos_neg(result.gt_inds, result.max_overlaps, 512, 0.25, "instance_balanced",
-                            "iou_balanced", neg_pos_ub=5, generator=gen),
+            *sample_pos_neg(result.gt_inds, result.max_overlaps, 512, 0.25, InstanceBalancedPosSampler(),
+                            IoUBalancedNegSampler(), neg_pos_ub=5, generator=gen),
             *sample_pos_neg(result.gt_inds, result.max_overlaps, 512, 0.25, generator=None),
         ]
     finally:

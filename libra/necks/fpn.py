@@ -71,7 +71,7 @@ class FPN(nn.Module):
         start_level: index of the first backbone map used (0: C2; 1: C3, as RetinaNet).
         extra_levels: ``'max_pool'``, ``'on_input'`` or ``'on_output'`` (module docstring).
         relu_before_extra_convs: apply ReLU to the input of each extra conv after the first.
-        in_strides: stride of each backbone map (ResNet C2..C5: 4, 8, 16, 32).
+        in_strides: stride of each backbone map (None: 4, 8, 16, ... as ResNet's C2..C5).
 
     Attributes:
         strides: stride of each output level (``in_strides[start_level:]``, then x2 per extra
@@ -93,9 +93,11 @@ class FPN(nn.Module):
         start_level: int = 0,
         extra_levels: str = "max_pool",
         relu_before_extra_convs: bool = False,
-        in_strides: Sequence[int] = (4, 8, 16, 32),
+        in_strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        if in_strides is None:  # a ResNet's: C2, C3, ... at 4, 8, ...
+            in_strides = [4 * 2**i for i in range(len(in_channels))]
         if len(in_strides) != len(in_channels):
             raise ValueError(f"got {len(in_strides)} in_strides {tuple(in_strides)} for {len(in_channels)} input maps")
         if not 0 <= start_level < len(in_channels):

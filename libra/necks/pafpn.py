@@ -49,7 +49,7 @@ class PAFPN(FPN):
         in_channels: Sequence[int] = (256, 512, 1024, 2048),
         out_channels: int = 256,
         num_outs: int = 5,
-        in_strides: Sequence[int] = (4, 8, 16, 32),
+        in_strides: Sequence[int] | None = None,
     ) -> None:
         super().__init__(in_channels, out_channels, num_outs, in_strides=in_strides)
         num_inputs = len(self.in_channels)

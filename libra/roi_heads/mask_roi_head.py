@@ -95,8 +95,11 @@ class MaskRoIHead(RoIHead):
     # ------------------------------------------------------------------ training
     @torch.no_grad()
     def sample(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
-        """:meth:`RoIHead.sample`, carrying each image's gt masks (``target["masks"]`` [G_i, H, W])."""
+        """:meth:`RoIHead.sample`, carrying each image's gt masks (``target["masks"]`` [G_i, H, W];
+        without them the samples serve the box branch only)."""
         samples = super().sample(proposals, targets)
+        if not all("masks" in t for t in targets):
+            return samples
         device = samples.rois.device
         return replace(samples, gt_masks=[t["masks"].to(device, non_blocking=True) for t in targets])
 
