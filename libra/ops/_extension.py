@@ -36,3 +36,39 @@ def use_extension(stacklevel: int = 4) -> bool:
             stacklevel=stacklevel,
         )
     return EXTENSION_AVAILABLE
+
+
+_warned_stale: set[str] = set()
+
+
+def has_op(name: str) -> bool:
+    """True when the loaded ``libra._C`` registers ``libra::<name>``.
+
+    An extension built from an older checkout loads but lacks the newer ops (e.g.
+    ``deform_conv2d``); their wrappers then fall back to the reference instead of failing.
+    """
+    if not EXTENSION_AVAILABLE:
+        return False
+    try:
+        torch._C._dispatch_find_schema_or_throw(f"libra::{name}", "")
+    except RuntimeError:
+        return False
+    return True
+
+
+def use_extension_op(name: str, stacklevel: int = 4) -> bool:
+    """Like :func:`use_extension` for one op: also False (with one warning per op) when the
+    built ``libra._C`` predates ``libra::<name>``."""
+    if not use_extension(stacklevel + 1):
+        return False
+    if has_op(name):
+        return True
+    if name not in _warned_stale:
+        _warned_stale.add(name)
+        warnings.warn(
+            f"libra._C has no libra::{name} (it was built from an older checkout); libra.ops uses the slower "
+            "pure-PyTorch reference for it. Rebuild with `pip install --no-build-isolation -e .`.",
+            RuntimeWarning,
+            stacklevel=stacklevel,
+        )
+    return False
