@@ -14,6 +14,9 @@
 // over the 4 integer neighbours q of p; pixels outside the image are zero, so a
 // point with y <= -1, y >= H, x <= -1 or x >= W reads nothing. This is the
 // convention of torchvision.ops.deform_conv2d and mmcv's (modulated_)deform_conv2d.
+// Derivatives with respect to the position are one-sided from the right (floor()
+// picks the corners), as in torchvision; so at y = -1 exactly (zero offsets with
+// padding 1 land there) the value is 0 but dv/dy = v(row 0), where mmcv gives 0.
 //
 // Layouts (torchvision's and MMDetection's): for output position (ho, wo), kernel
 // point k = i * kernel_w + j and offset group g,
@@ -45,8 +48,10 @@ template <typename T>
 C10_HOST_DEVICE inline DeformSample<T> deform_sample(T y, T x, int64_t height, int64_t width, T mask) {
   DeformSample<T> s;
   s.mask = mask;
-  // Written as a negated conjunction so that NaN (every comparison false) is outside.
-  if (!(y > T(-1) && y < static_cast<T>(height) && x > T(-1) && x < static_cast<T>(width))) {
+  // Outside [-1, H) x [-1, W) no corner is inside the plane (y = -1 itself reads 0 but
+  // has the right derivative of the ramp up to row 0). Written as a negated conjunction
+  // so that NaN (every comparison false) is outside.
+  if (!(y >= T(-1) && y < static_cast<T>(height) && x >= T(-1) && x < static_cast<T>(width))) {
     for (int j = 0; j < 4; ++j) {
       s.offset[j] = 0;
       s.inside[j] = T(0);
@@ -55,7 +60,7 @@ C10_HOST_DEVICE inline DeformSample<T> deform_sample(T y, T x, int64_t height, i
     s.ly = s.lx = T(0);
     return s;
   }
-  // floor() for y in (-1, H): truncation rounds (-1, 0) up to 0, so those give -1.
+  // floor() for y in [-1, H): truncation rounds (-1, 0) up to 0, so those give -1.
   const int64_t y0 = y < T(0) ? -1 : static_cast<int64_t>(y);
   const int64_t x0 = x < T(0) ? -1 : static_cast<int64_t>(x);
   const int64_t y1 = y0 + 1, x1 = x0 + 1;

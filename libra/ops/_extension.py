@@ -41,19 +41,27 @@ def use_extension(stacklevel: int = 4) -> bool:
 _warned_stale: set[str] = set()
 
 
-def has_op(name: str) -> bool:
-    """True when the loaded ``libra._C`` registers ``libra::<name>``.
+def _registered_ops(names: tuple[str, ...]) -> frozenset[str]:
+    found = set()
+    for name in names:
+        try:
+            torch._C._dispatch_find_schema_or_throw(f"libra::{name}", "")
+        except RuntimeError:
+            continue
+        found.add(name)
+    return frozenset(found)
 
-    An extension built from an older checkout loads but lacks the newer ops (e.g.
-    ``deform_conv2d``); their wrappers then fall back to the reference instead of failing.
-    """
-    if not EXTENSION_AVAILABLE:
-        return False
-    try:
-        torch._C._dispatch_find_schema_or_throw(f"libra::{name}", "")
-    except RuntimeError:
-        return False
-    return True
+
+# The ops the Python side knows, and those the loaded libra._C registers: an extension built
+# from an older checkout loads but lacks the newer ops (e.g. deform_conv2d). Looked up once
+# here, so that the check costs nothing per call and traces under torch.compile.
+KNOWN_OPS = ("roi_align", "_roi_align_backward", "nms", "batched_nms", "deform_conv2d", "_deform_conv2d_backward")
+REGISTERED_OPS = _registered_ops(KNOWN_OPS) if EXTENSION_AVAILABLE else frozenset()
+
+
+def has_op(name: str) -> bool:
+    """True when the loaded ``libra._C`` registers ``libra::<name>`` (one of ``KNOWN_OPS``)."""
+    return name in REGISTERED_OPS
 
 
 def use_extension_op(name: str, stacklevel: int = 4) -> bool:

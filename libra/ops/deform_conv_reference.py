@@ -20,7 +20,8 @@ and kernel point ``(i, j)`` lies at
     y = ho * stride_h - pad_h + i * dilation_h + dy,    x = wo * stride_w - pad_w + j * dilation_w + dx.
 
 Gradients come from autograd through ``floor`` (which has none) and the bilinear weights, so at
-integer positions they are the right-sided derivatives, as in the compiled kernels.
+integer positions they are the right-sided derivatives, as in the compiled kernels and torchvision
+(at ``y = -1`` exactly the value is 0 but the derivative is that of the ramp up to row 0).
 
 This module gathers all ``C * kh * kw * Ho * Wo`` samples at once (several times that memory),
 so it is meant for tests and as a fallback; the compiled kernels in ``csrc/`` are the fast path.
@@ -80,23 +81,24 @@ def deform_conv2d_reference(
     y = grid_y + off[:, :, :, 0]
     x = grid_x + off[:, :, :, 1]
 
-    inside = (y > -1) & (y < height) & (x > -1) & (x < width)
+    inside = (y >= -1) & (y < height) & (x >= -1) & (x < width)
     y0, x0 = torch.floor(y).detach(), torch.floor(x).detach()
     ly, lx = y - y0, x - x0
 
     # Every channel of an offset group reads the same positions: gather from [B, og, C/og, H*W].
+    samples = kernel_points * out_h * out_w
     planes = input.reshape(batch, offset_groups, channels // offset_groups, height * width)
-    value = input.new_zeros(batch, offset_groups, channels // offset_groups, kernel_points * out_h * out_w)
+    value = input.new_zeros(batch, offset_groups, channels // offset_groups, samples)
     for dy, dx, corner_weight in ((0, 0, (1 - ly) * (1 - lx)), (0, 1, (1 - ly) * lx), (1, 0, ly * (1 - lx)), (1, 1, ly * lx)):
         cy, cx = y0 + dy, x0 + dx
         valid = inside & (cy >= 0) & (cy <= height - 1) & (cx >= 0) & (cx <= width - 1)
         index = torch.where(valid, cy * width + cx, torch.zeros_like(cy)).long()
-        index = index.reshape(batch, offset_groups, 1, -1).expand(-1, -1, channels // offset_groups, -1)
+        index = index.reshape(batch, offset_groups, 1, samples).expand(-1, -1, channels // offset_groups, -1)
         pixels = torch.gather(planes, 3, index)
         factor = torch.where(valid, corner_weight, torch.zeros_like(corner_weight))
-        value = value + factor.reshape(batch, offset_groups, 1, -1) * pixels
+        value = value + factor.reshape(batch, offset_groups, 1, samples) * pixels
     if mask is not None:
-        value = value * mask.reshape(batch, offset_groups, 1, -1)
+        value = value * mask.reshape(batch, offset_groups, 1, samples)
 
     # columns [B, groups, C/groups * K, Ho*Wo] (row c * K + k), then a matmul per group.
     columns = value.reshape(batch, groups, channels_per_group * kernel_points, out_h * out_w)
