@@ -28,6 +28,7 @@
 #include <torch/library.h>
 
 #include <tuple>
+#include <vector>
 
 namespace libra {
 

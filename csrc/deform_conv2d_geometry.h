@@ -40,6 +40,8 @@ struct DeformSample {
   T ly, lx;     // fractional parts y - y0, x - x0 (both 0 for a point that reads nothing)
   T mask;       // modulation scalar dm_k (1 for DCN v1)
   // mask * G(corner, p) for an inside corner, 0 outside: the value is sum_j weight[j] * x[offset[j]].
+  // (Branch-free: an outside corner reads pixel 0 with weight 0, so a NaN / inf in pixel 0
+  // of a plane reaches the samples that have an outside corner; finite inputs are exact.)
   T weight[4];
 };
 

@@ -193,6 +193,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> deform_co
     const at::Tensor& mask, const at::Tensor& bias, int64_t stride_h, int64_t stride_w, int64_t pad_h, int64_t pad_w,
     int64_t dilation_h, int64_t dilation_w, int64_t groups, int64_t offset_groups, bool use_mask) {
   TORCH_CHECK(input.is_cuda() && grad.is_cuda(), "deform_conv2d_backward_cuda: grad and input must be CUDA tensors");
+  // The input gradient is summed with atomics, in an order that varies from run to run.
+  at::globalContext().alertNotDeterministic("libra::_deform_conv2d_backward (CUDA)");
   c10::cuda::CUDAGuard device_guard(input.device());
   return deform_conv2d_backward<CudaKernels>(grad, input, weight, offset, mask, bias, stride_h, stride_w, pad_h, pad_w,
                                              dilation_h, dilation_w, groups, offset_groups, use_mask);
