@@ -141,9 +141,10 @@ def deform_conv2d(
     params = (stride_h, stride_w, pad_h, pad_w, dil_h, dil_w, groups, offset_groups)
     device_type = input.device.type
     if torch.is_autocast_enabled(device_type) and input.dtype != torch.float64:
+        bias32 = None if bias is None else bias.float()
+        mask32 = None if mask is None else mask.float()
         with torch.autocast(device_type, enabled=False):
-            to32 = (lambda t: None if t is None else t.float())
-            output = _deform_conv2d(input.float(), offset.float(), weight.float(), to32(bias), to32(mask), params)
+            output = _deform_conv2d(input.float(), offset.float(), weight.float(), bias32, mask32, params)
         return output.to(input.dtype)
     return _deform_conv2d(input, offset, weight, bias, mask, params)
 
