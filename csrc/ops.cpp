@@ -19,6 +19,23 @@ TORCH_LIBRARY(libra, m) {
   // Class-aware NMS: only boxes with equal idxs (integer) suppress each other; exactly
   // nms on each group separately, merged by decreasing score.
   m.def("batched_nms(Tensor dets, Tensor scores, Tensor idxs, float iou_threshold) -> Tensor");
+  // Deformable convolution, DCN v1 (Dai et al. 2017) and with use_mask the modulated
+  // DCN v2 (Zhu et al. 2019); torchvision's argument order and tensor layouts:
+  //   input  [B, C, H, W]          weight [C_out, C / groups, kh, kw]      bias [C_out]
+  //   offset [B, 2 * offset_groups * kh * kw, Ho, Wo], a (dy, dx) pair per kernel point
+  //   mask   [B, offset_groups * kh * kw, Ho, Wo]; ignored (any tensor, e.g. empty) when !use_mask
+  // Sample of output (ho, wo), kernel point (i, j): y = ho * stride_h - pad_h + i * dilation_h + dy,
+  // x likewise, bilinear with zeros outside the image (csrc/deform_conv2d_geometry.h).
+  m.def(
+      "deform_conv2d(Tensor input, Tensor weight, Tensor offset, Tensor mask, Tensor bias, "
+      "int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "int groups, int offset_groups, bool use_mask) -> Tensor");
+  // Returns (grad_input, grad_weight, grad_offset, grad_mask, grad_bias); grad_mask is zeros
+  // shaped like mask when !use_mask.
+  m.def(
+      "_deform_conv2d_backward(Tensor grad, Tensor input, Tensor weight, Tensor offset, Tensor mask, "
+      "Tensor bias, int stride_h, int stride_w, int pad_h, int pad_w, int dilation_h, int dilation_w, "
+      "int groups, int offset_groups, bool use_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // `import libra._C` loads this shared library, which runs the registrations

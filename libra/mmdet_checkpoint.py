@@ -26,6 +26,7 @@ MMDetection key -> this project's key (rules applied in this order):
 MMDetection v2/v3 released checkpoint                           this project
 ==============================================================  ==============================================
 ``backbone.*`` (torchvision ResNet names)                       ``backbone.*`` (unchanged)
+``backbone.layerX.Y.conv2.conv_offset.*`` (DCN, ``dconv-c3-c5``)  ``backbone.layerX.Y.conv2.conv_offset.*`` (unchanged)
 single neck: ``neck.X``                                         ``neck.0.X``
 list of necks: ``neck.{0,1}.X``                                 ``neck.{0,1}.X``
 ``neck.0.{lateral,fpn}_convs.{i}.conv.{weight,bias}``           ``neck.0.{lateral,fpn}_convs.{i}.{weight,bias}``
@@ -273,6 +274,7 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
                 f" The checkpoint holds a {checkpoint_detector} detector, the model is a {model_detector}: "
                 f"build it with a {checkpoint_detector} preset ({_DETECTOR_PRESETS[checkpoint_detector]})."
             )
+        hint += _dcn_hint(converted, expected)
         checkpoint_layout, model_layout = _layout(converted), _layout(expected)
         differ = {k: v for k, v in checkpoint_layout.items() if model_layout.get(k, v) != v}
         if differ:
@@ -291,6 +293,31 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             to_load[key] = expected[key]
     model.load_state_dict(to_load, strict=True)
     return model
+
+
+_DCN_OFFSET_KEY = re.compile(r"^backbone\.layer([1-4])\.\d+\.conv2\.conv_offset\.weight$")
+
+
+def _dcn_hint(converted: Mapping[str, Tensor], expected: Mapping[str, Tensor]) -> str:
+    """A hint when the checkpoint's backbone and the model's differ in their deformable convs
+    (``conv2.conv_offset.*``, MMDetection's DCN configs): which stages and which dcn type."""
+
+    def stages(keys) -> list[int]:
+        return sorted({int(m.group(1)) for key in keys if (m := _DCN_OFFSET_KEY.match(key))})
+
+    in_checkpoint, in_model = stages(converted), stages(expected)
+    if in_checkpoint == in_model:
+        return ""
+    if not in_checkpoint:
+        return (f" The model's backbone has deformable convs in layer{in_model} but the checkpoint's has none: "
+                "build the model without dcn.")
+    channels = next(v.shape[0] for k, v in converted.items() if _DCN_OFFSET_KEY.match(k))
+    # conv_offset predicts 2 (DCN) or 3 (DCNv2: offsets and mask) values per kernel point (3x3) and offset group.
+    kinds = [f"{{'type': '{name}', 'deform_groups': {channels // per}}}" for name, per in (("DCN", 18), ("DCNv2", 27))
+             if channels % per == 0]
+    flags = tuple(stage in in_checkpoint for stage in (1, 2, 3, 4))
+    return (f" The checkpoint's backbone has deformable convs in layer{in_checkpoint} (conv_offset with {channels} "
+            f"channels): build the model with dcn={' or '.join(kinds) or '?'}, stage_with_dcn={flags}.")
 
 
 def _overrides(layout: Mapping[str, str]) -> str:

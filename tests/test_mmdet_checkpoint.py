@@ -545,3 +545,67 @@ def test_eval_guesses_rpn_and_fast_rcnn_checkpoints(preset):
     model = build_model(preset, 3, stage_blocks=None)
     state = {to_mmdet_key(k, single_neck="neck.1.refine.g.weight" not in model.state_dict()): v for k, v in model.state_dict().items()}
     assert eval_script.guess_mmdet_preset(state) == preset
+
+
+# ------------------------------------------------------------------ DCN backbones (configs/dcn/*dconv-c3-c5*)
+class BackboneOnly(nn.Module):
+    """The ``backbone.*`` part of a detector: enough for the DCN backbone's keys."""
+
+    def __init__(self, backbone: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+
+
+def dcn_backbone(dcn_type: str) -> nn.Module:
+    from libra.backbone import build_resnet
+
+    dcn = {"type": dcn_type, "deform_groups": 1, "fallback_on_stride": False}
+    return BackboneOnly(build_resnet("resnet50", stage_blocks=(1, 1, 1, 1), dcn=dcn, stage_with_dcn=(False, True, True, True)))
+
+
+@pytest.mark.parametrize("dcn_type, offset_channels", [("DCN", 2 * 9), ("DCNv2", 3 * 9)])
+def test_dcn_backbone_checkpoint_imports(dcn_type, offset_channels):
+    """faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco (mmcv DeformConv2dPack) and its DCNv2 variant
+    (ModulatedDeformConv2dPack, bias=False in the Bottleneck): the 3x3 conv2 of C3-C5 keeps
+    ``conv2.weight`` and adds ``conv2.conv_offset.{weight,bias}``."""
+    model = dcn_backbone(dcn_type)
+    state = fake_mmdet(model, single_neck=True)
+    expected = {  # MMDetection's names and shapes, written out here
+        "backbone.layer1.0.conv2.weight": (64, 64, 3, 3),
+        "backbone.layer2.0.conv2.weight": (128, 128, 3, 3),
+        "backbone.layer2.0.conv2.conv_offset.weight": (offset_channels, 128, 3, 3),
+        "backbone.layer2.0.conv2.conv_offset.bias": (offset_channels,),
+        "backbone.layer3.0.conv2.conv_offset.weight": (offset_channels, 256, 3, 3),
+        "backbone.layer4.0.conv2.conv_offset.weight": (offset_channels, 512, 3, 3),
+        "backbone.layer4.0.conv2.conv_offset.bias": (offset_channels,),
+    }
+    for key, shape in expected.items():
+        assert tuple(state[key].shape) == shape, key
+    for key in ("backbone.layer1.0.conv2.conv_offset.weight", "backbone.layer2.0.conv2.bias",
+                "backbone.layer2.0.conv2.conv.weight", "backbone.layer3.0.conv2.conv_offset.conv.weight"):
+        assert key not in state, key
+    assert convert_mmdet_state_dict(state).keys() == state.keys()  # backbone keys pass through unchanged
+    fresh = dcn_backbone(dcn_type)
+    assert load_mmdet_checkpoint(fresh, {"state_dict": state}) is fresh
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    assert fresh.backbone.layer3[0].conv2.conv_offset.weight.abs().sum() > 0
+    with torch.no_grad():
+        outputs = fresh.eval().backbone(torch.randn(1, 3, 64, 64))
+    assert all(torch.isfinite(o).all() for o in outputs)
+
+
+def test_dcn_checkpoint_into_a_plain_backbone_names_the_offset_convs():
+    state = fake_mmdet(dcn_backbone("DCN"), single_neck=True)
+    from libra.backbone import build_resnet
+
+    plain = BackboneOnly(build_resnet("resnet50", stage_blocks=(1, 1, 1, 1)))
+    with pytest.raises(ValueError, match=r"not in the model \(6\): backbone\.layer2\.0\.conv2\.conv_offset\.bias") as info:
+        load_mmdet_checkpoint(plain, state)
+    assert ("deformable convs in layer[2, 3, 4] (conv_offset with 18 channels): build the model with "
+            "dcn={'type': 'DCN', 'deform_groups': 1}, stage_with_dcn=(False, True, True, True)") in str(info.value)
+    state_v2 = fake_mmdet(dcn_backbone("DCNv2"), single_neck=True)
+    with pytest.raises(ValueError, match=r"dcn=\{'type': 'DCNv2', 'deform_groups': 1\}"):
+        load_mmdet_checkpoint(plain, state_v2)
+    with pytest.raises(ValueError, match="the checkpoint's has none: build the model without dcn"):
+        load_mmdet_checkpoint(dcn_backbone("DCN"), fake_mmdet(plain, single_neck=True))

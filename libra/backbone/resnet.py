@@ -6,6 +6,11 @@ What this file provides
   not on the first 1x1 conv), returning the four stage outputs ``[C2, C3, C4, C5]``
   (strides 4, 8, 16, 32; channels 256, 512, 1024, 2048). With ``groups > 1`` it is ResNeXt.
 - Factories ``resnet50()``, ``resnet101()``, ``resnext101_64x4d()`` and ``build_resnet(name)``.
+- Deformable convolutions (``dcn``, ``stage_with_dcn``) as in MMDetection's DCN configs, e.g.
+  ``configs/dcn/faster-rcnn_r50-dconv-c3-c5_fpn_1x_coco.py``: ``dcn=dict(type='DCN', deform_groups=1,
+  fallback_on_stride=False), stage_with_dcn=(False, True, True, True)`` makes the 3x3 conv2 of every
+  bottleneck of C3-C5 a ``DeformConv2dPack`` (DCN v1, Dai et al. 2017; ``'DCNv2'``: the modulated
+  ``ModulatedDeformConv2dPack`` of Zhu et al. 2019) with the plain conv's stride, padding and groups.
 - ``load_pretrained(backbone, path)``: loads a torchvision-format ImageNet checkpoint.
 
 Training conventions (MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`, `model.backbone`:
@@ -19,9 +24,11 @@ Training conventions (MMDetection `configs/_base_/models/faster-rcnn_r50_fpn.py`
 Parameter and buffer names equal torchvision's ``resnet50()`` (minus ``fc``), e.g.
 ``conv1.weight``, ``bn1.running_mean``, ``layer2.0.conv2.weight``, ``layer2.0.downsample.0.weight``,
 ``layer2.0.downsample.1.weight``, so ImageNet weights and the ``backbone.*`` part of an
-MMDetection checkpoint load without renaming.
+MMDetection checkpoint load without renaming. A DCN conv2 keeps ``layerX.Y.conv2.weight`` and adds
+mmcv's ``layerX.Y.conv2.conv_offset.weight`` / ``.bias`` (its offset predictor), the names of an
+MMDetection DCN checkpoint.
 
-Depends on torch only (``FrozenBatchNorm2d`` lives beside this file).
+Depends on torch and ``libra.ops`` (``FrozenBatchNorm2d`` lives beside this file).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from libra.ops.deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
+
 from .frozen_batch_norm import FrozenBatchNorm2d
 
 # Blocks per stage (layer1..layer4) for each supported depth.
@@ -40,6 +49,42 @@ _STAGE_BLOCKS: dict[int, tuple[int, int, int, int]] = {
     101: (3, 4, 23, 3),
     152: (3, 8, 36, 3),
 }
+
+
+# MMDetection's dcn types (mmcv's registry: 'DCN' -> DeformConv2dPack, 'DCNv2' -> ModulatedDeformConv2dPack).
+_DCN_TYPES: dict[str, type[DeformConv2d]] = {"DCN": DeformConv2dPack, "DCNv2": ModulatedDeformConv2dPack}
+_DCN_KEYS = ("type", "deform_groups", "fallback_on_stride")
+# stage_with_dcn when dcn is given without it: MMDetection's DCN configs use C3-C5.
+DEFAULT_STAGE_WITH_DCN = (False, True, True, True)
+
+
+def check_dcn(dcn: Mapping | None) -> dict | None:
+    """Validate an MMDetection-style ``dcn`` dict; returns it with defaults filled in (or None).
+
+    ``{"type": "DCN" | "DCNv2", "deform_groups": int >= 1 (default 1), "fallback_on_stride": bool
+    (default False)}``; any other key is an error.
+    """
+    if dcn is None:
+        return None
+    if not isinstance(dcn, Mapping):
+        raise ValueError(
+            "dcn must be None or a dict like {'type': 'DCN', 'deform_groups': 1, 'fallback_on_stride': False}, "
+            f"got {dcn!r}"
+        )
+    unknown = sorted(set(dcn) - set(_DCN_KEYS))
+    if unknown:
+        raise ValueError(f"dcn has unknown keys {unknown}; allowed: {list(_DCN_KEYS)}")
+    if dcn.get("type") not in _DCN_TYPES:
+        raise ValueError(
+            f"dcn['type'] must be one of {sorted(_DCN_TYPES)} (DCN v1 / modulated DCN v2), got {dcn.get('type')!r}"
+        )
+    deform_groups = dcn.get("deform_groups", 1)
+    if isinstance(deform_groups, bool) or not isinstance(deform_groups, int) or deform_groups < 1:
+        raise ValueError(f"dcn['deform_groups'] must be a positive int, got {deform_groups!r}")
+    fallback_on_stride = dcn.get("fallback_on_stride", False)
+    if not isinstance(fallback_on_stride, bool):
+        raise ValueError(f"dcn['fallback_on_stride'] must be a bool, got {fallback_on_stride!r}")
+    return {"type": dcn["type"], "deform_groups": deform_groups, "fallback_on_stride": fallback_on_stride}
 
 
 def _make_norm(num_features: int, norm_eval: bool) -> nn.Module:
@@ -56,6 +101,13 @@ class Bottleneck(nn.Module):
     ``planes`` for ResNet (groups 1, width 64) and e.g. ``4 * 64 = 256`` for the first stage of
     ResNeXt-101 64x4d. The block outputs ``planes * 4`` channels.
 
+    ``dcn`` (a dict checked by :func:`check_dcn`) makes the 3x3 conv deformable, with the same
+    stride, padding, dilation and groups: ``'DCN'`` a ``DeformConv2dPack``, ``'DCNv2'`` a
+    ``ModulatedDeformConv2dPack``, both without bias and with ``deform_groups`` offset groups.
+    ``fallback_on_stride=True`` keeps the plain conv: MMDetection's Bottleneck tests
+    ``if not with_dcn or fallback_on_stride`` and so, despite the name, falls back in EVERY block
+    (strided or not); the same is done here so that such a checkpoint has the same keys.
+
     Shapes: ``[B, in_channels, H, W] -> [B, 4 * planes, ceil(H / stride), ceil(W / stride)]``.
     """
 
@@ -69,16 +121,24 @@ class Bottleneck(nn.Module):
         groups: int = 1,
         width_per_group: int = 64,
         norm_eval: bool = True,
+        dcn: Mapping | None = None,
     ) -> None:
         super().__init__()
+        dcn = check_dcn(dcn)
         width = int(planes * (width_per_group / 64.0)) * groups
         out_channels = planes * self.expansion
         self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
         self.bn1 = _make_norm(width, norm_eval)
         # "pytorch" style: the stride is on the 3x3 conv (the "caffe" style puts it on conv1).
-        self.conv2 = nn.Conv2d(
-            width, width, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False
-        )
+        if dcn is not None and not dcn["fallback_on_stride"]:
+            self.conv2 = _DCN_TYPES[dcn["type"]](
+                width, width, kernel_size=3, stride=stride, padding=1, groups=groups,
+                deform_groups=dcn["deform_groups"], bias=False,
+            )
+        else:
+            self.conv2 = nn.Conv2d(
+                width, width, kernel_size=3, stride=stride, padding=1, groups=groups, bias=False
+            )
         self.bn2 = _make_norm(width, norm_eval)
         self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
         self.bn3 = _make_norm(out_channels, norm_eval)
@@ -113,6 +173,13 @@ class ResNet(nn.Module):
         stage_blocks: bottlenecks per stage; default the depth's (``(3, 4, 6, 3)`` for 50). Fewer
             blocks give a shallower network with the same widths, strides and parameter names
             (``layerK.0`` ...), e.g. ``(1, 1, 1, 1)`` for quick training from scratch.
+        dcn: None (plain convs) or MMDetection's dict ``{"type": "DCN" | "DCNv2", "deform_groups": 1,
+            "fallback_on_stride": False}``: the 3x3 conv2 of every bottleneck in the stages chosen by
+            ``stage_with_dcn`` becomes deformable (see :class:`Bottleneck`). Its ``conv_offset`` is
+            zero-initialised, so a fresh DCN v1 backbone computes what the plain one does with the
+            same weights (a fresh DCN v2 conv has mask 0.5, MMDetection's initialisation).
+        stage_with_dcn: 4 bools for layer1..layer4; default ``(False, True, True, True)`` (C3-C5,
+            MMDetection's DCN configs) when ``dcn`` is given. Needs ``dcn`` if any is True.
 
     Attributes:
         out_channels: ``[256, 512, 1024, 2048]``, channels of C2..C5.
@@ -131,6 +198,8 @@ class ResNet(nn.Module):
         frozen_stages: int = 1,
         norm_eval: bool = True,
         stage_blocks: Sequence[int] | None = None,
+        dcn: Mapping | None = None,
+        stage_with_dcn: Sequence[bool] | None = None,
     ) -> None:
         super().__init__()
         if depth not in _STAGE_BLOCKS:
@@ -146,6 +215,18 @@ class ResNet(nn.Module):
         self.width_per_group = width_per_group
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
+        self.dcn = check_dcn(dcn)
+        if stage_with_dcn is None:
+            stage_with_dcn = DEFAULT_STAGE_WITH_DCN if self.dcn is not None else (False,) * 4
+        stage_with_dcn = tuple(stage_with_dcn)
+        if len(stage_with_dcn) != 4 or not all(isinstance(flag, bool) for flag in stage_with_dcn):
+            raise ValueError(f"stage_with_dcn must be 4 bools (layer1..layer4), got {stage_with_dcn!r}")
+        if self.dcn is None and any(stage_with_dcn):
+            raise ValueError(
+                f"stage_with_dcn={stage_with_dcn} asks for deformable convs but dcn is None; "
+                "pass dcn={'type': 'DCN', 'deform_groups': 1, 'fallback_on_stride': False}"
+            )
+        self.stage_with_dcn = stage_with_dcn
 
         # Stem: 7x7/2 conv + BN + ReLU + 3x3/2 max pool -> stride 4, 64 channels.
         self.conv1 = nn.Conv2d(3, 64, kernel_size=7, stride=2, padding=3, bias=False)
@@ -172,6 +253,7 @@ class ResNet(nn.Module):
                         groups=groups,
                         width_per_group=width_per_group,
                         norm_eval=norm_eval,
+                        dcn=self.dcn if stage_with_dcn[stage_index - 1] else None,
                     )
                 )
                 in_channels = planes * Bottleneck.expansion
@@ -184,11 +266,16 @@ class ResNet(nn.Module):
     def _init_weights(self) -> None:
         # Kaiming-normal (fan_out, ReLU gain) for convs, identity BN; overwritten by load_pretrained.
         for module in self.modules():
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, (nn.Conv2d, DeformConv2d)):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             elif isinstance(module, (FrozenBatchNorm2d, nn.BatchNorm2d)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        # The offset convs of DCN layers (plain nn.Conv2d above) start at zero, as in MMDetection's
+        # ResNet.init_weights: a fresh deformable conv samples the regular grid.
+        for module in self.modules():
+            if isinstance(module, (DeformConv2dPack, ModulatedDeformConv2dPack)):
+                module.init_offset()
 
     def _frozen_modules(self) -> list[nn.Module]:
         modules: list[nn.Module] = []
@@ -254,10 +341,15 @@ def build_resnet(
     norm_eval: bool = True,
     width_per_group: int | None = None,
     stage_blocks: Sequence[int] | None = None,
+    dcn: Mapping | None = None,
+    stage_with_dcn: Sequence[bool] | None = None,
 ) -> ResNet:
     """Build a backbone by name: ``'resnet50'``, ``'resnet101'`` or ``'resnext101_64x4d'``.
 
     ``width_per_group`` and ``stage_blocks`` (see :class:`ResNet`) default to the named network's.
+    ``dcn`` / ``stage_with_dcn`` (see :class:`ResNet`) add deformable convs, e.g. the DCN
+    ResNeXt-101 64x4d of Libra R-CNN's best result: ``build_resnet("resnext101_64x4d",
+    dcn={"type": "DCN", "deform_groups": 1, "fallback_on_stride": False})`` (C3-C5 by default).
     """
     if name not in _ARCHITECTURES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(_ARCHITECTURES)}")
@@ -269,6 +361,8 @@ def build_resnet(
         frozen_stages=frozen_stages,
         norm_eval=norm_eval,
         stage_blocks=stage_blocks,
+        dcn=dcn,
+        stage_with_dcn=stage_with_dcn,
     )
 
 
@@ -282,7 +376,9 @@ def load_pretrained(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     The file may hold a plain state_dict or a dict with the state_dict under ``'state_dict'`` or
     ``'model'``; a ``'module.'`` prefix (from DataParallel) is stripped and ``fc.*`` (the ImageNet
-    classifier) is ignored. ``num_batches_tracked`` may be absent (old checkpoints). Every other key
+    classifier) is ignored. ``num_batches_tracked`` may be absent (old checkpoints), and so may the
+    ``conv_offset.*`` of a DCN backbone (ImageNet ResNets have none; they keep their zero
+    initialisation, as MMDetection does). Every other key
     must match by name and shape, otherwise a ValueError lists the missing, unexpected and
     mismatched keys. ``requires_grad`` flags (frozen stages) are not touched.
     """
@@ -308,6 +404,9 @@ def load_pretrained(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
         cleaned[key] = value
 
     expected = backbone.state_dict()
+    for key in expected:
+        if ".conv_offset." in key and key not in cleaned:  # DCN offset predictors: keep them as they are
+            cleaned[key] = expected[key]
     missing = [k for k in expected if k not in cleaned and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in cleaned if k not in expected]
     mismatched = [

@@ -1,12 +1,21 @@
-"""Detection ops: RoIAlign and NMS (compiled kernels, pure-PyTorch fallback).
+"""Detection ops: RoIAlign, NMS and deformable convolution (compiled kernels, pure-PyTorch fallback).
 
     from libra.ops import roi_align, RoIAlign, nms, batched_nms
+    from libra.ops import deform_conv2d, DeformConv2dPack, ModulatedDeformConv2dPack
 
 ``EXTENSION_AVAILABLE`` says whether ``libra._C`` (the C++/CUDA kernels) loaded; when
 it did not, the ops run the references in ``roi_align_reference.py`` /
-``nms_reference.py`` and warn once.
+``nms_reference.py`` / ``deform_conv_reference.py`` and warn once.
 """
 from libra.ops._extension import EXTENSION_AVAILABLE
+from libra.ops.deform_conv import (
+    DeformConv2d,
+    DeformConv2dPack,
+    ModulatedDeformConv2d,
+    ModulatedDeformConv2dPack,
+    deform_conv2d,
+)
+from libra.ops.deform_conv_reference import deform_conv2d_reference
 from libra.ops.nms import batched_nms, nms
 from libra.ops.nms_reference import nms_reference
 from libra.ops.roi_align import RoIAlign, roi_align
@@ -18,8 +27,14 @@ if EXTENSION_AVAILABLE:
 __all__ = [
     "EXTENSION_AVAILABLE",
     "MAX_ADAPTIVE_SAMPLING_GRID",
+    "DeformConv2d",
+    "DeformConv2dPack",
+    "ModulatedDeformConv2d",
+    "ModulatedDeformConv2dPack",
     "RoIAlign",
     "batched_nms",
+    "deform_conv2d",
+    "deform_conv2d_reference",
     "nms",
     "nms_reference",
     "roi_align",

@@ -7,6 +7,8 @@ must exist before anything can be registered for them).
 import torch
 from torch import Tensor
 
+from libra.ops._extension import has_op
+
 
 @torch.library.register_fake("libra::roi_align")
 def _roi_align_fake(
@@ -99,3 +101,111 @@ torch.library.register_autograd("libra::roi_align", _roi_align_backward, setup_c
 torch.library.register_autograd(
     "libra::_roi_align_backward", _roi_align_backward_backward, setup_context=_roi_align_backward_setup_context
 )
+
+
+# ----------------------------------------------------------------------------- deform_conv2d
+# Registered only when the loaded libra._C has the op: an extension built before it existed
+# still loads, and libra.ops.deform_conv2d then falls back to the reference (with a warning).
+
+
+def _deform_conv2d_out_size(size: int, pad: int, dilation: int, kernel: int, stride: int) -> int:
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _deform_conv2d_fake(
+    input: Tensor,
+    weight: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    bias: Tensor,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    groups: int,
+    offset_groups: int,
+    use_mask: bool,
+) -> Tensor:
+    torch._check(input.dim() == 4, lambda: "deform_conv2d: input must be [B, C, H, W]")
+    torch._check(weight.dim() == 4, lambda: "deform_conv2d: weight must be [C_out, C / groups, kh, kw]")
+    torch._check(offset.dim() == 4, lambda: "deform_conv2d: offset must be [B, 2 * offset_groups * kh * kw, Ho, Wo]")
+    torch._check(weight.size(1) * groups == input.size(1), lambda: "deform_conv2d: weight.size(1) * groups != C")
+    out_h = _deform_conv2d_out_size(input.size(2), pad_h, dilation_h, weight.size(2), stride_h)
+    out_w = _deform_conv2d_out_size(input.size(3), pad_w, dilation_w, weight.size(3), stride_w)
+    torch._check(out_h > 0 and out_w > 0, lambda: "deform_conv2d: the output would be empty")
+    torch._check(
+        offset.size(1) == 2 * offset_groups * weight.size(2) * weight.size(3) and offset.size(2) == out_h and offset.size(3) == out_w,
+        lambda: "deform_conv2d: offset must be [B, 2 * offset_groups * kh * kw, Ho, Wo]",
+    )
+    return input.new_empty((input.size(0), weight.size(0), out_h, out_w))
+
+
+def _deform_conv2d_backward_fake(
+    grad: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    offset: Tensor,
+    mask: Tensor,
+    bias: Tensor,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    groups: int,
+    offset_groups: int,
+    use_mask: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    torch._check(grad.dim() == 4, lambda: "_deform_conv2d_backward: grad must be [B, C_out, Ho, Wo]")
+    # The kernels return contiguous gradients of the inputs' shapes and dtypes.
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(weight, memory_format=torch.contiguous_format),
+        torch.empty_like(offset, memory_format=torch.contiguous_format),
+        torch.empty_like(mask, memory_format=torch.contiguous_format),
+        bias.new_empty(bias.shape),
+    )
+
+
+# The five gradients come from one backward op (they share the sampling and the column
+# buffers). mask is an input without a gradient when use_mask is false.
+def _deform_conv2d_setup_context(ctx, inputs, output) -> None:
+    input, weight, offset, mask, bias, *params = inputs
+    ctx.save_for_backward(input, weight, offset, mask, bias)
+    ctx.params = tuple(params)
+
+
+def _deform_conv2d_backward(ctx, grad_output: Tensor):
+    input, weight, offset, mask, bias = ctx.saved_tensors
+    grad_input, grad_weight, grad_offset, grad_mask, grad_bias = torch.ops.libra._deform_conv2d_backward(
+        grad_output, input, weight, offset, mask, bias, *ctx.params
+    )
+    use_mask = ctx.params[-1]
+    return (grad_input, grad_weight, grad_offset, grad_mask if use_mask else None, grad_bias) + (None,) * 9
+
+
+def _deform_conv2d_backward_setup_context(ctx, inputs, output) -> None:
+    pass
+
+
+def _deform_conv2d_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "libra.ops.deform_conv2d has no double backward (second derivatives); "
+        "torch.autograd.grad(..., create_graph=True) through it is not supported."
+    )
+
+
+if has_op("deform_conv2d"):
+    torch.library.register_fake("libra::deform_conv2d")(_deform_conv2d_fake)
+    torch.library.register_fake("libra::_deform_conv2d_backward")(_deform_conv2d_backward_fake)
+    torch.library.register_autograd(
+        "libra::deform_conv2d", _deform_conv2d_backward, setup_context=_deform_conv2d_setup_context
+    )
+    torch.library.register_autograd(
+        "libra::_deform_conv2d_backward",
+        _deform_conv2d_double_backward,
+        setup_context=_deform_conv2d_backward_setup_context,
+    )

@@ -3,6 +3,7 @@
     python tests/benchmarks/bench_ops.py --device cpu
     python tests/benchmarks/bench_ops.py --device cuda --repeats 50 --json ops.json
     python tests/benchmarks/bench_ops.py --device cpu --tiny --repeats 1   # seconds: a smoke run
+    python tests/benchmarks/bench_ops.py --device cpu --ops deform_conv2d  # only the DCN rows
 
 Prints median wall time per call and the ratio libra / torchvision (< 1: libra faster), and with
 ``--json`` writes the same rows (rewritten after each row, so a run stopped early keeps what it
@@ -18,8 +19,14 @@ have log-uniform sizes 16..800 px and are assigned to levels with the detector's
 k = floor(log2(sqrt(wh) / 56 + 1e-6)) clamped to [0, 3]; each op is called once per
 level, and the time of all four calls is reported. Forward+backward includes the
 scatter into all four feature maps. NMS uses clustered random boxes (many overlaps)
-with IoU threshold 0.7; batched_nms uses 80 classes and threshold 0.5. ``--tiny`` shrinks
-everything (maps / 4, 64 RoIs, 200 / 500 boxes) for a dry run on a CPU.
+with IoU threshold 0.7; batched_nms uses 80 classes and threshold 0.5.
+
+Deformable convolution (``deform_conv2d``, DCN v1, and one modulated DCN v2 row) runs at the
+3x3 conv2 of ResNet-50's C3-C5 bottlenecks with DCN (MMDetection's ``dconv-c3-c5`` configs) on
+a 2-image batch at 800x1088: 128 / 256 / 512 channels at 100x136 / 50x68 / 25x34, stride 1,
+padding 1, offsets ~ N(0, 2^2) pixels (mask ~ U(0, 1)); forward+backward computes all five
+gradients (input, offset, mask, weight, bias). ``--tiny`` shrinks everything (maps / 4, 64 RoIs,
+200 / 500 boxes, DCN channels / 4 at maps / 4) for a dry run on a CPU.
 """
 import argparse
 import json
@@ -41,7 +48,11 @@ STRIDES = [4, 8, 16, 32]
 IMAGE_SIZE = (800, 1216)
 ROI_COUNTS = (512, 1000)
 NMS_SIZES = (1000, 5000, 20000)
-TINY = {"fpn_shapes": [(h // 4, w // 4) for h, w in FPN_SHAPES], "roi_counts": (64,), "nms_sizes": (200, 500)}
+# (stage, channels, height, width, modulated) of the DCN rows.
+DCN_SHAPES = [("c3", 128, 100, 136, False), ("c4", 256, 50, 68, False), ("c5", 512, 25, 34, False),
+              ("c4", 256, 50, 68, True)]
+TINY = {"fpn_shapes": [(h // 4, w // 4) for h, w in FPN_SHAPES], "roi_counts": (64,), "nms_sizes": (200, 500),
+        "dcn_shapes": [(name, c // 4, -(-h // 4), -(-w // 4), v2) for name, c, h, w, v2 in DCN_SHAPES]}
 
 
 class Rows(list):
@@ -54,7 +65,7 @@ class Rows(list):
     def add(self, row: dict) -> None:
         self.append(row)
         lib, tv = row["libra_ms"], row["torchvision_ms"]
-        print(f"| {row['case']:<26} | {lib:>9.3f} | {tv:>14.3f} | {lib / tv:>6.2f} | {row['agreement']} |", flush=True)
+        print(f"| {row['case']:<30} | {lib:>9.3f} | {tv:>14.3f} | {lib / tv:>6.2f} | {row['agreement']} |", flush=True)
         self.write()
 
     def write(self, **extra) -> None:
@@ -164,6 +175,45 @@ def nms_rows(device: torch.device, timer, rows: Rows, sizes, deadline: float) ->
                   "agreement": "same kept" if same else "kept differ (torchvision offsets)"})
 
 
+def deform_conv_rows(device: torch.device, timer, rows: Rows, shapes, deadline: float, batch: int = 2) -> None:
+    for stage, channels, height, width, modulated in shapes:
+        if time.perf_counter() > deadline:
+            return
+        x = torch.randn(batch, channels, height, width, device=device)
+        weight = torch.randn(channels, channels, 3, 3, device=device) / (3 * channels ** 0.5)
+        bias = torch.zeros(channels, device=device)
+        offset = torch.randn(batch, 18, height, width, device=device) * 2
+        mask = torch.rand(batch, 9, height, width, device=device) if modulated else None
+        inputs = [x, offset, weight, bias] + ([mask] if modulated else [])
+        leaves = [t.detach().requires_grad_() for t in inputs]
+
+        def forward(op, tensors=inputs):
+            return op(tensors[0], tensors[1], tensors[2], tensors[3], padding=1, mask=tensors[4] if modulated else None)
+
+        def forward_backward(op):
+            out = forward(op, leaves)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            return grads
+
+        name = f"dcn{'v2' if modulated else ''} {stage} {channels}x{height}x{width}"
+        with torch.no_grad():
+            difference = (forward(libra.ops.deform_conv2d) - forward(tv_ops.deform_conv2d)).abs().max().item()
+            lib = timer(lambda: forward(libra.ops.deform_conv2d))
+            tv = timer(lambda: forward(tv_ops.deform_conv2d))
+        common = {"op": "deform_conv2d", "modulated": modulated, "stage": stage, "shape": [batch, channels, height, width]}
+        rows.add({"case": f"{name} fwd", **common, "pass": "forward", "libra_ms": lib, "torchvision_ms": tv,
+                  "ratio": lib / tv, "max_abs_diff": difference, "agreement": f"max abs diff {difference:.1e}"})
+        if time.perf_counter() > deadline:
+            return
+        grad_difference = max((a - b).abs().max().item() for a, b in
+                              zip(forward_backward(libra.ops.deform_conv2d), forward_backward(tv_ops.deform_conv2d)))
+        lib = timer(lambda: forward_backward(libra.ops.deform_conv2d))
+        tv = timer(lambda: forward_backward(tv_ops.deform_conv2d))
+        rows.add({"case": f"{name} fwd+bwd", **common, "pass": "forward+backward", "libra_ms": lib, "torchvision_ms": tv,
+                  "ratio": lib / tv, "max_abs_diff": grad_difference,
+                  "agreement": f"grad max abs diff {grad_difference:.1e}"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -173,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="small sizes for a dry run")
     parser.add_argument("--json", default=None, help="write the rows here (after every row)")
     parser.add_argument("--time-limit", type=float, default=0.0, help="start no new case after this many seconds (0: none)")
+    parser.add_argument("--ops", nargs="+", choices=["roi_align", "nms", "deform_conv2d"],
+                        default=["roi_align", "nms", "deform_conv2d"], help="which ops to time (default: all)")
     args = parser.parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -184,20 +236,25 @@ def main(argv: list[str] | None = None) -> int:
     deadline = time.perf_counter() + (args.time_limit if args.time_limit > 0 else float("inf"))
     if not libra.ops.EXTENSION_AVAILABLE:
         print("warning: libra._C not built, timing the pure-PyTorch fallback")
-    sizes = TINY if args.tiny else {"fpn_shapes": FPN_SHAPES, "roi_counts": ROI_COUNTS, "nms_sizes": NMS_SIZES}
+    sizes = TINY if args.tiny else {"fpn_shapes": FPN_SHAPES, "roi_counts": ROI_COUNTS, "nms_sizes": NMS_SIZES,
+                                    "dcn_shapes": DCN_SHAPES}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     header = {"device": str(device), "device_name": name, "torch": torch.__version__, "repeats": args.repeats,
               "tiny": args.tiny, "extension": libra.ops.EXTENSION_AVAILABLE, "unit": "ms per call (median)"}
     print(f"device={name} torch={torch.__version__} repeats={args.repeats} extension={libra.ops.EXTENSION_AVAILABLE}")
-    print(f"| {'case':<26} | {'libra ms':>9} | {'torchvision ms':>14} | {'ratio':>6} | agreement |")
-    print(f"|{'-' * 28}|{'-' * 11}|{'-' * 16}|{'-' * 8}|-----------|")
+    print(f"| {'case':<30} | {'libra ms':>9} | {'torchvision ms':>14} | {'ratio':>6} | agreement |")
+    print(f"|{'-' * 32}|{'-' * 11}|{'-' * 16}|{'-' * 8}|-----------|")
     rows = Rows(args.json, header)
 
     def timer(fn):
         return median_ms(fn, device, args.repeats, args.warmup)
 
-    roi_align_rows(device, timer, rows, sizes["fpn_shapes"], sizes["roi_counts"], deadline)
-    nms_rows(device, timer, rows, sizes["nms_sizes"], deadline)
+    if "roi_align" in args.ops:
+        roi_align_rows(device, timer, rows, sizes["fpn_shapes"], sizes["roi_counts"], deadline)
+    if "nms" in args.ops:
+        nms_rows(device, timer, rows, sizes["nms_sizes"], deadline)
+    if "deform_conv2d" in args.ops:
+        deform_conv_rows(device, timer, rows, sizes["dcn_shapes"], deadline)
     stopped = time.perf_counter() > deadline
     rows.write(complete=not stopped)
     if stopped:

@@ -21,7 +21,7 @@ one runs:
                 sync-free check (``tests/test_cuda_sync.py``, ``tests/test_samplers.py``, ...)
 ``sync_count``  host syncs per training iteration of the default job and where they come from
                 (``tests/gpu/count_syncs.py``, with a ``torch.profiler`` cross-check)
-``bench_ops``   RoIAlign / NMS / batched NMS vs ``torchvision.ops`` (``tests/benchmarks/bench_ops.py``)
+``bench_ops``   RoIAlign / NMS / batched NMS / deform_conv2d vs ``torchvision.ops`` (``tests/benchmarks/bench_ops.py``)
 ``train``       ``train.py --device cuda --eval-interval 1``: the default synthetic job, AP50 after
                 every epoch; the time until AP50 >= 0.7
 ``bench_train`` images/s, fp32 and AMP, batch 2 and 8, 800 x 1333, every R50 preset vs torchvision
@@ -356,7 +356,8 @@ def figures_of(results: dict) -> list[dict]:
         add("build", "CUDA kernels", check.get("cuda_kernels"), f"TORCH_CUDA_ARCH_LIST={build.get('arch_list')}")
         if "nms_cuda_equals_cpu" in check:
             add("build", "nms CUDA == CPU", check["nms_cuda_equals_cpu"],
-                f"roi_align max abs diff {fmt(check.get('roi_align_cuda_max_abs_diff'))}")
+                f"roi_align max abs diff {fmt(check.get('roi_align_cuda_max_abs_diff'))}, "
+                f"deform_conv2d max abs diff {fmt(check.get('deform_conv2d_cuda_max_abs_diff'))}")
     for name, label in (("cuda_tests", "CUDA tests"), ("tests", "other tests")):
         counts = steps.get(name, {}).get("counts")
         if counts:

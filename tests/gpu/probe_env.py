@@ -113,7 +113,9 @@ def check_ops() -> dict:
             return bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"libra::{op}", torch._C.DispatchKey.CUDA))
 
     try:
-        result["cuda_kernels"] = all(has_cuda_kernel(op) for op in ("nms", "batched_nms", "roi_align"))
+        result["cuda_kernels"] = all(
+            has_cuda_kernel(op) for op in ("nms", "batched_nms", "roi_align", "deform_conv2d", "_deform_conv2d_backward")
+        )
     except Exception as error:  # noqa: BLE001 - then the comparison below tells
         result["cuda_kernels_error"] = f"{type(error).__name__}: {error}"[:200]
     if torch.cuda.is_available() and result.get("cuda_kernels", True):
@@ -130,6 +132,11 @@ def check_ops() -> dict:
             out_cpu = libra.ops.roi_align(feature, rois, 7, 0.25, 0, True)
             out_gpu = libra.ops.roi_align(feature.cuda(), rois.cuda(), 7, 0.25, 0, True).cpu()
             result["roi_align_cuda_max_abs_diff"] = float((out_cpu - out_gpu).abs().max())
+            offset = torch.randn(2, 18, 32, 32, generator=generator) * 2
+            weight = torch.randn(8, 8, 3, 3, generator=generator) * 0.1
+            out_cpu = libra.ops.deform_conv2d(feature, offset, weight, padding=1)
+            out_gpu = libra.ops.deform_conv2d(feature.cuda(), offset.cuda(), weight.cuda(), padding=1).cpu()
+            result["deform_conv2d_cuda_max_abs_diff"] = float((out_cpu - out_gpu).abs().max())
             result.setdefault("cuda_kernels", True)  # they ran
         except Exception as error:  # noqa: BLE001 - e.g. no CUDA kernel registered
             result["cuda_kernels"] = False
