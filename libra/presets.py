@@ -11,7 +11,9 @@ their protocols are in the README):
   (Sec. 3.3.1), and the RPN negatives capped at 5 x #positives (``train_cfg.rpn.sampler.neg_pos_ub=5``).
 - ``libra_faster_rcnn_r50_fpn_lgr``: the journal version: LGR-L1 (Eq. 11-14) and LGR-CE
   (Eq. 15-19, alpha 0.8, gamma 1.0, Table 7) instead of balanced L1 and CE.
-- ``faster_rcnn_r101_fpn``, ``libra_faster_rcnn_r101_fpn``, ``libra_faster_rcnn_x101_64x4d_fpn``.
+- ``faster_rcnn_r101_fpn``, ``libra_faster_rcnn_r101_fpn``, ``libra_faster_rcnn_x101_64x4d_fpn``;
+  ``libra_faster_rcnn_x101_64x4d_fpn_dcn`` (Table 1's 47.2 AP row: deformable convolutions in c3-c5,
+  4conv1fc GN head).
 - ``retinanet_r50_fpn``: one-stage RetinaNet, MMDetection ``retinanet_r50_fpn_1x_coco``: FPN P3..P7
   (conv extra levels on C5), RetinaNet head, sigmoid focal loss, L1 box loss, no sampling.
 - ``libra_retinanet_r50_fpn``: MMDetection ``libra-retinanet_r50_fpn_1x_coco`` (paper Table 2): + balanced
@@ -76,7 +78,9 @@ Overrides (any key of a preset dict):
   ``mask_loss_weight`` (1.0) and the test-time ``mask_thr`` (0.5).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
 - backbone: ``frozen_stages``, ``backbone_norm`` (``'frozen' | 'bn'``), ``width_per_group``,
-  ``stage_blocks`` (e.g. ``(1, 1, 1, 1)``), all for the named ResNets.
+  ``stage_blocks`` (e.g. ``(1, 1, 1, 1)``), ``dcn`` (None or ``{"type": "DCN" | "DCNv2",
+  "deform_groups": 1, "fallback_on_stride": False}``) and ``stage_with_dcn`` (4 bools, c2..c5), all
+  for the named ResNets.
 - ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``.
 - ``ignore_iof_thr``: -1 (MMDetection's ``train_cfg.{rpn,rcnn}.assigner.ignore_iof_thr=-1``: crowd /
   difficult boxes are left out of training); a value such as 0.5 makes them ignore regions.
@@ -139,6 +143,11 @@ _BASELINE: dict[str, Any] = {
     "backbone_norm": "frozen",
     "width_per_group": None,  # None: the named backbone's (64 for ResNet, 4 for ResNeXt 64x4d)
     "stage_blocks": None,  # None: the depth's, e.g. (3, 4, 6, 3); (1, 1, 1, 1) for a shallow net
+    # Deformable convolutions in the backbone (MMDetection's DCN configs: model.backbone.dcn =
+    # dict(type='DCN', deform_groups=1, fallback_on_stride=False), stage_with_dcn=(False, True,
+    # True, True)); None: plain convs.
+    "dcn": None,
+    "stage_with_dcn": None,
     "neck": "fpn",
     "fpn_channels": 256,
     "fpn_start_level": 0,
@@ -207,6 +216,8 @@ _RETINANET: dict[str, Any] = {
     "backbone_norm": "frozen",
     "width_per_group": None,
     "stage_blocks": None,
+    "dcn": None,
+    "stage_with_dcn": None,
     # model.neck: FPN(start_level=1, add_extra_convs='on_input', num_outs=5): P3..P7, P6 a 3x3
     # stride-2 conv on C5, P7 one on P6 without a ReLU in between (relu_before_extra_convs=False).
     "neck": "fpn",
@@ -244,7 +255,8 @@ _LIBRA_RETINANET: dict[str, Any] = {**_RETINANET, "neck": "bfp", "box_loss": "ba
 # trained alone; test_cfg.rpn nms_pre=2000 (per level), max_per_img=1000, nms 0.7. Only the keys a
 # proposal model reads (its proposals are not used in training, so there are no train top-n keys).
 _RPN_KEYS = (
-    "backbone", "frozen_stages", "backbone_norm", "width_per_group", "stage_blocks", "neck", "fpn_channels",
+    "backbone", "frozen_stages", "backbone_norm", "width_per_group", "stage_blocks", "dcn", "stage_with_dcn",
+    "neck", "fpn_channels",
     "fpn_start_level", "fpn_num_outs", "fpn_extra_levels", "refine_type", "refine_level", "ignore_iof_thr",
     "rpn_batch_size", "rpn_sampler", "rpn_neg_pos_ub", "rpn_box_loss", "rpn_box_loss_alpha", "rpn_box_loss_gamma",
     "rpn_box_loss_beta", "rpn_nms_thr", "num_bins", "floor_thr", "floor_fraction",
@@ -319,6 +331,16 @@ PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r101_fpn": {**_BASELINE, "backbone": "resnet101"},
     "libra_faster_rcnn_r101_fpn": {**_LIBRA, "backbone": "resnet101"},
     "libra_faster_rcnn_x101_64x4d_fpn": {**_LIBRA, "backbone": "resnext101_64x4d"},
+    # Paper Table 1's strongest row (47.2 AP on COCO test-dev): ResNeXt-64x4d-101 with deformable
+    # convolutions (DCN v1 in the 3x3 convs of c3-c5, MMDetection's DCN configs) and the 4conv1fc
+    # GN box head of the Table 1 protocol (Sec. 4.1.3: 2x schedule, multi-scale 640-800 training,
+    # frozen BN; train.py --schedule 2x --multi-scale). The protocol's ATSS-style constraint of
+    # proposal centres inside the gt boxes is not implemented (README).
+    "libra_faster_rcnn_x101_64x4d_fpn_dcn": {
+        **_LIBRA, "backbone": "resnext101_64x4d", "box_head": "4conv1fc",
+        "dcn": {"type": "DCN", "deform_groups": 1, "fallback_on_stride": False},
+        "stage_with_dcn": (False, True, True, True),
+    },
     "retinanet_r50_fpn": dict(_RETINANET),
     "libra_retinanet_r50_fpn": dict(_LIBRA_RETINANET),
     "retinanet_r101_fpn": {**_RETINANET, "backbone": "resnet101"},
@@ -405,7 +427,8 @@ _MIN_INT: dict[str, int] = {
 _UNIT_FLOATS = ("score_thr", "nms_thr", "rpn_nms_thr", "mask_thr", "floor_fraction", "focal_alpha", "bcr_a")
 _POSITIVE_FLOATS = ("bcr_t", "box_loss_beta", "rpn_box_loss_beta", "box_loss_alpha", "rpn_box_loss_alpha")
 # Keys whose preset default is None but whose values have a type.
-_NONE_DEFAULT_KINDS = {"width_per_group": "int", "stage_blocks": "4 ints"}
+_NONE_DEFAULT_KINDS = {"width_per_group": "int", "stage_blocks": "4 ints", "dcn": "dcn", "stage_with_dcn": "4 bools"}
+_DCN_TYPES = ("DCN", "DCNv2")
 
 # The detector class each ``detector`` value builds (its ``iou_types`` say what it outputs).
 DETECTOR_CLASSES: dict[str, type[Detector]] = {
@@ -480,6 +503,25 @@ def check_setting(key: str, value: Any, default: Any) -> Any:
         ):
             raise ValueError(f"expected null or 4 integers >= 1, e.g. [1, 1, 1, 1] {shown}")
         return tuple(value)
+    if kind == "4 bools":
+        if not (isinstance(value, (list, tuple)) and len(value) == 4 and all(isinstance(v, bool) for v in value)):
+            raise ValueError(f"expected null or 4 booleans (stages c2..c5), e.g. [false, true, true, true] {shown}")
+        return tuple(value)
+    if kind == "dcn":
+        if (
+            not isinstance(value, dict)
+            or value.get("type") not in _DCN_TYPES
+            or set(value) - {"type", "deform_groups", "fallback_on_stride"}
+            or not isinstance(value.get("deform_groups", 1), int) or isinstance(value.get("deform_groups", 1), bool)
+            or value.get("deform_groups", 1) < 1
+            or not isinstance(value.get("fallback_on_stride", False), bool)
+        ):
+            raise ValueError(
+                'expected null or {"type": "DCN" or "DCNv2", "deform_groups": int >= 1, "fallback_on_stride": bool} '
+                f"{shown}"
+            )
+        return {"type": value["type"], "deform_groups": value.get("deform_groups", 1),
+                "fallback_on_stride": value.get("fallback_on_stride", False)}
     return value
 
 
@@ -524,6 +566,8 @@ def _check_combination(config: dict[str, Any]) -> None:
     """Keys that are valid alone but not together (one line naming both)."""
     if config.get("neck") in ("pafpn", "bpafpn") and (config["fpn_start_level"] != 0 or config["fpn_extra_levels"] != "max_pool"):
         raise ValueError("the PAFPN neck supports only fpn_start_level=0 and fpn_extra_levels='max_pool'")
+    if config.get("stage_with_dcn") is not None and any(config["stage_with_dcn"]) and config.get("dcn") is None:
+        raise ValueError("stage_with_dcn names deformable stages but dcn is null: set dcn={\"type\": \"DCN\"} too")
     if config["fpn_start_level"] > 3:
         raise ValueError(f"fpn_start_level={config['fpn_start_level']}: a ResNet has 4 stages (C2..C5), choose 0..3")
     used = 4 - config["fpn_start_level"]
@@ -596,6 +640,8 @@ def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module
             norm_eval=config["backbone_norm"] == "frozen",
             width_per_group=config["width_per_group"],
             stage_blocks=config["stage_blocks"],
+            dcn=config["dcn"],
+            stage_with_dcn=config["stage_with_dcn"],
         )
         if pretrained is not None:
             load_pretrained(backbone, pretrained)

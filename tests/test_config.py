@@ -226,3 +226,34 @@ def test_checkpoint_without_a_config_resolves_its_command_line():
         "libra_faster_rcnn_r50_fpn", fpn_channels=128, score_thr=0.0, frozen_stages=-1, backbone_norm="bn",
         width_per_group=64, stage_blocks=(1, 1, 1, 1),
     )
+
+
+# ------------------------------------------------------------------ issue 20: the DCN preset
+def test_dcn_preset_builds_and_trains_a_step():
+    """Table 1's ResNeXt-64x4d-101-DCN row: deformable conv2 in c3-c5 (offset convs zero-initialised,
+    so a fresh model is the plain ResNeXt), 4conv1fc GN head; one training step on small widths."""
+    torch.manual_seed(0)
+    small = dict(stage_blocks=(1, 1, 1, 1), width_per_group=1, fpn_channels=32, fc_channels=16, backbone_norm="bn")
+    model = build_model("libra_faster_rcnn_x101_64x4d_fpn_dcn", num_classes=3, **small)
+    kinds = [type(getattr(model.backbone, f"layer{i}")[0].conv2).__name__ for i in range(1, 5)]
+    assert kinds == ["Conv2d", "DeformConv2dPack", "DeformConv2dPack", "DeformConv2dPack"]
+    assert model.backbone.layer3[0].conv2.groups == 64  # ResNeXt keeps its grouped 3x3
+    assert "backbone.layer4.0.conv2.conv_offset.weight" in model.state_dict()
+    batch = Batch(torch.randn(1, 3, 96, 96), [(96, 96)],
+                  targets=[{"boxes": torch.tensor([[10.0, 10.0, 60.0, 70.0]]), "labels": torch.tensor([1])}])
+    losses = model.loss(batch)
+    sum(v for k, v in losses.items() if k.startswith("loss")).backward()
+    assert model.backbone.layer2[0].conv2.conv_offset.weight.grad is not None
+    plain = build_model("libra_faster_rcnn_x101_64x4d_fpn", 3, **small)
+    assert not any("conv_offset" in k for k in plain.state_dict())
+
+
+def test_dcn_settings_are_validated():
+    with pytest.raises(DataError, match="DCNv2"):
+        resolve("--model", "libra_faster_rcnn_r50_fpn", "--set", 'dcn={"type": "DCNv3"}')
+    config = resolve("--model", "libra_faster_rcnn_r50_fpn", "--set", 'dcn={"type": "DCNv2"}',
+                     "--set", "stage_with_dcn=[false,false,true,true]").model_config
+    assert config["dcn"] == {"type": "DCNv2", "deform_groups": 1, "fallback_on_stride": False}
+    assert config["stage_with_dcn"] == (False, False, True, True)
+    with pytest.raises(ValueError, match="dcn is null"):
+        preset_config("faster_rcnn_r50_fpn", stage_with_dcn=(False, True, True, True))

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from libra.detectors import Detector
-from libra.presets import build_model, preset_config
+from libra.presets import PRESETS, build_model, preset_config
 
 from .builders import DataError
 from .checkpoint import (
@@ -104,7 +104,10 @@ def guess_mmdet_preset(state: dict) -> str:
     conv2 = state.get("backbone.layer1.0.conv2.weight")
     grouped = conv2 is not None and conv2.dim() == 4 and conv2.shape[1] < conv2.shape[0]
     depth = "x101_64x4d" if grouped else ("r101" if len(blocks) > 6 else "r50")
-    return f"{'libra_' if libra else ''}{family}_{depth}_fpn"
+    name = f"{'libra_' if libra else ''}{family}_{depth}_fpn"
+    if any(".conv2.conv_offset." in k for k in state) and f"{name}_dcn" in PRESETS:
+        name = f"{name}_dcn"  # deformable convolutions in the backbone (Table 1's strongest row)
+    return name
 
 
 def resolve_checkpoint_args(args: argparse.Namespace) -> tuple[argparse.Namespace, str | None, dict | None]:
