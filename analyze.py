@@ -310,7 +310,6 @@ def run_bfp(args: argparse.Namespace, rest: list[str]) -> int:
 
 def run_loss_curves(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.loss_curves import loss_curves, plot_loss_curves
-    from libra.presets import preset_config
 
     flags: list[str] = []
     for item in args.set:

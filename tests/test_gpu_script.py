@@ -40,7 +40,7 @@ def test_dry_run_writes_the_json_and_prints_the_table(tmp_path):
     assert all(step["status"] == "ok" for step in report["steps"].values()), report["steps"]
     assert report["steps"]["env"]["data"]["torch"]
     ops = report["steps"]["bench_ops"]["data"]
-    assert ops["complete"] and {row["op"] for row in ops["rows"]} == {"roi_align", "nms", "batched_nms"}
+    assert ops["complete"] and {row["op"] for row in ops["rows"]} == {"roi_align", "nms", "batched_nms", "deform_conv2d"}
     assert all(row["libra_ms"] > 0 and row["torchvision_ms"] > 0 for row in ops["rows"])
     train = report["steps"]["train"]["data"]
     assert [e["epoch"] for e in train["epochs"]] == [1, 2]

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from libra.engine.checkpoint import atomic_write, atomic_write_text
+from libra.atomic_io import atomic_write, atomic_write_text
 
 MATPLOTLIB_HINT = "the analysis figures need matplotlib: pip install matplotlib"
 

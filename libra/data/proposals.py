@@ -119,7 +119,7 @@ class ProposalSet:
 
 def save_proposals(proposals: ProposalSet, path: str | os.PathLike) -> Path:
     """Write ``proposals`` to ``path`` atomically (module docstring); returns the path."""
-    from libra.engine.checkpoint import atomic_save  # the engine imports libra.data: import lazily
+    from libra.atomic_io import atomic_save
 
     path = Path(path)
     atomic_save(proposals.to_dict(), path)

@@ -20,7 +20,6 @@ import torch
 from libra.detectors import Detector
 from libra.presets import PRESETS, build_model, preset_config
 
-from .builders import DataError
 from .checkpoint import (
     CheckpointError,
     check_model_identity,

@@ -31,59 +31,23 @@ a checkpoint write is never left half done by Ctrl-C (``libra.engine.checkpoint`
 from __future__ import annotations
 
 import math
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-import numpy as np
 import torch
 
-from libra.structures import Batch
 
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, deferred_interrupts, make_checkpoint
 from .distributed import DistributedContext, all_gather_object, all_reduce_dict, synchronize
+from .divergence import NonFiniteLossError, check_gradients, raise_if_diverged
 from .lr_schedule import WarmupMultiStepLR
 from .metric_logger import JSONLinesLog, MetricLogger, Timer, format_duration, max_memory_mb, plot_losses
+from .rng import epoch_seed, get_rng_state, seed_everything, set_rng_state
 
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (a loss, gradient, weight or activation became NaN or infinite): training stops.
-
-    ``rank_local`` is True when only this process found it (an error of its own forward pass);
-    otherwise every process raises it together (the checks run on all-reduced values).
-    """
-
-    def __init__(self, message: str, rank_local: bool = False) -> None:
-        super().__init__(message)
-        self.rank_local = rank_local
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) generators."""
-    seed = int(seed) % (2**31)
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def get_rng_state(device: torch.device | None = None) -> dict:
-    """The global generators' states: torch CPU (and CUDA of ``device``), ``random``, NumPy."""
-    state = {"torch": torch.get_rng_state(), "random": random.getstate(), "numpy": np.random.get_state()}
-    if device is not None and device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state: dict, device: torch.device | None = None) -> None:
-    """Restore what :func:`get_rng_state` returned."""
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["random"])
-    np.random.set_state(state["numpy"])
-    if device is not None and device.type == "cuda" and state.get("cuda") is not None:
-        torch.cuda.set_rng_state(state["cuda"], device)
+__all__ = ["NonFiniteLossError", "SkipBatches", "TrainConfig", "Trainer", "autocast_context", "seed_everything"]
 
 
 def _optimizer_family(group: dict) -> str:
@@ -93,36 +57,6 @@ def _optimizer_family(group: dict) -> str:
     if "momentum" in group:
         return "sgd"
     return ",".join(sorted(k for k in group if k != "params"))
-
-
-def _first_non_finite(obj: Any, depth: int = 0) -> str | None:
-    """Describe the first NaN / inf floating tensor inside ``obj`` (tensors, sequences, dicts, simple
-    objects such as dataclasses); None when all are finite."""
-    if depth > 4:
-        return None
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point() and obj.numel() and not bool(torch.isfinite(obj).all()):
-            kind = "NaN" if bool(torch.isnan(obj).any()) else "inf"
-            return f"{kind} in a {list(obj.shape)} tensor"
-        return None
-    if isinstance(obj, dict):
-        items = obj.values()
-    elif isinstance(obj, (list, tuple)):
-        items = obj
-    elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
-        items = vars(obj).values()
-    else:
-        return None
-    for item in items:
-        found = _first_non_finite(item, depth + 1)
-        if found:
-            return found
-    return None
-
-
-def epoch_seed(seed: int, epoch: int, rank: int) -> int:
-    """A distinct, reproducible seed per (run seed, epoch, rank)."""
-    return (int(seed) * 1_000_003 + int(epoch) * 10_007 + int(rank)) % (2**31)
 
 
 def autocast_context(device: torch.device, enabled: bool):
@@ -359,101 +293,6 @@ class Trainer:
         self.print(f"training done in {format_duration(time.perf_counter() - start_time)} ({self.iteration} iterations)")
         return self.last_metrics
 
-    def _max_parameter_norm(self) -> float:
-        with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm([p.detach().float() for p in self.model.parameters()]))
-        return float(norms.max()) if bool(torch.isfinite(norms).all()) else math.inf
-
-    def _first_non_finite_output(self, batch: Batch, rng: dict | None) -> str | None:
-        """Run the failed forward pass again (the generator states of its start when known, no autograd,
-        no DDP) with a hook on every module; the first (innermost) module whose output holds NaN / inf."""
-        module = self.model.module if isinstance(self.model, torch.nn.parallel.DistributedDataParallel) else self.model
-        names = {m: n or type(module).__name__ for n, m in module.named_modules()}
-        found: list[str] = []
-
-        def hook(mod, inputs, output):  # noqa: ARG001
-            if not found:
-                what = _first_non_finite(output)
-                if what:
-                    found.append(f"{names.get(mod, type(mod).__name__)} ({what})")
-
-        handles = [m.register_forward_hook(hook) for m in module.modules()]
-        after = get_rng_state(self.ctx.device)
-        try:
-            if rng is not None:
-                set_rng_state(rng, self.ctx.device)
-            with torch.no_grad(), autocast_context(self.ctx.device, self.config.amp):
-                module.loss(batch)
-        except Exception:  # noqa: BLE001 - expected: it is the failing pass
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
-            set_rng_state(after, self.ctx.device)
-        return found[0] if found else None
-
-    def _raise_if_diverged(
-        self,
-        epoch: int,
-        error: BaseException,
-        where: str,
-        batch: Batch | None = None,
-        rng: dict | None = None,
-    ) -> None:
-        """An error of the forward / backward pass is reported as divergence (``NonFiniteLossError``)
-        when there is evidence of non-finite values: non-finite or huge weights, a non-finite
-        gradient, or a module whose output holds NaN / inf when the pass is run again on the same
-        (finite) inputs, e.g. NaN proposals that an op downstream rejects. Without such evidence it
-        returns and the caller re-raises the error as it is (a bad input's message, or a bug's
-        traceback): the error text alone is not trusted (input checks also say "not finite")."""
-        text = " ".join(str(error).split()) or type(error).__name__
-        if len(text) > 300:
-            text = text[:300] + " ..."
-        head = f"training diverged at iteration {self.iteration + 1} (epoch {epoch + 1})"
-        advice = "lower --lr or set --grad-clip"
-        max_norm = self._max_parameter_norm()
-        if not math.isfinite(max_norm) or max_norm > 1e15:
-            raise NonFiniteLossError(
-                f"{head}: the weights are non-finite or huge (max parameter norm {max_norm:.3g}) and the {where} failed "
-                f"({text}); {advice}",
-                rank_local=True,
-            ) from error
-        if where == "backward pass":
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads and not bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
-                raise NonFiniteLossError(
-                    f"{head}: non-finite gradients and the backward pass failed ({text}); {advice}", rank_local=True
-                ) from error
-        # Non-finite inputs are the data's fault (the detector rejects them: exit code 1, "bad input").
-        if batch is not None and bool(torch.isfinite(batch.images).all()) and _first_non_finite(batch.targets) is None:
-            culprit = self._first_non_finite_output(batch, rng)
-            if culprit is not None:
-                raise NonFiniteLossError(
-                    f"{head}: non-finite activations (first in the output of {culprit}; weights finite, max parameter "
-                    f"norm {max_norm:.3g}) and the {where} failed ({text}); {advice}",
-                    rank_local=True,
-                ) from error
-
-    def _check_gradients(self, epoch: int) -> None:
-        """Stop before the step when a gradient is NaN/inf although the loss was finite.
-
-        One fused per-tensor norm (``torch._foreach_norm``) and one host sync; the names of
-        the offending parameters are only looked up when something is wrong.
-        """
-        named = [(n, p.grad) for n, p in self.model.named_parameters() if p.grad is not None]
-        if not named:
-            return
-        norms = torch.stack(torch._foreach_norm([g for _, g in named]))
-        if bool(torch.isfinite(norms).all()):
-            return
-        finite = torch.isfinite(norms).tolist()
-        names = [n for (n, _), ok in zip(named, finite) if not ok]
-        raise NonFiniteLossError(
-            f"training diverged: non-finite gradient at iteration {self.iteration + 1} (epoch {epoch + 1}) in "
-            f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} parameters); "
-            "lower --lr, set --grad-clip, or check the data"
-        )
-
     def _evaluate(self) -> None:
         if self.evaluate_fn is None:
             return
@@ -496,7 +335,7 @@ class Trainer:
             except Exception as error:
                 if isinstance(error, NonFiniteLossError):
                     raise
-                self._raise_if_diverged(epoch, error, "forward pass", batch, rng_before)
+                raise_if_diverged(model, self.iteration, epoch, error, "forward pass", batch, rng_before, device, config.amp)
                 raise
             losses = {k: v for k, v in loss_dict.items() if k.startswith("loss")}
             total = sum(v.float() for v in losses.values())
@@ -517,10 +356,10 @@ class Trainer:
             try:
                 self.scaler.scale(total).backward()
             except Exception as error:
-                self._raise_if_diverged(epoch, error, "backward pass")
+                raise_if_diverged(model, self.iteration, epoch, error, "backward pass")
                 raise
             if not self.scaler.is_enabled():  # with AMP the scaler skips steps with inf gradients itself
-                self._check_gradients(epoch)
+                check_gradients(model, self.iteration, epoch)
             if config.grad_clip > 0:
                 # Not part of the paper's recipe (MMDetection's `schedule_1x.py` sets no
                 # `optim_wrapper.clip_grad`); used to train from scratch.

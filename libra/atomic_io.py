@@ -1,0 +1,172 @@
+"""Atomic file writes: a file is either its old or its new content, never half written.
+
+Writes go to a temporary file in the destination directory followed by ``os.replace``
+(atomic on POSIX within one file system), so an interrupted save never leaves a
+truncated file where a good one was. Ctrl-C / SIGTERM during a write is deferred until
+the write is complete (a second one aborts it, removing the temporary file) and then raised as
+usual, so it never surfaces as an error of ``torch.save``'s writer. Temporary files that a killed
+process could not remove (``.NAME.XXXXXXXX.tmp``) are removed by :func:`remove_stale_temp_files`.
+
+The bottom floor of libra's file writing (it depends on torch only): checkpoints
+(``libra.engine``), proposal files (``libra.data``), figures and results (``libra.analysis``,
+``libra.evaluation``) all write through it.
+"""
+from __future__ import annotations
+
+import os
+import re
+import signal
+import tempfile
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
+
+import torch
+
+__all__ = [
+    "atomic_save", "atomic_write", "atomic_write_text", "deferred_interrupts", "is_atomic_temp_file",
+    "remove_stale_temp_files",
+]
+
+
+def _default_file_mode() -> int:
+    """0o666 minus the process umask: what ``open(path, "w")`` would have given (mkstemp uses 0o600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_INTERRUPT_SIGNALS = tuple(s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s is not None)
+_deferral: dict[str, Any] = {"depth": 0, "pending": []}
+
+
+@contextmanager
+def deferred_interrupts() -> Iterator[list[int]]:
+    """Hold back SIGINT / SIGTERM for the duration of the block (a checkpoint write).
+
+    A signal that arrives inside the block is recorded and delivered to the handler that was
+    installed before (KeyboardInterrupt for Ctrl-C, libra's interrupt handler, or the default
+    action) right after the block, so the write in progress completes. A *second* signal inside
+    the block raises ``KeyboardInterrupt`` at once (the user insists): the write in progress is
+    then aborted by :func:`atomic_write`, which removes its temporary file. Nested blocks share
+    the outermost one's deferral. Outside the main thread (no signal handlers there) it does
+    nothing. Yields the list of signal numbers received so far.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield []
+        return
+    if _deferral["depth"] > 0:
+        _deferral["depth"] += 1
+        try:
+            yield _deferral["pending"]
+        finally:
+            _deferral["depth"] -= 1
+        return
+    pending: list[int] = []
+
+    def record(signum, frame):  # noqa: ARG001
+        pending.append(signum)
+        if len(pending) > 1:
+            raise KeyboardInterrupt(f"{signal.Signals(signum).name} during a checkpoint write")
+
+    previous = {}
+    for signum in _INTERRUPT_SIGNALS:
+        handler = signal.getsignal(signum)
+        if handler is signal.SIG_IGN or handler is None:  # ignored (or set from C): leave it alone
+            continue
+        previous[signum] = handler
+        signal.signal(signum, record)
+    _deferral.update(depth=1, pending=pending)
+    try:
+        yield pending
+    finally:
+        _deferral.update(depth=0, pending=[])
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if pending:
+            # Deliver the first held-back signal to the restored handler: KeyboardInterrupt (or
+            # libra's Interrupted) is raised here, after the write; SIG_DFL terminates as usual.
+            signal.raise_signal(pending[0])
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    The temporary file (``.NAME.XXXXXXXX.tmp``) is in the same directory (hence the same file
+    system) and is renamed only after ``write`` completed and the data was flushed to disk. On
+    any failure the temporary file is removed and ``path`` is untouched. SIGINT / SIGTERM are
+    deferred until the file is complete (see :func:`deferred_interrupts`); a second one aborts
+    the write and is raised as ``KeyboardInterrupt`` (not as the error it caused inside
+    ``write``, e.g. ``torch.save``'s "RuntimeError: [enforce fail ...]").
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with deferred_interrupts() as pending:
+        tmp_name = None
+        try:
+            fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.chmod(tmp_name, _default_file_mode())
+            os.replace(tmp_name, path)
+        except BaseException:
+            if tmp_name is not None:
+                try:
+                    os.unlink(tmp_name)
+                except FileNotFoundError:
+                    pass
+            if len(pending) > 1:  # aborted by a repeated interrupt: report the interrupt, not its side effect
+                raise KeyboardInterrupt(f"writing {path} was interrupted; the file was not written") from None
+            raise
+    return path
+
+
+# mkstemp's names: the prefix, 8 characters of [a-z0-9_], the suffix.
+_TEMP_NAME = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+def is_atomic_temp_file(path: str | os.PathLike) -> bool:
+    """True for the temporary files of :func:`atomic_write` (``.NAME.XXXXXXXX.tmp``)."""
+    return _TEMP_NAME.match(Path(path).name) is not None
+
+
+def remove_stale_temp_files(directory: str | os.PathLike, names: Sequence[str] | None = None) -> list[Path]:
+    """Remove the temporary files that interrupted :func:`atomic_write` calls left in ``directory``
+    (only files matching its own pattern; with ``names``, only those of these destination names,
+    glob patterns allowed). Call it when no other process writes there. Returns what was removed."""
+    import fnmatch
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for entry in directory.iterdir():
+        match = _TEMP_NAME.match(entry.name)
+        if match is None or not entry.is_file():
+            continue
+        if names is not None and not any(fnmatch.fnmatchcase(match.group("name"), n) for n in names):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def atomic_save(obj: Any, path: str | os.PathLike) -> None:
+    """``torch.save(obj, path)`` that never leaves a partially written ``path``.
+
+    The object is written to a temporary file beside ``path`` (same directory, hence the
+    same file system) and renamed over ``path`` only after the write completed and was
+    flushed to disk. On any failure the temporary file is removed and ``path`` is untouched.
+    """
+    atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(text: str, path: str | os.PathLike) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda handle: handle.write(text.encode("utf-8")))

@@ -1,0 +1,254 @@
+"""The run directory of ``train.py``: what a run writes there, refusing to mix two runs, resuming.
+
+A work dir holding a run (``config.json``, ``last_checkpoint``, ``log.jsonl`` or a checkpoint) is
+refused unless ``--resume`` continues it or ``--overwrite`` starts over (removing libra's own files
+only). A resume is refused, naming the difference, when its settings would make the continuation
+meaningless: another model config, dataset, optimizer, total batch, or (inside an epoch) another
+number of processes; deliberate changes (lr, seed, ...) are noted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .checkpoint import CheckpointError, checkpoint_model_config, remove_stale_temp_files
+from .distributed import DistributedContext, interrupt_signal, torchrun_environment
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+class WorkDirError(ValueError):
+    """The work dir cannot be used as given (it holds another run)."""
+
+
+# What a libra run writes into its work dir; a folder holding one of the first group holds a run.
+RUN_MARKERS = ("config.json", "last_checkpoint", "log.jsonl")
+RUN_CHECKPOINT = re.compile(r"^(epoch|iter)_\d+\.pth$")
+RUN_OUTPUTS = ("losses.png", "metrics.json", "detections.json", "segm_detections.json")
+
+# Settings that define what a checkpoint continues: --resume with other values is refused.
+RESUME_IDENTITY = (
+    ("model", "--model"),
+    ("dataset", "--dataset"),
+    ("optimizer", "--optimizer"),
+    ("repeat_factor_sampling", "--repeat-factor-sampling"),
+)
+# The model itself is compared through its complete config (checkpoint ``model_config``).
+RESUME_IDENTITY_SYNTHETIC = (
+    ("synthetic_num_train", "--synthetic-num-train"),
+    ("synthetic_image_size", "--synthetic-image-size"),
+)
+# Settings a resumed run may change on purpose; the change is noted (the run then differs from
+# the uninterrupted one).
+RESUME_NOTED = (
+    ("lr", "--lr"), ("momentum", "--momentum"), ("weight_decay", "--weight-decay"), ("warmup_iters", "--warmup-iters"),
+    ("warmup_ratio", "--warmup-ratio"), ("grad_clip", "--grad-clip"), ("lr_steps", "--lr-steps"), ("amp", "--amp"),
+    ("seed", "--seed"), ("min_size", "--min-size"), ("max_size", "--max-size"), ("multi_scale", "--multi-scale"),
+)
+
+
+def find_resume_checkpoint(args: argparse.Namespace) -> Path:
+    if args.resume != "auto":
+        return Path(args.resume)
+    pointer = Path(args.work_dir) / "last_checkpoint"
+    if not pointer.is_file():
+        raise CheckpointError(f"--resume without a path needs {pointer} (no checkpoint in {args.work_dir} yet)")
+    name = pointer.read_text().strip()
+    path = Path(args.work_dir) / name
+    if not name or not path.is_file():
+        found = sorted(p.name for p in Path(args.work_dir).iterdir() if RUN_CHECKPOINT.match(p.name))
+        raise CheckpointError(
+            f"{pointer} names {name or 'nothing'!r}, which is not a file in {args.work_dir}: pass --resume PATH"
+            + (f" (checkpoints there: {', '.join(found[-3:])})" if found else "")
+        )
+    return path
+
+
+def previous_run_files(work_dir: Path) -> list[Path]:
+    """The files of a libra run in ``work_dir`` (markers and checkpoints; outputs only with them)."""
+    if not work_dir.is_dir():
+        return []
+    marks = [work_dir / n for n in RUN_MARKERS if (work_dir / n).is_file()]
+    marks += sorted(p for p in work_dir.iterdir() if RUN_CHECKPOINT.match(p.name) and p.is_file())
+    return marks
+
+
+def check_work_dir(args: argparse.Namespace) -> None:
+    """Refuse to mix a new run into a work dir holding another one (before anything is written)."""
+    if args.overwrite and args.resume:
+        raise WorkDirError("--overwrite starts the run in --work-dir over and --resume continues it: pass only one")
+    work_dir = Path(args.work_dir)
+    if work_dir.exists() and not work_dir.is_dir():
+        raise WorkDirError(f"--work-dir {work_dir} is a file, not a folder")
+    existing = work_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.is_dir() and not os.access(existing, os.W_OK | os.X_OK):
+        raise WorkDirError(f"cannot write to --work-dir {work_dir} ({existing} is not writable)")
+    if args.resume or args.overwrite:
+        return
+    found = previous_run_files(work_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+        raise WorkDirError(
+            f"work dir {work_dir} already holds a libra run ({names}): continue it with --resume, start over with "
+            "--overwrite (removes that run's files), or pass another --work-dir"
+        )
+
+
+def clear_previous_run(work_dir: Path) -> list[Path]:
+    """``--overwrite``: remove libra's own files of the previous run (nothing else) and stale temp files."""
+    removed = []
+    if not work_dir.is_dir():
+        return removed
+    for path in sorted(work_dir.iterdir()):
+        if path.is_file() and (path.name in RUN_MARKERS or path.name in RUN_OUTPUTS or RUN_CHECKPOINT.match(path.name)):
+            path.unlink()
+            removed.append(path)
+    return removed + remove_stale_temp_files(work_dir)
+
+
+def _normalized(value):
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def check_resume_settings(checkpoint: dict, args: argparse.Namespace, path: Path) -> list[str]:
+    """Refuse (``CheckpointError``) a resume whose settings make the checkpoint's continuation
+    meaningless; returns notes about deliberate changes (lr, seed, ...). Settings the checkpoint
+    did not record (older checkpoints) are not compared."""
+    saved = checkpoint.get("args") or {}
+    current = vars(args)
+    keys = RESUME_IDENTITY + (RESUME_IDENTITY_SYNTHETIC if args.dataset == "synthetic" else ())
+    differences = [
+        _difference(flag, saved[key], current.get(key))
+        for key, flag in keys
+        if key in saved and _normalized(saved[key]) != _normalized(current.get(key))
+    ]
+    saved_config = checkpoint_model_config(checkpoint, path)
+    if _normalized(saved_config) != _normalized(args.model_config):
+        differences.append(_difference("the model config (flags / --set)", saved_config, args.model_config))
+    if differences:
+        advice = "resume with the checkpoint's settings, or start a new --work-dir without --resume"
+        if any(d.startswith("--optimizer ") for d in differences):
+            advice = f"resume with --optimizer {saved['optimizer']}, or start a new --work-dir without --resume"
+        raise CheckpointError(f"{path} was trained with {'; '.join(differences[:3])}: {advice}")
+    saved_batch, saved_world = saved.get("batch_size"), checkpoint.get("world_size", saved.get("world_size"))
+    mid_epoch = int(checkpoint.get("iter_in_epoch", 0)) > 0
+    notes = []
+    if saved_batch is not None and saved_world is not None:
+        if int(saved_batch) * int(saved_world) != args.batch_size * args.world_size:
+            raise CheckpointError(
+                f"{path} was trained with {saved_batch} images per process x {saved_world} processes "
+                f"({int(saved_batch) * int(saved_world)} per iteration) but this run has {args.batch_size} x "
+                f"{args.world_size}: the lr schedule and the iteration counts would not continue; resume with "
+                f"--batch-size {saved_batch} on {saved_world} processes, or start a new --work-dir without --resume"
+            )
+        if int(saved_world) != args.world_size:
+            if mid_epoch:
+                raise CheckpointError(
+                    f"{path} was written inside an epoch by {saved_world} processes; this run has {args.world_size}: "
+                    f"resume it with {saved_world} processes (--gpus {saved_world}), or resume from an epoch_N.pth "
+                    "checkpoint"
+                )
+            notes.append(f"{saved_world} processes -> {args.world_size} (the same total batch)")
+    for key, flag in RESUME_NOTED:
+        if key in saved and _normalized(saved[key]) != _normalized(current.get(key)):
+            notes.append(f"changed {flag} {_show(saved[key])} -> {_show(current.get(key))}")
+    return notes
+
+
+def _difference(flag: str, saved, current) -> str:
+    """``--optimizer sgd (this run: adamw)``; for a dict (the detector switches) only the keys that differ."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        keys = sorted(k for k in set(saved) | set(current) if _normalized(saved.get(k)) != _normalized(current.get(k)))
+        unset = "(preset default)"
+        return (
+            f"{flag} " + ",".join(f"{k}={_show(saved[k]) if k in saved else unset}" for k in keys)
+            + " (this run: " + ",".join(f"{k}={_show(current[k]) if k in current else unset}" for k in keys) + ")"
+        )
+    return f"{flag} {_show(saved)} (this run: {_show(current)})"
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return " ".join(str(v) for v in value) if value else "[]"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in sorted(value.items())) or "{}"
+    return str(value)
+
+
+def say(ctx: DistributedContext | None, message: str) -> None:
+    if ctx is None or ctx.is_main:
+        print(message, flush=True)
+
+
+def command_for(args: argparse.Namespace, *, resume: str | None = None, overwrite: bool = False) -> str:
+    """This run's command line without --resume / --overwrite, plus the ones asked for."""
+    argv = list(getattr(args, "argv", None) or [])
+    kept = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        index += 1
+        if token == "--resume":
+            if index < len(argv) and not argv[index].startswith("-"):
+                index += 1  # its value
+            continue
+        if token.startswith("--resume=") or token == "--overwrite":
+            continue
+        kept.append(token)
+    if resume == "auto":
+        kept.append("--resume")
+    elif resume:
+        kept += ["--resume", resume]
+    if overwrite:
+        kept.append("--overwrite")
+    script = getattr(args, "script", None) or "train.py"
+    launcher = "the same launcher with: " if torchrun_environment() else "python "
+    return launcher + shlex.join([script, *kept])
+
+
+def interrupt_message(args: argparse.Namespace, trainer: Trainer | None, error: BaseException) -> str:
+    """One line: where the interrupt found the run, the last checkpoint, and the command that resumes."""
+    signum = getattr(error, "signum", None) or interrupt_signal() or signal.SIGINT
+    what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    work_dir = Path(args.work_dir)
+    if trainer is None:
+        where = "before training started"
+    else:
+        if trainer.epoch >= trainer.config.num_epochs or trainer.iteration >= trainer.config.max_iters:
+            where = f"after the last iteration ({trainer.iteration})"
+        else:
+            where = f"at iteration {trainer.iteration} (epoch {trainer.epoch + 1})"
+        if trainer.writing_checkpoint is not None:
+            where += f" while writing {trainer.writing_checkpoint} (not written)"
+        elif trainer.stage == "evaluating":
+            where += " during the evaluation"
+    pointer = work_dir / "last_checkpoint"
+    checkpoint, resume = None, None
+    if pointer.is_file() and (work_dir / pointer.read_text().strip()).is_file():
+        checkpoint, resume = work_dir / pointer.read_text().strip(), "auto"
+    elif trainer is not None and trainer.last_checkpoint is not None and trainer.last_checkpoint.is_file():
+        checkpoint = resume = trainer.last_checkpoint
+    elif args.resume and args.resume != "auto" and Path(args.resume).is_file():
+        checkpoint = resume = Path(args.resume)
+    if checkpoint is not None:
+        at = ""
+        if trainer is not None and trainer.last_checkpoint == checkpoint and trainer.last_checkpoint_iteration is not None:
+            at = f" (iteration {trainer.last_checkpoint_iteration})"
+        return (
+            f"interrupted ({what}) {where}; the last checkpoint is {checkpoint}{at}; resume with: "
+            + command_for(args, resume=str(resume) if resume != "auto" else "auto")
+        )
+    wrote = bool(previous_run_files(work_dir))
+    first = "" if trainer is None else f" (the first is written after epoch {min(args.checkpoint_interval, args.epochs)})"
+    return (
+        f"interrupted ({what}) {where}; no checkpoint was written yet{first}; start again with: "
+        + command_for(args, overwrite=wrote)
+    )
