@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 
 from libra.analysis._io import AnalysisError
-from libra.engine.builders import DataError, build_dataset
+from libra.engine.builders import DataError, build_split
 from libra.engine.checkpoint import CheckpointError
 from libra.detectors import FasterRCNN
 from libra.engine.cli import apply_recipe, build_detector, data_settings, one_line
@@ -158,7 +158,7 @@ def load_model(checkpoint: str, split: str, rest: list[str], two_stage: bool = T
     device = torch.device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    dataset = build_dataset(data_settings(args), train=False, split=split)
+    dataset = build_split(data_settings(args), train=False, split=split)
     model = build_detector(args, dataset.num_classes)
     if two_stage and not isinstance(model, FasterRCNN):
         raise AnalysisError(f"{args.model} has no RPN and R-CNN stage of its own; this figure needs a two-stage detector")
@@ -376,7 +376,7 @@ def run_errors(args: argparse.Namespace, rest: list[str]) -> int:
         data_args.dataset = data_args.dataset or "synthetic"
         data_args.model = data_args.model or "libra_faster_rcnn_r50_fpn"
         apply_recipe(data_args)
-        dataset = build_dataset(data_settings(data_args), train=False, split="val")
+        dataset = build_split(data_settings(data_args), train=False, split="val")
         coco_gt, gt_name = dataset.coco_api, f"the {data_args.dataset} evaluation split"
     groups = category_groups(coco_gt, args.groups)
     analyses = []

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from libra.data.proposals import top_proposals
-from libra.engine.builders import DataError, build_dataset, build_eval_loader
+from libra.engine.builders import DataError, build_eval_loader, build_split
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import build_detector, check_proposals_flags, data_settings, one_line
 from libra.engine.distributed import DistributedContext, launch
@@ -109,7 +109,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     if ctx.device.type == "cpu":
         torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // ctx.world_size))
     settings = data_settings(args)
-    dataset = build_dataset(settings, train=False, split=args.split, proposals_file=args.proposals_file)
+    dataset = build_split(settings, train=False, split=args.split, proposals_file=args.proposals_file)
     model = build_detector(args, dataset.num_classes)
     if args.proposals and not model.makes_proposals:
         raise CheckpointError(

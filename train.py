@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from libra.engine.builders import build_dataset, build_eval_loader, build_train_loader
+from libra.engine.builders import build_eval_loader, build_split, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
     atomic_write_text,
@@ -273,12 +273,12 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     # 1. Everything that can fail because of the input, before anything is written.
     settings = data_settings(args)
     if ctx.is_main or args.dataset != "synthetic":
-        train_set = build_dataset(settings, train=True, proposals_file=args.proposals_file)
+        train_set = build_split(settings, train=True, proposals_file=args.proposals_file)
     if ctx.distributed and args.dataset == "synthetic":
         torch.distributed.barrier()  # rank 0 generated the synthetic files; the others read them now
         if not ctx.is_main:
-            train_set = build_dataset(settings, train=True, proposals_file=args.proposals_file)
-    val_set = None if args.no_eval else build_dataset(settings, train=False, proposals_file=args.val_proposals_file)
+            train_set = build_split(settings, train=True, proposals_file=args.proposals_file)
+    val_set = None if args.no_eval else build_split(settings, train=False, proposals_file=args.val_proposals_file)
     class_names = tuple(getattr(train_set, "class_names", ()) or ()) or None
     checkpoint = None
     if args.resume:

@@ -322,7 +322,7 @@ _LIBRA_MASK_RCNN: dict[str, Any] = {
 # LVIS v1 test settings (paper Sec. 4.2: "The output threshold for objects is set as 0.001";
 # MMDetection mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1: test_cfg.rcnn max_per_img=300, the LVIS
 # evaluation's 300 detections per image).
-_LVIS_TEST: dict[str, Any] = {"score_thr": 0.001, "max_per_img": 300}
+LVIS_TEST_SETTINGS: dict[str, Any] = {"score_thr": 0.001, "max_per_img": 300}
 
 PRESETS: dict[str, dict[str, Any]] = {
     "faster_rcnn_r50_fpn": dict(_BASELINE),
@@ -357,14 +357,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mask_rcnn_r101_fpn": {**_MASK_RCNN, "backbone": "resnet101"},
     "mask_rcnn_x101_64x4d_fpn": {**_MASK_RCNN, "backbone": "resnext101_64x4d"},
     # Paper Table 9 (LVIS v1 val, repeat factor sampling): the Mask R-CNN baseline ...
-    "mask_rcnn_r50_fpn_lvis": {**_MASK_RCNN, **_LVIS_TEST},
+    "mask_rcnn_r50_fpn_lvis": {**_MASK_RCNN, **LVIS_TEST_SETTINGS},
     # ... Libra Mask R-CNN with class-balanced positives ("we first sample an equal number of
     # positive samples for each class, then adopt the instance balanced sampling to samples of each
     # class", Sec. 3.1) and IoU-balanced negatives ...
-    "libra_mask_rcnn_r50_fpn_lvis": {**_LIBRA_MASK_RCNN, **_LVIS_TEST, "pos_sampler": "class_balanced"},
+    "libra_mask_rcnn_r50_fpn_lvis": {**_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced"},
     # ... and with bucketed class re-weighting (Sec. 3.3.3; sigmoid classifier, sigmoid scores at test).
     "libra_mask_rcnn_r50_fpn_lvis_bcr": {
-        **_LIBRA_MASK_RCNN, **_LVIS_TEST, "pos_sampler": "class_balanced", "cls_loss": "bcr",
+        **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "cls_loss": "bcr",
     },
 }
 

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from libra.presets import LVIS_TEST_SETTINGS
+
 # The paper's recipe (Sec. 4.1.2; MMDetection schedule_1x.py / coco_detection.py): SGD lr 0.02 for
 # 16 images, momentum 0.9, weight decay 1e-4, linear warmup over 500 iterations from 0.001 x lr,
 # lr x 0.1 after epochs 8 and 11 of 12 (2x: 16 and 22 of 24), 2 images per GPU, 1333 x 800.
@@ -139,38 +141,27 @@ DETECTOR_RECIPES: dict[str, dict[str, Any]] = {
 }
 
 # What a detector changes in one dataset's recipe, applied after both entries above.
+# Synthetic, two-stage: 256-d box-head fcs, 128 RoIs per image, 600/300 RPN proposals.
+_SYNTHETIC_TWO_STAGE: dict[str, Any] = {
+    "fc_channels": 256,
+    "roi_batch_size": 128,
+    "rpn_pre_nms_top_n_train": 600,
+    "rpn_post_nms_top_n_train": 300,
+    "rpn_pre_nms_top_n_test": 300,
+    "rpn_post_nms_top_n_test": 300,
+}
 DATASET_DETECTOR_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
-    # Synthetic, two-stage: 256-d box-head fcs, 128 RoIs per image, 600/300 RPN proposals.
-    ("synthetic", "faster_rcnn"): {
-        "overrides": {
-            "fc_channels": 256,
-            "roi_batch_size": 128,
-            "rpn_pre_nms_top_n_train": 600,
-            "rpn_post_nms_top_n_train": 300,
-            "rpn_pre_nms_top_n_test": 300,
-            "rpn_post_nms_top_n_test": 300,
-        },
-    },
+    ("synthetic", "faster_rcnn"): {"overrides": dict(_SYNTHETIC_TWO_STAGE)},
     # Synthetic, Mask R-CNN: the two-stage entry's sizes, and a mask head of 64-channel convs instead
     # of 256 (still 4 convs + deconv). The mask branch runs on 32 positives per image: with 128
     # channels a training step took 3.5x the Faster R-CNN step on the CPU, with 64 about 1.5-2x.
-    ("synthetic", "mask_rcnn"): {
-        "overrides": {
-            "fc_channels": 256,
-            "roi_batch_size": 128,
-            "rpn_pre_nms_top_n_train": 600,
-            "rpn_post_nms_top_n_train": 300,
-            "rpn_pre_nms_top_n_test": 300,
-            "rpn_post_nms_top_n_test": 300,
-            "mask_conv_channels": 64,
-        },
-    },
+    ("synthetic", "mask_rcnn"): {"overrides": {**_SYNTHETIC_TWO_STAGE, "mask_conv_channels": 64}},
     # LVIS, every detector with test settings: the paper's score threshold 0.001 (Sec. 4.2) and the
-    # 300 detections per image the LVIS evaluation keeps.
-    ("lvis", "faster_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
-    ("lvis", "mask_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
-    ("lvis", "fast_rcnn"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
-    ("lvis", "retinanet"): {"overrides": {"score_thr": 0.001, "max_per_img": 300}},
+    # 300 detections per image the LVIS evaluation keeps (the LVIS presets' own values).
+    **{
+        ("lvis", detector): {"overrides": dict(LVIS_TEST_SETTINGS)}
+        for detector in ("faster_rcnn", "mask_rcnn", "fast_rcnn", "retinanet")
+    },
     # Synthetic, standalone RPN: the preset's test settings (2000 per level, 1000 proposals) are
     # kept, so that AR@1000 means what it means on COCO.
     # Synthetic, Fast R-CNN: the two-stage entry's R-CNN sizes.

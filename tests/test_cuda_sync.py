@@ -553,10 +553,10 @@ def test_roi_head_training_forward_syncs_only_in_the_extractor(device):
     proposals = move_proposals(make_proposals(300, targets_cpu, generator), device)
     targets = [to_device(t, device) for t in targets_cpu]
     features = [f.to(device) for f in fpn_features(16, generator)]
-    roi_head(features, proposals, IMAGE_SIZES, targets)  # warm-up
+    roi_head.loss(features, roi_head.sample(proposals, targets))  # warm-up
     recorder = SyncRecorder(device)
     with recorder:
-        losses = roi_head(features, proposals, IMAGE_SIZES, targets)
+        losses = roi_head.loss(features, roi_head.sample(proposals, targets))
     assert recorder.files() <= {"libra/roi_heads/roi_extractor.py"}, recorder.sites()
     if recorder.available:
         assert recorder.events, "the RoIs per level are read back: the recorder must see it"

@@ -24,7 +24,7 @@ from PIL import Image
 
 from libra.data import DataError
 from libra.data.synthetic import SYNTHETIC_MARKER, ensure_synthetic_dataset, synthetic_fingerprint
-from libra.engine.builders import DataSettings, build_dataset, build_eval_loader, build_train_loader
+from libra.engine.builders import DataSettings, build_eval_loader, build_split, build_train_loader
 from libra.engine.cli import one_line, parse_set_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,11 +273,11 @@ def test_header_check_names_the_bad_image_before_training(tmp_path, layout):
             bad = image_path(root, layout, split)
             corrupt(bad, kind)
             with pytest.raises(DataError) as info:
-                build_dataset(settings(layout, root), train=split == "train")
+                build_split(settings(layout, root), train=split == "train")
             message = str(info.value)
             assert str(bad) in message and "\n" not in message, message
             # The other split is fine.
-            build_dataset(settings(layout, root), train=split != "train")
+            build_split(settings(layout, root), train=split != "train")
 
 
 def test_header_check_catches_size_mismatch_and_truncated_png(tmp_path):
@@ -285,21 +285,21 @@ def test_header_check_catches_size_mismatch_and_truncated_png(tmp_path):
     bad = image_path(root, "coco", "train")
     Image.new("RGB", (50, 64)).save(bad, format="JPEG")  # annotated as 64 x 64
     with pytest.raises(DataError, match=f"{bad.name}.*50 x 64.*64 x 64"):
-        build_dataset(settings("coco", root), train=True)
+        build_split(settings("coco", root), train=True)
     bad.write_bytes(png_bytes(0)[:-200])  # a PNG (any extension) whose end is missing
     with pytest.raises(DataError, match=bad.name):
-        build_dataset(settings("coco", root), train=True)
+        build_split(settings("coco", root), train=True)
     # --check-images none skips the check (the error then comes when the sample is loaded)
-    dataset = build_dataset(settings("coco", root, "none"), train=True)
+    dataset = build_split(settings("coco", root, "none"), train=True)
     with pytest.raises(DataError, match=bad.name):
         dataset[0]
     # full: decodes every file; header with no confirmation budget leaves a truncated file to load time
     (root / "val2017" / "val_001.jpg").write_bytes(jpeg_bytes(5)[:-300])
     with pytest.raises(DataError, match="val_001.jpg"):
-        build_dataset(settings("coco", root, "full"), train=False)
+        build_split(settings("coco", root, "full"), train=False)
     from libra.data import check_image_files
 
-    val = build_dataset(settings("coco", root, "none"), train=False)
+    val = build_split(settings("coco", root, "none"), train=False)
     assert [r.file_path.name for r, _ in check_image_files(val.records, "header")] == ["val_001.jpg"]
     assert check_image_files(val.records, "header", max_full_decodes=0) == []
 
@@ -314,7 +314,7 @@ def test_decode_error_in_loader_is_one_line_naming_the_file(tmp_path, layout, wo
             root = (make_coco if layout == "coco" else make_voc)(tmp_path / f"{kind}_{split}")
             bad = image_path(root, layout, split)
             corrupt(bad, kind)
-            dataset = build_dataset(settings(layout, root, "none"), train=split == "train")
+            dataset = build_split(settings(layout, root, "none"), train=split == "train")
             if split == "train":
                 loader, _ = build_train_loader(dataset, 2, workers, 0, 1, 0)
             else:
@@ -401,7 +401,7 @@ def test_out_of_image_boxes_are_clipped_and_empty_ones_dropped(tmp_path):
         {"id": 4, "image_id": 1, "category_id": 1, "bbox": [-5, -5, 200, 200], "area": 4e4, "iscrowd": 1},  # crowd
         {"id": 5, "image_id": 2, "category_id": 1, "bbox": [100, 100, 30, 30], "area": 900, "iscrowd": 0},  # all outside
     ]
-    dataset = build_dataset(_coco_with_boxes(tmp_path, annotations), train=True)
+    dataset = build_split(_coco_with_boxes(tmp_path, annotations), train=True)
     assert dataset.image_ids == [1]  # image 2's only box is outside the image: no usable box, dropped in training
     record = dataset.records[0]
     np.testing.assert_allclose(record.boxes, [[0, 20, 20, 64]])
@@ -414,7 +414,7 @@ def test_out_of_image_boxes_are_clipped_and_empty_ones_dropped(tmp_path):
     val_root = Path(dataset.root).parent
     (val_root / "annotations" / "instances_val2017.json").write_text(
         (val_root / "annotations" / "instances_train2017.json").read_text().replace("train_", "val_"))
-    val = build_dataset(settings("coco", val_root), train=False)
+    val = build_split(settings("coco", val_root), train=False)
     assert val.image_ids == [1, 2] and val.records[1].boxes.shape == (0, 4)
 
 
@@ -424,7 +424,7 @@ def test_voc_boxes_are_clipped(tmp_path):
     xml.write_text(xml.read_text().replace("<xmax>40</xmax>", "<xmax>90</xmax>")
                    .replace("</annotation>", "<object><name>cat</name><bndbox><xmin>80</xmin><ymin>1</ymin>"
                             "<xmax>99</xmax><ymax>9</ymax></bndbox></object></annotation>"))
-    dataset = build_dataset(settings("voc", root), train=True)
+    dataset = build_split(settings("voc", root), train=True)
     record = dataset.records[0]
     np.testing.assert_allclose(record.boxes, [[8, 16, 64, 48]])  # the cat (all outside) is dropped
     assert record.labels.tolist() == [11] and record.difficult.tolist() == [False]
@@ -434,7 +434,7 @@ def test_voc_boxes_are_clipped(tmp_path):
 def test_absurd_boxes_are_rejected_with_one_line(tmp_path, value):
     annotations = [{"id": 42, "image_id": 1, "category_id": 1, "bbox": [1, 2, value, 30], "area": 100, "iscrowd": 0}]
     with pytest.raises(DataError) as info:
-        build_dataset(_coco_with_boxes(tmp_path, annotations), train=True)
+        build_split(_coco_with_boxes(tmp_path, annotations), train=True)
     message = str(info.value)
     assert "annotation 42" in message and "image 1" in message and "\n" not in message, message
 
@@ -444,7 +444,7 @@ def test_absurd_voc_box_is_rejected(tmp_path):
     xml = root / "VOC2007" / "Annotations" / "000000.xml"
     xml.write_text(xml.read_text().replace("<xmax>40</xmax>", "<xmax>1e9</xmax>"))
     with pytest.raises(DataError, match="000000.xml.*1e\\+?0?9|000000.xml.*1000000000"):
-        build_dataset(settings("voc", root), train=True)
+        build_split(settings("voc", root), train=True)
 
 
 def test_train_script_absurd_box(tmp_path):

@@ -425,7 +425,7 @@ def test_engine_decodes_masks_only_for_a_mask_model(tmp_path):
          "--synthetic-num-val", "2", "--work-dir", str(tmp_path / "w")]
     ))
     from libra.engine.cli import data_settings
-    from libra.engine.builders import build_dataset as engine_build
+    from libra.engine.builders import build_split as engine_build
 
     settings = data_settings(args)
     assert settings.with_masks

@@ -41,8 +41,11 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from libra import coco_api
 from libra.masks import decode_masks
 
+from .errors import DataError
+from .proposals import check_coverage
 from .transforms import DetectionTransform, sample_generator
 
 
@@ -67,11 +70,6 @@ class ImageRecord:
     ignore_boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     segmentations: list | None = None
     ann_ids: list | None = None
-
-
-class DataError(ValueError):
-    """The dataset on disk cannot be used as given; the message is one line naming the file or
-    annotation and what to do (``libra.engine.builders`` re-exports it)."""
 
 
 class ImageFileError(DataError):
@@ -299,9 +297,7 @@ class DetectionDataset(Dataset):
     def coco_api(self):
         """The evaluation ground truth as a pycocotools ``COCO`` (built from the records once)."""
         if self._coco_api is None:
-            from .coco import load_coco_api
-
-            self._coco_api = load_coco_api(records_to_coco_dict(self.records, self.class_names))
+            self._coco_api = coco_api.load_coco_api(records_to_coco_dict(self.records, self.class_names))
         return self._coco_api
 
     @property
@@ -339,8 +335,6 @@ class DetectionDataset(Dataset):
         ``proposals`` is a :class:`~libra.data.proposals.ProposalSet`; one of another dataset / split,
         or without some image of this one, is refused with a `DataError` naming ``source``.
         """
-        from .proposals import check_coverage
-
         check_coverage(proposals, self.image_ids, source, dataset, split)
         self.proposals = proposals
 

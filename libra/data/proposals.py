@@ -34,7 +34,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from .base import DataError
+from .errors import DataError
 
 PROPOSALS_FORMAT = "libra-proposals"
 PROPOSALS_VERSION = 1

@@ -45,6 +45,8 @@ from libra.losses.focal_loss import SigmoidFocalLoss
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
 
+from .anchor_outputs import assign_anchors, flatten_level
+
 # retinanet_r50_fpn_1x_coco: model.bbox_head.anchor_generator octave_base_scale=4,
 # scales_per_octave=3, ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128].
 RETINANET_ANCHOR_SCALES = tuple(4 * 2 ** (i / 3) for i in range(3))
@@ -123,18 +125,6 @@ class RetinaHead(nn.Module):
             cls_logits.append(self.retina_cls(cls_hidden))
             deltas.append(self.retina_reg(reg_hidden))
         return cls_logits, deltas
-
-
-def _flatten_level(cls_logits: Tensor, deltas: Tensor, num_classes: int) -> tuple[Tensor, Tensor]:
-    """``[B, A*C, H, W]``, ``[B, A*4, H, W]`` -> ``[B, H*W*A, C]``, ``[B, H*W*A, 4]``.
-
-    Anchor order ``(y*W + x)*A + a``, the anchor generator's: channel ``a*C + c`` of cell
-    ``(y, x)`` becomes row ``(y*W + x)*A + a``, column ``c``.
-    """
-    batch = cls_logits.shape[0]
-    logits = cls_logits.permute(0, 2, 3, 1).reshape(batch, -1, num_classes)
-    boxes = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4)
-    return logits, boxes
 
 
 class RetinaNetDenseHead(nn.Module):
@@ -238,7 +228,7 @@ class RetinaNetDenseHead(nn.Module):
         feature_sizes = [tuple(f.shape[-2:]) for f in features]
         anchors = self.anchor_generator(feature_sizes, device=features[0].device, dtype=torch.float32)
         # Scores and boxes in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
-        flat = [_flatten_level(c.float(), d.float(), self.num_classes) for c, d in zip(cls_logits, deltas)]
+        flat = [flatten_level(c.float(), d.float(), self.num_classes) for c, d in zip(cls_logits, deltas)]
         return anchors, [f[0] for f in flat], [f[1] for f in flat]
 
     # ------------------------------------------------------------------ loss
@@ -266,16 +256,8 @@ class RetinaNetDenseHead(nn.Module):
         """
         labels, counted, positives, delta_targets, num_positives = [], [], [], [], []
         background = self.num_classes
-        for index, target in enumerate(targets):
+        for target, assignment in zip(targets, assign_anchors(self.assigner, anchors, targets, valid)):
             gt_boxes = target["boxes"]
-            assignment = self.assigner.assign(
-                anchors,
-                gt_boxes,
-                target["labels"],
-                target.get("ignore_boxes"),
-                validate=False,  # the detector validated the targets once per batch
-                valid=None if valid is None else valid[index],
-            )
             positive = assignment.gt_inds > 0
             # No sampler: negatives (0) and positives count; ignored and invalid anchors (-1) do not.
             counted.append((assignment.gt_inds >= 0).to(cls_logits.dtype))

@@ -38,6 +38,8 @@ from libra.ops import batched_nms
 from libra.samplers import RandomSampler, sample_pos_neg
 from libra.structures import Proposals
 
+from .anchor_outputs import assign_anchors, flatten_level
+
 
 class RPNHead(nn.Module):
     """Objectness and box-delta predictor shared by all pyramid levels.
@@ -78,14 +80,6 @@ class RPNHead(nn.Module):
             objectness.append(self.rpn_cls(hidden))
             deltas.append(self.rpn_reg(hidden))
         return objectness, deltas
-
-
-def _flatten_level(objectness: Tensor, deltas: Tensor) -> tuple[Tensor, Tensor]:
-    """``[B, A, H, W]``, ``[B, 4A, H, W]`` -> ``[B, H*W*A]``, ``[B, H*W*A, 4]`` in anchor order ``(y*W + x)*A + a``."""
-    batch = objectness.shape[0]
-    logits = objectness.permute(0, 2, 3, 1).reshape(batch, -1)
-    boxes = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4)
-    return logits, boxes
 
 
 class RegionProposalNetwork(nn.Module):
@@ -187,8 +181,8 @@ class RegionProposalNetwork(nn.Module):
             [tuple(f.shape[-2:]) for f in features], device=features[0].device, dtype=torch.float32
         )
         # Boxes are decoded in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
-        flat = [_flatten_level(o.float(), d.float()) for o, d in zip(objectness, deltas)]
-        logits_per_level = [f[0] for f in flat]
+        flat = [flatten_level(o.float(), d.float(), 1) for o, d in zip(objectness, deltas)]
+        logits_per_level = [f[0].squeeze(-1) for f in flat]  # [B, N_l]: one objectness logit per anchor
         deltas_per_level = [f[1] for f in flat]
 
         proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes) if with_proposals else None
@@ -289,16 +283,8 @@ class RegionProposalNetwork(nn.Module):
             ``{"loss_rpn_cls": scalar, "loss_rpn_bbox": scalar}``.
         """
         objectness_targets, sampled_masks, positive_masks, delta_targets, avg_factors = [], [], [], [], []
-        for index, target in enumerate(targets):
+        for target, assignment in zip(targets, assign_anchors(self.assigner, anchors, targets, valid)):
             gt_boxes = target["boxes"]
-            assignment = self.assigner.assign(
-                anchors,
-                gt_boxes,
-                target["labels"],
-                target.get("ignore_boxes"),
-                validate=False,  # the detector validated the targets once per batch
-                valid=None if valid is None else valid[index],
-            )
             positive, negative = sample_pos_neg(
                 assignment.gt_inds,
                 assignment.max_overlaps,

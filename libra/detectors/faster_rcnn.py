@@ -85,13 +85,20 @@ class FasterRCNN(Detector):
 
     @torch.no_grad()
     def predict_proposals(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """RPN proposals only (for proposal recall), with the RPN's settings of the current mode.
+        """RPN proposals only (for proposal recall), with the RPN's settings of the current mode:
+        :func:`rpn_proposals`."""
+        return rpn_proposals(self, batch)
 
-        Returns:
-            Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` sorted by decreasing score,
-            in ``batch.original_sizes`` coordinates when given.
-        """
-        image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
-        features = self.neck(self.backbone(batch.images))
-        proposals, _ = self.rpn(features, image_sizes)
-        return self.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)
+
+def rpn_proposals(detector: Detector, batch: Batch) -> list[dict[str, Tensor]]:
+    """The proposals of a detector's ``backbone -> neck -> rpn`` (Faster / Mask R-CNN and the
+    standalone RPN share it).
+
+    Returns:
+        Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` sorted by decreasing score, in
+        ``batch.original_sizes`` coordinates when given.
+    """
+    image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
+    features = detector.neck(detector.backbone(batch.images))
+    proposals, _ = detector.rpn(features, image_sizes)
+    return detector.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from libra.dense_heads import RegionProposalNetwork
 from libra.structures import Batch
 
-from .base import Detector, check_images
+from .base import Detector
+from .faster_rcnn import rpn_proposals
 
 
 class ProposalNetwork(Detector):
@@ -66,14 +67,6 @@ class ProposalNetwork(Detector):
 
     @torch.no_grad()
     def predict_proposals(self, batch: Batch) -> list[dict[str, Tensor]]:
-        """Proposals with the RPN's settings of the current mode (same interface as
-        :meth:`FasterRCNN.predict_proposals`).
-
-        Returns:
-            Per image ``{"proposals": [P, 4], "proposal_scores": [P]}`` sorted by decreasing score,
-            in ``batch.original_sizes`` coordinates when given.
-        """
-        image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
-        features = self.neck(self.backbone(batch.images))
-        proposals, _ = self.rpn(features, image_sizes)
-        return self.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)
+        """Proposals with the RPN's settings of the current mode (the same code as
+        :meth:`FasterRCNN.predict_proposals`, :func:`~libra.detectors.faster_rcnn.rpn_proposals`)."""
+        return rpn_proposals(self, batch)

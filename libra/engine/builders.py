@@ -11,7 +11,7 @@ annotation file, a non-empty folder given to the synthetic builder) is raised as
 (a ValueError) with a one-line message.
 
 Pre-flight image check (``DataSettings.check_images``, the ``--check-images`` flag), run by
-`build_dataset` before anything is trained: ``header`` (default) reads the first bytes and the
+`build_split` before anything is trained: ``header`` (default) reads the first bytes and the
 last 64 bytes of every image file (size against the annotation; a truncated JPEG / PNG has no end
 marker and is then decoded to confirm), ~0.03 ms per file, about 4 s for COCO train2017;
 ``full`` decodes every image (6-12 min for COCO train2017 on 2 cores; finds damage a header
@@ -68,14 +68,15 @@ def default_data_root(settings: DataSettings) -> Path:
     raise DataError(f"--data-root is required for --dataset {settings.dataset}")
 
 
-def build_dataset(
+def build_split(
     settings: DataSettings,
     train: bool,
     check_files: bool = True,
     split: str | None = None,
     proposals_file: str | None = None,
 ):
-    """The training (``train=True``) or evaluation split of ``settings.dataset``.
+    """The training (``train=True``) or evaluation split of ``settings.dataset``, checked (the command
+    line's way to :func:`libra.data.build_dataset`, which it calls).
 
     With ``check_files`` it checks that every image file exists and, per ``settings.check_images``,
     that it can be decoded (module docstring), so that a missing or broken file is reported

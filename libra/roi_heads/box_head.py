@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from libra.layers import ConvNormReLU
+
 __all__ = ["Shared2FCBoxHead", "Shared4Conv1FCBoxHead", "select_class_deltas"]
 
 
@@ -85,30 +87,6 @@ class Shared2FCBoxHead(nn.Module):
         for fc in self.shared_fcs:
             x = self.relu(fc(x))
         return self.fc_cls(x), self.fc_reg(x)
-
-
-class ConvNormReLU(nn.Module):
-    """3x3 conv (no bias when normalised) + optional GroupNorm + ReLU.
-
-    Named ``conv`` / ``gn`` so that keys read ``shared_convs.{i}.conv.weight`` and
-    ``shared_convs.{i}.gn.weight``, as in the released mmdet GN heads.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str | None, num_groups: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm is None)
-        self.gn = nn.GroupNorm(num_groups, out_channels) if norm == "GN" else None
-        self.relu = nn.ReLU(inplace=True)
-        # He init for a conv followed by ReLU (fan_out); GN starts as the identity affine map.
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.gn is not None:
-            x = self.gn(x)
-        return self.relu(x)
 
 
 class Shared4Conv1FCBoxHead(nn.Module):

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from libra.layers import ConvNormReLU
+
 from libra.roi_heads.roi_extractor import MultiLevelRoIExtractor
 
 __all__ = ["FCNMaskHead", "mask_loss", "mask_probs_for_labels", "mask_roi_extractor", "select_class_masks"]
@@ -39,30 +41,6 @@ def mask_roi_extractor(featmap_strides: tuple[int, ...] = (4, 8, 16, 32), finest
     return MultiLevelRoIExtractor(
         output_size=MASK_ROI_SIZE, featmap_strides=featmap_strides, sampling_ratio=0, finest_scale=finest_scale
     )
-
-
-class MaskConv(nn.Module):
-    """3x3 conv (no bias when normalised) + optional GroupNorm + ReLU.
-
-    Named ``conv`` / ``gn`` so that keys read ``convs.{i}.conv.weight`` (and ``convs.{i}.gn.weight``
-    for a GN head), the ``ConvModule`` layout of MMDetection's ``FCNMaskHead``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, norm: str | None = None, num_groups: int = 32) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm is None)
-        self.gn = nn.GroupNorm(num_groups, out_channels) if norm == "GN" else None
-        self.relu = nn.ReLU(inplace=True)
-        # mmcv ConvModule init: kaiming_normal (fan_out, relu), bias 0; GN starts as identity.
-        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
-        if self.conv.bias is not None:
-            nn.init.zeros_(self.conv.bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
-        if self.gn is not None:
-            x = self.gn(x)
-        return self.relu(x)
 
 
 class FCNMaskHead(nn.Module):
@@ -112,7 +90,7 @@ class FCNMaskHead(nn.Module):
         self.num_classes = num_classes
         self.class_agnostic = class_agnostic
         self.convs = nn.ModuleList(
-            [MaskConv(in_channels if i == 0 else conv_channels, conv_channels, norm, num_groups) for i in range(num_convs)]
+            [ConvNormReLU(in_channels if i == 0 else conv_channels, conv_channels, norm, num_groups) for i in range(num_convs)]
         )
         upsample_in = conv_channels if num_convs > 0 else in_channels
         self.upsample = nn.ConvTranspose2d(upsample_in, conv_channels, kernel_size=2, stride=2)

@@ -123,30 +123,6 @@ class RoIHead(nn.Module):
         self.max_per_img = max_per_img
         self.generator = generator
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        features: Sequence[Tensor],
-        proposals: Proposals,
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-    ) -> dict[str, Tensor] | list[dict[str, Tensor]]:
-        """Losses in training (with targets), detections otherwise.
-
-        Args:
-            features: pyramid levels ``[B, C, H_l, W_l]`` (P2..P5 used, finer first).
-            proposals: :class:`Proposals` of the RPN (``[B, P, 4]`` boxes + validity).
-            image_sizes: ``(h, w)`` per image before padding.
-            targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
-
-        Returns:
-            training: ``{"loss_cls", "loss_bbox", "acc"}``; test: per image
-            ``{"boxes": [D, 4], "scores": [D], "labels": [D]}`` in resized image coordinates.
-        """
-        if self.training and targets is not None:
-            return self.loss(features, self.sample(proposals, targets))
-        return self.predict(features, proposals, image_sizes)
-
     # ------------------------------------------------------------------ training
     @property
     def max_positives_per_image(self) -> int:

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
 
 import train  # noqa: E402  (train.py: its parser and recipe resolution)
-from libra.engine.builders import build_dataset, build_train_loader  # noqa: E402
+from libra.engine.builders import build_split, build_train_loader  # noqa: E402
 from libra.engine.cli import build_detector, data_settings  # noqa: E402
 from libra.engine.distributed import DistributedContext  # noqa: E402
 from libra.engine.lr_schedule import WarmupMultiStepLR  # noqa: E402
@@ -83,7 +83,7 @@ def build_job(argv: list[str]):
     train.seed_everything(args.seed)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    train_set = build_dataset(data_settings(args), train=True)
+    train_set = build_split(data_settings(args), train=True)
     model = build_detector(args, train_set.num_classes).to(device)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adamw":
