@@ -122,6 +122,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "(Hoiem et al.)")
     errors.add_argument("--out-dir", default=None, help="default: analysis/ beside the first results file")
 
+    browse = commands.add_parser(
+        "browse", formatter_class=fmt,
+        help="the ground truth of N images of a split as the model sees it (after the transforms), drawn to PNGs",
+        description="Draw the ground truth (boxes, class names, masks for a mask model, crowd / ignore boxes "
+        "dashed grey) of images of a split after the data pipeline: the training transforms (resize, "
+        "multi-scale, flip) with --split train, the test transform with --split val. The first thing to look at "
+        "when your own data trains badly.",
+        epilog="Takes eval.py's data flags (--dataset, --data-root, --train-ann / --train-images / --val-ann / "
+        "--val-images, --model (masks are drawn for a mask model), --min-size, ...).",
+    )
+    browse.add_argument("--split", choices=("train", "val"), default="train")
+    browse.add_argument("--images", type=int, default=8, help="how many images")
+    browse.add_argument("--index", type=int, default=0, help="index of the first image in the split")
+    browse.add_argument("--epoch", type=int, default=0, help="the epoch whose augmentation is drawn (training split)")
+    browse.add_argument("--out-dir", default="work_dirs/browse", help="where the PNGs go")
+
     curves = commands.add_parser("curves", formatter_class=fmt, help="training curves (losses, lr, AP) from log.jsonl",
                                  description="Losses, learning rate and AP per evaluation of a run, from its log.jsonl.")
     curves.add_argument("--work-dir", required=True, help="the run's folder (holding log.jsonl), or the log file itself")
@@ -320,7 +336,6 @@ def run_loss_curves(args: argparse.Namespace, rest: list[str]) -> int:
         resolved, _, _ = resolve_checkpoint_args(_eval_args(["--checkpoint", args.checkpoint, *flags]))
     else:
         resolved = _eval_args(flags)
-        resolved.dataset = resolved.dataset or "synthetic"
         resolved.model = resolved.model or "libra_faster_rcnn_r50_fpn"
         apply_recipe(resolved)
     config = resolved.model_config
@@ -373,7 +388,6 @@ def run_errors(args: argparse.Namespace, rest: list[str]) -> int:
             if source is not None:
                 print(f"ground truth: the evaluation split of the run in {source.parent} (its config.json)")
         data_args = _eval_args(rest)
-        data_args.dataset = data_args.dataset or "synthetic"
         data_args.model = data_args.model or "libra_faster_rcnn_r50_fpn"
         apply_recipe(data_args)
         dataset = build_split(data_settings(data_args), train=False, split="val")
@@ -429,14 +443,55 @@ def run_curves(args: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def run_browse(args: argparse.Namespace, rest: list[str]) -> int:
+    from libra.data.transforms import denormalize_image
+    from libra.data.visualize import draw_detections
+
+    data_args = _eval_args(rest)
+    data_args.model = data_args.model or "libra_faster_rcnn_r50_fpn"
+    apply_recipe(data_args)
+    settings = data_settings(data_args)
+    if args.split == "train":
+        settings.multi_scale_range = None  # eval.py's flags have no --multi-scale: the recipe's single scale
+    dataset = build_split(settings, train=args.split == "train", split=args.split)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(args.epoch)
+    indices = _indices(dataset, args.index, args.images, "--images")
+    out = _out_dir(args.out_dir, Path("work_dirs") / "browse")
+    names = list(dataset.class_names)
+    written = []
+    for index in indices:
+        image, target = dataset[index]
+        boxes, labels = target["boxes"], target["labels"]
+        ignore = target.get("ignore_boxes")
+        if ignore is not None and len(ignore):
+            names_with_ignore = names + ["ignore"]
+            boxes = torch.cat([boxes, ignore])
+            labels = torch.cat([labels, torch.full((len(ignore),), len(names), dtype=labels.dtype)])
+        else:
+            names_with_ignore = names
+        masks = target.get("masks")
+        if masks is not None and ignore is not None and len(ignore):
+            masks = torch.cat([masks, masks.new_zeros((len(ignore), *masks.shape[1:]))])
+        h, w = (int(v) for v in target["img_shape"])
+        path = out / f"{args.split}_{index:05d}_{target['image_id']}.png"
+        draw_detections(denormalize_image(image)[:, :h, :w].clamp(0, 255), boxes, labels, None, names_with_ignore, path,
+                        masks=None if masks is None else masks[:, :h, :w])
+        written.append(path)
+    flips = sum(1 for i in indices if dataset[i][1].get("flip"))
+    print(f"wrote {len(written)} PNGs of the {data_args.dataset} {args.split} split to {out} "
+          f"({flips} flipped; short side {settings.min_size}, long side <= {settings.max_size})")
+    return 0
+
+
 COMMANDS = {"neg-iou": run_neg_iou, "samples": run_samples, "bfp": run_bfp, "loss-curves": run_loss_curves,
-            "errors": run_errors, "curves": run_curves}
+            "errors": run_errors, "curves": run_curves, "browse": run_browse}
 
 
 def main(argv: list[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     try:
-        if rest and args.command not in (*MODEL_COMMANDS, "errors"):
+        if rest and args.command not in (*MODEL_COMMANDS, "errors", "browse"):
             raise AnalysisError(f"unrecognized arguments for {args.command}: {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
     except (AnalysisError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:

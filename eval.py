@@ -32,7 +32,7 @@ from libra.data.proposals import top_proposals
 from libra.engine.builders import DataError, build_eval_loader, build_split
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import build_detector, check_proposals_flags, data_settings, one_line
-from libra.engine.distributed import DistributedContext, launch
+from libra.engine.distributed import DistributedContext, apply_slurm_environment, launch
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.loading import (  # noqa: F401  (guess_mmdet_preset, read_checkpoint: eval.py's API of before)
     build_eval_parser,
@@ -175,6 +175,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
     evaluate_model(
         model, dataset, loader, ctx, work_dir=work_dir, amp=args.amp, proposals=args.proposals,
         progress=True, tag=tag, on_batch=callback if (args.save_proposals or args.show) else None,
+        per_class=args.per_class,
     )
     if ctx.is_main:
         segm = "" if args.proposals or "segm" not in model.iou_types else (
@@ -230,6 +231,7 @@ def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: Distribut
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        apply_slurm_environment()  # srun: one task per process, as under torchrun
         resolved, kind, checkpoint = resolve(args)
         return launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint))
     except (DataError, CheckpointError, ValueError) as error:

@@ -69,6 +69,7 @@ from libra.engine.distributed import (
     EXIT_INTERRUPTED,
     DistributedContext,
     StoppedByLauncher,
+    apply_slurm_environment,
     interrupt_signal,
     is_peer_failure,
     launch,
@@ -77,6 +78,7 @@ from libra.engine.distributed import (
     wait_for_launcher_stop,
 )
 from libra.engine.evaluator_loop import evaluate_model
+from libra.engine.loading import init_from_checkpoint, init_model_config
 from libra.engine.run_dir import (
     WorkDirError,
     check_resume_settings,
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = add_model_arguments(parser, model_default="libra_faster_rcnn_r50_fpn")
     model.add_argument("--pretrained", default=None, help="torchvision ImageNet ResNet weights (.pth)")
+    model.add_argument(
+        "--init-from", default=None, metavar="CKPT",
+        help="fine-tune: start from the weights of a libra or MMDetection detector checkpoint (every tensor "
+        "whose shape fits; the class-specific layers are re-initialised when the class count differs); "
+        "no optimizer, epoch or RNG state (that is --resume)",
+    )
 
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--schedule", choices=("1x", "2x"), default="1x")
@@ -144,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--overwrite", action="store_true",
         help="start over in a --work-dir that holds a run: removes its config.json, log.jsonl, losses.png, "
-        "metrics.json, detections.json, segm_detections.json, last_checkpoint, epoch_N.pth / iter_N.pth (nothing else)",
+        "metrics.json, per_class.json, detections.json, segm_detections.json, last_checkpoint, epoch_N.pth / iter_N.pth (nothing else)",
     )
     run.add_argument("--eval-interval", type=int, default=0, help="evaluate every N epochs (0: only at the end)")
     run.add_argument("--no-eval", action="store_true", help="skip evaluation")
@@ -158,7 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
-    defaults = apply_recipe(args)
+    base = None
+    if getattr(args, "init_from", None):
+        if args.resume:
+            raise ValueError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: pass one")
+        base = init_model_config(args.init_from, args.model)
+    defaults = apply_recipe(args, base)
     if getattr(args, "tensorboard", False):
         from libra.analysis.tensorboard import require_tensorboard
 
@@ -290,9 +303,12 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
         # The model continues as the checkpoint built it; a flag or --set given now must agree with it.
         args.model_config = resolve_model_config(args, {}, base=checkpoint_model_config(checkpoint, path))
         notes = check_resume_settings(checkpoint, args, path)
-    model = build_detector(args, train_set.num_classes, train_set=train_set).to(ctx.device)
+    model = build_detector(args, train_set.num_classes, train_set=train_set)
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], path)
+    elif args.init_from:
+        say(ctx, init_from_checkpoint(model, args.init_from))
+    model = model.to(ctx.device)
 
     # 2. Training objects.
     if ctx.distributed:
@@ -354,10 +370,11 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
         num_classes=train_set.num_classes,
         class_names=class_names,
         model_config=args.model_config,
+        label_to_cat_id=tuple(int(c) for c in train_set.label_to_cat_id),
         args={
             k: v
             for k, v in vars(args).items()
-            if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) and k not in ("argv", "script")
+            if isinstance(v, (int, float, str, bool, list, tuple, dict, type(None))) and k not in ("argv", "script", "dataset_default")
         },
     )
     trainer = Trainer(
@@ -408,7 +425,20 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
-        args = resolve_args(build_parser().parse_args(raw))
+        parsed = build_parser().parse_args(raw)
+        under_srun = apply_slurm_environment()  # srun: one task per process, as under torchrun
+        if under_srun and parsed.gpus > 1:
+            raise ValueError(
+                f"--gpus {parsed.gpus} under srun: every SLURM task is one process; ask srun for one task per GPU "
+                "(--ntasks-per-node=GPUS) and leave --gpus at 1"
+            )
+        if parsed.gpus > 1 and parsed.device is None and not torch.cuda.is_available() and not torchrun_environment():
+            raise ValueError(
+                f"--gpus {parsed.gpus} asks for {parsed.gpus} processes but no CUDA GPU is visible: pass --device cpu "
+                f"to train with {parsed.gpus} CPU processes (each holds a whole model and its data; about "
+                f"{parsed.gpus} x the memory of one run), or leave out --gpus"
+            )
+        args = resolve_args(parsed)
     except ValueError as error:  # a bad --model / --set value, before anything is read or written
         if os.environ.get("LIBRA_DEBUG"):
             raise

@@ -123,6 +123,8 @@ DATASET_RECIPES: dict[str, dict[str, Any]] = {
     "coco": COCO_RECIPE,
     "lvis": LVIS_RECIPE,
     "voc": VOC_RECIPE,
+    # A user's own COCO-format data (--dataset custom): the COCO recipe.
+    "custom": COCO_RECIPE,
 }
 
 # What a detector changes in every dataset's recipe (keyed by the preset's ``detector``).

@@ -32,11 +32,13 @@ from .transforms import (
 from .visualize import draw_detections
 from .voc import VOC_CLASSES, VOCDetection, voc_split_parts
 
-DATASET_NAMES: tuple[str, ...] = ("coco", "voc", "lvis", "synthetic")
+DATASET_NAMES: tuple[str, ...] = ("coco", "voc", "lvis", "synthetic", "custom")
 
 # Default (min_size, max_size) per dataset: the paper's 800 x 1333 on real data, a small size
 # on the 256 x 256 synthetic images so that CPU training is quick.
-DEFAULT_SIZES: dict[str, tuple[int, int]] = {"coco": (800, 1333), "voc": (800, 1333), "lvis": (800, 1333), "synthetic": (256, 384)}
+DEFAULT_SIZES: dict[str, tuple[int, int]] = {
+    "coco": (800, 1333), "voc": (800, 1333), "lvis": (800, 1333), "synthetic": (256, 384), "custom": (800, 1333),
+}
 
 
 def build_dataset(
@@ -52,6 +54,8 @@ def build_dataset(
     synthetic_kwargs: dict | None = None,
     multi_scale_step: int = 1,
     with_masks: bool = False,
+    ann_file: str | Path | None = None,
+    image_dir: str | Path | None = None,
 ) -> DetectionDataset:
     """Build a dataset by name.
 
@@ -60,7 +64,9 @@ def build_dataset(
             'voc' (VOCdevkit root with VOC2007 and/or VOC2012; split 'train' = 07+12 trainval,
             'test' = VOC2007 test, other names = that ImageSet of each year present),
             'lvis' (data_root/lvis_v1_{split}.json, images in data_root/train2017 and val2017),
-            'synthetic' (generated under data_root on first use; split 'train' or 'val').
+            'synthetic' (generated under data_root on first use; split 'train' or 'val'),
+            'custom' (any COCO-format instances JSON ``ann_file`` with its images under ``image_dir``,
+            in any layout: ``file_name`` relative to it; category ids and names from the file).
         split: 'train' / 'val' (COCO, LVIS, synthetic), 'train' / 'test' / 'val' / ... (VOC).
         train: training mode; default ``split.startswith('train')``.
         min_size, max_size: resize rule; default `DEFAULT_SIZES[name]`.
@@ -84,7 +90,11 @@ def build_dataset(
         seed=seed,
         multi_scale_step=multi_scale_step,
     )
-    if name == "coco":
+    if name == "custom":
+        if ann_file is None or image_dir is None:
+            raise ValueError("a custom dataset needs its annotation file and image folder (ann_file, image_dir)")
+        dataset: DetectionDataset = CocoDetection(image_dir, ann_file, **kwargs)
+    elif name == "coco":
         image_dir, ann_file = build_coco_paths(data_root, split)
         dataset: DetectionDataset = CocoDetection(image_dir, ann_file, **kwargs)
     elif name == "voc":

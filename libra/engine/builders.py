@@ -4,7 +4,9 @@ Dataset names and their on-disk layouts (see each loader's docstring in ``libra.
 - ``synthetic``: generated on first use under ``data_root`` (coloured shapes, 4 classes);
 - ``coco``: ``data_root/annotations/instances_{train,val}2017.json``, ``data_root/{train,val}2017/``;
 - ``voc``: ``data_root/VOC2007``, ``data_root/VOC2012`` (train = 07+12 trainval, test = 07 test);
-- ``lvis``: ``data_root/lvis_v1_{train,val}.json`` and the COCO image folders under ``data_root``.
+- ``lvis``: ``data_root/lvis_v1_{train,val}.json`` and the COCO image folders under ``data_root``;
+- ``custom``: any COCO-format instances JSON per split with its image folder, in any layout
+  (``--train-ann FILE --train-images DIR --val-ann FILE --val-images DIR``).
 
 Every failure caused by the input (missing folder, missing or undecodable image file, malformed
 annotation file, a non-empty folder given to the synthetic builder) is raised as ``DataError``
@@ -35,7 +37,9 @@ from libra.data.base import IMAGE_CHECKS, DataError, check_image_files, image_fi
 from libra.data.samplers import GroupedBatchSampler, InfiniteOrEpochDistributedSampler, RepeatFactorSampler, compute_repeat_factors
 from libra.data.transforms import collate
 
-DATASETS = ("synthetic", "coco", "voc", "lvis")
+DATASETS = ("synthetic", "coco", "voc", "lvis", "custom")
+# The flags of a custom COCO-format dataset (--dataset custom): annotation file and image folder per split.
+CUSTOM_DATA_FLAGS = ("train_ann", "train_images", "val_ann", "val_images")
 
 
 
@@ -58,9 +62,16 @@ class DataSettings:
     # The model predicts masks ("segm" in its iou_types): the training split decodes instance masks
     # (DetectionDataset.with_masks) and the evaluation split must have segmentations.
     with_masks: bool = False
+    # --dataset custom: COCO-format annotation files and image folders of the two splits.
+    train_ann: str | None = None
+    train_images: str | None = None
+    val_ann: str | None = None
+    val_images: str | None = None
 
 
 def default_data_root(settings: DataSettings) -> Path:
+    if settings.dataset == "custom":
+        return Path(settings.train_ann or settings.val_ann or ".").parent  # for messages only
     if settings.data_root:
         return Path(settings.data_root)
     if settings.dataset == "synthetic":
@@ -110,8 +121,22 @@ def build_split(
     synthetic_kwargs = dict(
         num_train=settings.synthetic_num_train, num_val=settings.synthetic_num_val, image_size=(size, size), seed=0
     )
+    custom: dict[str, Any] = {}
+    if name == "custom":
+        ann, images = getattr(settings, f"{role}_ann"), getattr(settings, f"{role}_images")
+        if not ann or not images:
+            what = "training" if role == "train" else "evaluation"
+            extra = "" if role == "train" else " (or train with --no-eval)"
+            raise DataError(f"--dataset custom needs the {what} split's --{role}-ann FILE and --{role}-images DIR{extra}")
+        for path, flag, kind in ((ann, f"--{role}-ann", "file"), (images, f"--{role}-images", "folder")):
+            if not (Path(path).is_file() if kind == "file" else Path(path).is_dir()):
+                raise DataError(f"{flag} {path}: no such {kind}")
+        custom = dict(ann_file=ann, image_dir=images)
+        root = Path(images)
     try:
-        dataset = data.build_dataset(name, root, split, train=train, synthetic_kwargs=synthetic_kwargs, **common)
+        dataset = data.build_dataset(
+            name, root, split, train=train, synthetic_kwargs=synthetic_kwargs, **common, **custom
+        )
     except DataError:
         raise
     except (FileNotFoundError, NotADirectoryError) as error:

@@ -135,6 +135,7 @@ def make_checkpoint(
     args: dict | None = None,
     class_names: Sequence[str] | None = None,
     model_config: dict | None = None,
+    label_to_cat_id: Sequence[int] | None = None,
 ) -> dict:
     """Assemble the checkpoint dict (unwraps DistributedDataParallel). ``model_config`` is the
     complete config the model was built from (``libra.presets.preset_config``): ``eval.py``,
@@ -155,6 +156,8 @@ def make_checkpoint(
         "class_names": [str(n) for n in class_names] if class_names is not None else None,
         "args": dict(args) if args is not None else {},
         "model_config": _plain_config(model_config) if model_config is not None else None,
+        # The dataset's category id of each label (results files of predict.py use them).
+        "label_to_cat_id": [int(c) for c in label_to_cat_id] if label_to_cat_id is not None else None,
     }
 
 

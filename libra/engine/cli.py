@@ -19,7 +19,7 @@ from libra import presets
 from libra.presets import build_model, preset_config, preset_iou_types
 from libra.recipes import recipe
 
-from .builders import DATASETS, IMAGE_CHECKS, DataError, DataSettings
+from .builders import CUSTOM_DATA_FLAGS, DATASETS, IMAGE_CHECKS, DataError, DataSettings
 
 
 # Preset keys with a command-line flag of their own (``--frozen-stages`` is ``frozen_stages``): aliases
@@ -33,7 +33,16 @@ SYNTHETIC_FLAGS = ("synthetic_num_train", "synthetic_num_val", "synthetic_image_
 
 def add_data_arguments(parser: argparse.ArgumentParser, dataset_default: str | None) -> argparse._ArgumentGroup:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", choices=DATASETS, default=dataset_default)
+    fallback = dataset_default or "the checkpoint's"
+    group.add_argument(
+        "--dataset", choices=DATASETS, default=None,
+        help=f"default: custom with --train-ann / --val-ann, else {fallback}",
+    )
+    parser.set_defaults(dataset_default=dataset_default)
+    group.add_argument("--train-ann", default=None, metavar="FILE", help="custom dataset: COCO-format instances JSON of the training split")
+    group.add_argument("--train-images", default=None, metavar="DIR", help="custom dataset: the folder its file_name entries are relative to")
+    group.add_argument("--val-ann", default=None, metavar="FILE", help="custom dataset: COCO-format instances JSON of the evaluation split")
+    group.add_argument("--val-images", default=None, metavar="DIR", help="custom dataset: the evaluation split's image folder")
     group.add_argument(
         "--data-root", default=None, help="dataset folder (synthetic: generated there; default work_dirs/synthetic_data)"
     )
@@ -161,6 +170,7 @@ def apply_recipe(args: argparse.Namespace, base_config: dict[str, Any] | None = 
         detector = preset_config(args.model)["detector"]
     except ValueError as error:
         raise DataError(f"--model {args.model}: {one_line(error)}") from None
+    resolve_dataset(args)
     chosen = recipe(args.dataset, detector)
     for key in ("min_size", "max_size"):
         if getattr(args, key, None) is None:
@@ -173,6 +183,16 @@ def apply_recipe(args: argparse.Namespace, base_config: dict[str, Any] | None = 
     if getattr(args, "device", None) is None:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     return chosen
+
+
+def resolve_dataset(args: argparse.Namespace) -> None:
+    """``args.dataset``: as given, else ``custom`` when a custom split's files are given, else the
+    script's default; custom-dataset flags with another ``--dataset`` are refused in one line."""
+    given = [f"--{key.replace('_', '-')}" for key in CUSTOM_DATA_FLAGS if getattr(args, key, None)]
+    if args.dataset is None:
+        args.dataset = "custom" if given else (getattr(args, "dataset_default", None) or "synthetic")
+    if given and args.dataset != "custom":
+        raise DataError(f"{' '.join(given)} describe a custom dataset but --dataset is {args.dataset}: drop --dataset")
 
 
 def check_proposals_flags(args: argparse.Namespace, flags: list[tuple[str, str]]) -> None:
@@ -210,6 +230,7 @@ def data_settings(args: argparse.Namespace) -> DataSettings:
         check_images=getattr(args, "check_images", None) or "header",
         multi_scale_step=int(getattr(args, "multi_scale_step", None) or 1),
         with_masks="segm" in preset_iou_types(args.model),
+        **{key: getattr(args, key, None) for key in CUSTOM_DATA_FLAGS},
     )
 
 

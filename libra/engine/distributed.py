@@ -3,6 +3,10 @@
 Two ways to run N processes:
 - ``torchrun --nnodes M --nproc-per-node N train.py ...``: torchrun sets RANK, WORLD_SIZE,
   LOCAL_RANK, MASTER_ADDR and MASTER_PORT; ``launch`` reads them and calls the worker once.
+- ``srun ... python train.py ...`` (SLURM, one task per GPU): :func:`apply_slurm_environment`
+  turns SLURM's SLURM_PROCID / SLURM_STEP_NUM_TASKS / SLURM_LOCALID / node list into the torchrun
+  variables (master: the first node of the step, port MASTER_PORT or one derived from the job id),
+  after which it is the torchrun case.
 - ``train.py --gpus N``: ``launch`` spawns N local processes with ``torch.multiprocessing``
   and a free local port.
 The backend is NCCL for CUDA devices and gloo for CPU (``--device cpu``).
@@ -79,6 +83,52 @@ def synchronize() -> None:
 def torchrun_environment() -> bool:
     """True when launched by torchrun (or any launcher setting RANK/WORLD_SIZE)."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def slurm_step_environment(env: dict | None = None) -> bool:
+    """True for a process that ``srun`` started as one task of a multi-task job step (SLURM sets
+    SLURM_PROCID and SLURM_STEP_NUM_TASKS for each task; the batch script itself is not a task of a
+    step and runs single-process, as does a one-task step)."""
+    env = os.environ if env is None else env
+    return "SLURM_PROCID" in env and int(env.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``"gpu[07-09,12],cpu1"`` -> ``"gpu07"`` (the range's
+    first number keeps its zero padding), ``"node3,node4"`` -> ``"node3"``, ``"x[1-2]-ib"`` -> ``"x1-ib"``."""
+    nodelist = nodelist.strip()
+    if not nodelist:
+        raise ValueError("the SLURM node list is empty")
+    bracket, comma = nodelist.find("["), nodelist.find(",")
+    if bracket == -1 or (comma != -1 and comma < bracket):
+        return nodelist.split(",")[0]
+    prefix = nodelist[:bracket]
+    inside, _, rest = nodelist[bracket + 1 :].partition("]")
+    first = inside.split(",")[0].split("-")[0]
+    suffix = rest.split(",")[0].split("[")[0]  # e.g. "-ib" of "x[1-2]-ib"
+    return prefix + first + suffix
+
+
+def apply_slurm_environment(env: dict | None = None) -> bool:
+    """Under ``srun`` (:func:`slurm_step_environment`) set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR
+    and MASTER_PORT from SLURM's variables (those already set win), so that :func:`launch` takes the
+    torchrun path. Returns True when it did. MASTER_ADDR is the first node of the step
+    (SLURM_STEP_NODELIST, else SLURM_JOB_NODELIST); MASTER_PORT, unless set, is derived from the job
+    id (20000 + id mod 20000), the same on every node of the job."""
+    env = os.environ if env is None else env
+    if not slurm_step_environment(env) or ("RANK" in env and "WORLD_SIZE" in env):
+        return False
+    env["RANK"] = env["SLURM_PROCID"]
+    env["WORLD_SIZE"] = env["SLURM_STEP_NUM_TASKS"]
+    env["LOCAL_RANK"] = env.get("SLURM_LOCALID", "0")
+    if "MASTER_ADDR" not in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
+        if not nodelist:
+            raise ValueError("srun started this task without a node list (SLURM_STEP_NODELIST): set MASTER_ADDR")
+        env["MASTER_ADDR"] = first_slurm_host(nodelist)
+    if "MASTER_PORT" not in env:
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0") or 0) % 20000)
+    return True
 
 
 def find_free_port() -> int:
@@ -423,6 +473,8 @@ __all__ = [
     "all_gather_object",
     "all_ok",
     "all_reduce_dict",
+    "apply_slurm_environment",
+    "first_slurm_host",
     "broadcast_object",
     "destroy_process_group",
     "find_free_port",
@@ -435,6 +487,7 @@ __all__ = [
     "is_peer_failure",
     "launch",
     "stopped_by_launcher",
+    "slurm_step_environment",
     "synchronize",
     "torchrun_environment",
     "wait_for_launcher_stop",

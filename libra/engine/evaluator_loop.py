@@ -100,6 +100,24 @@ def format_metrics_table(metrics: dict[str, Any], title: str = "") -> str:
     return "\n".join([t for t in (title,) if t] + [rule, header, row, rule])
 
 
+def format_per_class_table(rows: list[dict], title: str = "") -> str:
+    """One line per class: name, ground-truth instances and every AP column of ``rows`` in percent
+    ("n/a" for a class without ground truth), then their mean over the classes with ground truth."""
+    columns = [k for k in ("AP", "AP50", "AP_07") if rows and k in rows[0]]
+    width = max([8] + [len(r["name"]) + 2 for r in rows])
+    lines = [title] if title else []
+    lines.append("class".ljust(width) + "gts".rjust(8) + "".join(c.rjust(8) for c in columns))
+    for row in rows:
+        values = "".join((f"{100.0 * row[c]:.2f}" if row[c] >= 0 else "n/a").rjust(8) for c in columns)
+        lines.append(row["name"].ljust(width) + str(row["num_gts"]).rjust(8) + values)
+    means = []
+    for c in columns:
+        valid = [row[c] for row in rows if row[c] >= 0]
+        means.append((f"{100.0 * sum(valid) / len(valid):.2f}" if valid else "n/a").rjust(8))
+    lines.append("mean".ljust(width) + "".rjust(8) + "".join(means))
+    return "\n".join(lines)
+
+
 def evaluate_model(
     model: torch.nn.Module,
     dataset,
@@ -111,12 +129,14 @@ def evaluate_model(
     progress: bool = True,
     tag: str = "",
     on_batch=None,
+    per_class: bool = False,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``dataset`` (all ranks call this); rank 0 returns the metrics and
     writes ``{tag}detections.json`` (box results), ``{tag}segm_detections.json`` (mask results as
     RLE, for a model with ``"segm"`` in its ``iou_types``) and ``{tag}metrics.json`` into
     ``work_dir`` atomically; other ranks return {}. Mask metrics are the box names prefixed
-    ``segm_`` (``segm_AP``, ..., ``segm_APr`` on LVIS)."""
+    ``segm_`` (``segm_AP``, ..., ``segm_APr`` on LVIS). The per-class AP (and AP50) of every IoU type
+    is written to ``{tag}per_class.json`` and, with ``per_class``, printed as a table."""
     start = time.perf_counter()
     if ctx.world_size > 1:
         # Trainable BN statistics are updated by every rank's last forward pass; evaluate with
@@ -142,6 +162,9 @@ def evaluate_model(
                 if "segm" in iou_types:
                     atomic_write_text(json.dumps(evaluator.results("segm")), work_dir / f"{tag}segm_detections.json")
             atomic_write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", work_dir / f"{tag}metrics.json")
+            classes = evaluator.per_class_results()
+            if classes:
+                atomic_write_text(json.dumps(classes, indent=1) + "\n", work_dir / f"{tag}per_class.json")
         what = "proposal recall" if "proposal" in iou_types else " and ".join(
             {"bbox": "box", "segm": "mask"}.get(t, t) for t in iou_types
         ) + " metrics"
@@ -152,5 +175,8 @@ def evaluate_model(
             print(format_metrics_table(mask, f"mask metrics on {len(dataset)} images"))
         else:
             print(format_metrics_table(metrics, f"{what} on {len(dataset)} images ({elapsed:.1f}s)"))
+        if per_class:
+            for iou_type, rows in evaluator.per_class_results().items():
+                print(format_per_class_table(rows, f"per-class {'mask' if iou_type == 'segm' else 'box'} AP"))
     synchronize()
     return metrics

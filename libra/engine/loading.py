@@ -34,7 +34,7 @@ from .cli import add_data_arguments, add_model_arguments, apply_recipe, one_line
 # given on their command line (the model's own settings come from its recorded config).
 DATA_FROM_CHECKPOINT = (
     "dataset", "model", "min_size", "max_size", "synthetic_num_train", "synthetic_num_val", "synthetic_image_size",
-    "data_root",
+    "data_root", "train_ann", "train_images", "val_ann", "val_images",
 )
 
 
@@ -42,7 +42,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     """eval.py's command line (analyze.py's model commands take the same data / model flags)."""
     parser = argparse.ArgumentParser(description="Evaluate a libra / MMDetection checkpoint.",
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--checkpoint", default=None, help="libra or MMDetection .pth (required unless --fps)")
+    parser.add_argument(
+        "--checkpoint", default=None,
+        help="libra or MMDetection .pth, or a train.py work dir (its last checkpoint); required unless --fps",
+    )
     data = add_data_arguments(parser, dataset_default=None)
     data.add_argument("--workers", type=int, default=2)
     add_model_arguments(parser, model_default=None)
@@ -61,6 +64,10 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fps-images", type=int, default=50, help="images timed by --fps (after 5 warm-up images)")
     parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
     parser.add_argument("--show-score-thr", type=float, default=0.3)
+    parser.add_argument(
+        "--per-class", action="store_true",
+        help="print the AP (and AP50) of every class; it is always written to per_class.json",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="images per process")
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
@@ -70,9 +77,29 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def read_checkpoint(path: str) -> tuple[str, dict]:
-    """('libra' | 'mmdet', checkpoint dict)."""
-    checkpoint = load_checkpoint_file(path, map_location="cpu")
+def resolve_checkpoint_path(path: str | Path) -> Path:
+    """A checkpoint file from what a user may pass: the file itself, a ``train.py`` work dir, or the
+    work dir's ``last_checkpoint`` pointer file (both resolve to the checkpoint it names)."""
+    path = Path(path)
+    pointer = path / "last_checkpoint" if path.is_dir() else path
+    if path.is_dir() and not pointer.is_file():
+        found = sorted(p.name for p in path.glob("*.pth"))
+        raise CheckpointError(
+            f"{path} is a folder without a last_checkpoint file (not a train.py work dir): pass a checkpoint file"
+            + (f" (there: {', '.join(found[-3:])})" if found else "")
+        )
+    if pointer.name == "last_checkpoint" and pointer.is_file():
+        name = pointer.read_text().strip()
+        target = pointer.parent / name
+        if not name or not target.is_file():
+            raise CheckpointError(f"{pointer} names {name or 'nothing'!r}, which is not a file in {pointer.parent}")
+        return target
+    return path
+
+
+def read_checkpoint(path: str | Path) -> tuple[str, dict]:
+    """('libra' | 'mmdet', checkpoint dict) of ``path`` (:func:`resolve_checkpoint_path`)."""
+    checkpoint = load_checkpoint_file(resolve_checkpoint_path(path), map_location="cpu")
     if is_libra_checkpoint(checkpoint):
         return "libra", checkpoint
     state = checkpoint.get("state_dict", checkpoint)
@@ -116,12 +143,12 @@ def resolve_checkpoint_args(args: argparse.Namespace) -> tuple[argparse.Namespac
     ``--set`` on top). Returns ``(args, 'libra' | 'mmdet' | None, checkpoint dict or None)``."""
     kind, checkpoint = (None, None)
     if getattr(args, "checkpoint", None):
+        args.checkpoint = str(resolve_checkpoint_path(args.checkpoint))
         kind, checkpoint = read_checkpoint(args.checkpoint)
     saved = checkpoint.get("args", {}) if kind == "libra" else {}
     for key in DATA_FROM_CHECKPOINT:
         if getattr(args, key, None) is None and saved.get(key) is not None:
             setattr(args, key, saved[key])
-    args.dataset = args.dataset or "synthetic"
     if args.model is None and kind == "mmdet":
         args.model = guess_mmdet_preset(checkpoint.get("state_dict", checkpoint))
     args.model = args.model or "libra_faster_rcnn_r50_fpn"
@@ -155,7 +182,11 @@ def load_weights(
 
 @dataclass
 class LoadedDetector:
-    """What :func:`load_detector` returns: the model (eval mode, on its device) and what it is."""
+    """What :func:`load_detector` returns: the model (eval mode, on its device) and what it is.
+
+    ``min_size`` / ``max_size`` are the test-time resize of the run that trained it (800 / 1333
+    for MMDetection checkpoints); ``label_to_cat_id`` the dataset's category id of each label
+    (labels + 1 when the checkpoint does not record them)."""
 
     model: Detector
     preset: str
@@ -163,6 +194,50 @@ class LoadedDetector:
     num_classes: int
     class_names: tuple[str, ...] | None
     kind: str  # "libra" or "mmdet"
+    min_size: int = 800
+    max_size: int = 1333
+    label_to_cat_id: tuple[int, ...] = ()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def predict(
+        self, images: Sequence[Any], batch_size: int = 1, score_thr: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Detections of image files or tensors, in their original pixels.
+
+        Args:
+            images: paths (``str`` / ``Path``) and / or ``[3, h, w]`` RGB tensors (uint8, or float in 0..255).
+            batch_size: images per forward pass.
+            score_thr: keep detections scoring at least this (None: the model's own ``score_thr``).
+
+        Returns:
+            Per image ``{"boxes": [D, 4], "scores": [D], "labels": [D], "class_names": [D names]``
+            (``"masks": [D, h, w]`` bool for a mask model), and ``"file_name"`` for a path``}``.
+            An unreadable file raises :class:`libra.engine.predict.InputError` (``predict.py`` skips it).
+        """
+        from .predict import keep_above, predict_images, read_image
+
+        tensors, names = [], []
+        for item in images:
+            if isinstance(item, (str, Path)):
+                tensors.append(read_image(Path(item)))
+                names.append(str(item))
+            else:
+                tensors.append(item)
+                names.append(None)
+        outputs = predict_images(self.model, tensors, self.min_size, self.max_size, batch_size, self.device)
+        labelled = self.class_names or tuple(str(i) for i in range(self.num_classes))
+        results = []
+        for output, name in zip(outputs, names):
+            if score_thr is not None:
+                output = keep_above(output, score_thr)
+            output["class_names"] = [labelled[i] for i in output["labels"].tolist()] if "labels" in output else []
+            if name is not None:
+                output["file_name"] = name
+            results.append(output)
+        return results
 
 
 def mmdet_num_classes(state: dict) -> int | None:
@@ -222,6 +297,9 @@ def load_detector(
         model = build_model(preset, classes, **config)
         load_model_state(model, raw["model"], checkpoint)
         names = tuple(saved_classes) if saved_classes else (tuple(class_names) if class_names else None)
+        saved_args = raw.get("args") or {}
+        sizes = (int(saved_args.get("min_size") or 800), int(saved_args.get("max_size") or 1333))
+        cat_ids = tuple(raw.get("label_to_cat_id") or range(1, classes + 1))
     else:
         from libra.mmdet_checkpoint import load_mmdet_checkpoint
 
@@ -241,5 +319,78 @@ def load_detector(
         except ValueError as error:
             raise CheckpointError(f"{checkpoint} does not fit --model {preset}: {one_line(error)}") from None
         names = mmdet_class_names(raw) or (tuple(class_names) if class_names else None)
+        sizes, cat_ids = (800, 1333), tuple(range(1, classes + 1))  # MMDetection's test pipeline: 1333 x 800
     model.to(device).eval()
-    return LoadedDetector(model, preset, config, classes, names, kind)
+    return LoadedDetector(model, preset, config, classes, names, kind, sizes[0], sizes[1], cat_ids)
+
+
+def init_model_config(path: str | Path, preset: str) -> dict[str, Any] | None:
+    """The model config a fine-tuning run starts from: a libra checkpoint's recorded config when it
+    is of ``preset`` (the new run's flags and ``--set`` still apply on top), else None (the preset's,
+    e.g. for an MMDetection checkpoint, whose architecture is the preset's)."""
+    kind, raw = read_checkpoint(path)
+    if kind == "libra" and raw.get("model_name") == preset:
+        return checkpoint_model_config(raw, path)
+    return None
+
+
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
+    """Fine-tuning (``train.py --init-from``): copy into ``model`` every tensor of a libra or
+    MMDetection detector checkpoint whose name and shape fit, and leave the others as initialised
+    (e.g. the classifier and box regressor when the class count differs). Only weights: no
+    optimizer, epoch or generator state (that is ``--resume``).
+
+    Returns:
+        One line saying how many tensors were taken and which layers were re-initialised and why.
+
+    Raises:
+        CheckpointError: the file is no detector checkpoint, or fewer than half of the model's
+            tensors fit (another architecture: the message names the checkpoint's preset).
+    """
+    from libra.mmdet_checkpoint import convert_mmdet_state_dict
+
+    kind, raw = read_checkpoint(path)
+    if kind == "libra":
+        source, where = raw["model"], f"the {raw.get('model_name')} checkpoint"
+    else:
+        source, where = convert_mmdet_state_dict(raw.get("state_dict", raw)), "the MMDetection checkpoint"
+    own = model.state_dict()
+    taken, reshaped, absent = {}, [], []
+    for key, value in own.items():
+        theirs = source.get(key)
+        if theirs is None:
+            absent.append(key)
+        elif tuple(theirs.shape) != tuple(value.shape):
+            reshaped.append(f"{key} {tuple(theirs.shape)} -> {tuple(value.shape)}")
+        else:
+            taken[key] = theirs.to(value.dtype)
+    counted = [k for k in own if not k.endswith("num_batches_tracked")]
+    if len([k for k in taken if not k.endswith("num_batches_tracked")]) < len(counted) / 2:
+        guess = raw.get("model_name") if kind == "libra" else guess_mmdet_preset(raw.get("state_dict", raw))
+        raise CheckpointError(
+            f"--init-from {path}: only {len(taken)} of {len(own)} tensors of this model fit {where} "
+            f"(a {guess} model): pass --model {guess}, or another checkpoint"
+        )
+    model.load_state_dict(taken, strict=False)
+    layers = sorted({item.split(" ")[0].rsplit(".", 1)[0] for item in reshaped})
+    message = f"--init-from {path}: loaded {len(taken)} of {len(own)} tensors of {where}"
+    if layers:
+        theirs, ours = _class_counts(source), _class_counts(own)
+        why = (f"the checkpoint classifies {theirs} classes, this model {ours}" if theirs and ours and theirs != ours
+               else f"other shapes: {'; '.join(reshaped[:2])}{'; ...' if len(reshaped) > 2 else ''}")
+        message += f"; re-initialised {', '.join(layers)} ({why})"
+    if absent:
+        message += f"; {len(absent)} not in the checkpoint kept as initialised ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})"
+    return message
+
+
+def _class_counts(state: dict) -> int | None:
+    """C of a libra state dict, from its classifier (R-CNN: C + 1 rows; RetinaNet: C x A rows)."""
+    fc_cls = state.get("roi_head.box_head.fc_cls.weight")
+    if fc_cls is not None:
+        return int(fc_cls.shape[0]) - 1
+    cls, reg = state.get("dense_head.head.retina_cls.weight"), state.get("dense_head.head.retina_reg.weight")
+    if cls is not None and reg is not None:
+        return int(cls.shape[0]) // (int(reg.shape[0]) // 4)
+    return None
+

@@ -30,7 +30,7 @@ class WorkDirError(ValueError):
 # What a libra run writes into its work dir; a folder holding one of the first group holds a run.
 RUN_MARKERS = ("config.json", "last_checkpoint", "log.jsonl")
 RUN_CHECKPOINT = re.compile(r"^(epoch|iter)_\d+\.pth$")
-RUN_OUTPUTS = ("losses.png", "metrics.json", "detections.json", "segm_detections.json")
+RUN_OUTPUTS = ("losses.png", "metrics.json", "per_class.json", "detections.json", "segm_detections.json")
 
 # Settings that define what a checkpoint continues: --resume with other values is refused.
 RESUME_IDENTITY = (

@@ -101,6 +101,7 @@ class TrainConfig:
     class_names: tuple[str, ...] | None = None  # the dataset's, in label order (recorded in checkpoints)
     args: dict | None = None
     model_config: dict | None = None  # the complete config the model was built from (recorded in checkpoints)
+    label_to_cat_id: tuple[int, ...] | None = None  # the dataset's category id of each label
 
 
 class Trainer:
@@ -168,6 +169,7 @@ class Trainer:
             args=self.config.args,
             class_names=self.config.class_names,
             model_config=self.config.model_config,
+            label_to_cat_id=self.config.label_to_cat_id,
         )
         checkpoint["iter_in_epoch"] = self.iter_in_epoch
         checkpoint["iters_per_epoch"] = self.config.iters_per_epoch

@@ -239,3 +239,39 @@ class COCOEvaluator:
             self.coco_eval = self.coco_evals[iou_type] = coco_eval
             metrics.update({prefix + k: float(v) for k, v in zip(COCO_METRIC_NAMES, coco_eval.stats[:6])})
         return metrics
+
+    def per_class_results(self) -> dict[str, list[dict]]:
+        """Per-class AP of the last :meth:`evaluate`, per IoU type: one row per class in label order,
+        ``{"label", "category_id", "name", "num_gts", "AP", "AP50"}``, read from COCOeval's precision
+        array (IoU thresholds x recall points x categories x areas x max detections) at area "all"
+        and the largest max-detections: AP is the mean over thresholds 0.50:0.95 and recall points,
+        AP50 the mean at IoU 0.5. A class without ground truth in the evaluated images has -1 (and
+        is left out of the overall AP, so the overall AP is the mean of the other rows' AP)."""
+        return {iou_type: per_class_rows(coco_eval, self.label_to_cat_id, self._gt_api())
+                for iou_type, coco_eval in self.coco_evals.items()}
+
+    def _gt_api(self) -> COCO:
+        return self.coco_gt
+
+
+def per_class_rows(coco_eval: COCOeval, label_to_cat_id: Sequence[int], coco_gt: COCO) -> list[dict]:
+    """The rows of :meth:`COCOEvaluator.per_class_results` from an accumulated ``coco_eval``."""
+    precision = coco_eval.eval["precision"]  # [T, R, K, A, M]
+    cat_index = {int(c): k for k, c in enumerate(coco_eval.params.catIds)}
+    image_ids = list(coco_eval.params.imgIds)
+    rows = []
+    for label, cat_id in enumerate(label_to_cat_id):
+        k = cat_index.get(int(cat_id))
+        values = precision[:, :, k, 0, -1] if k is not None else np.full((1, 1), -1.0)
+        valid, valid50 = values[values > -1], values[0][values[0] > -1]
+        num_gts = len(coco_gt.getAnnIds(imgIds=image_ids, catIds=[int(cat_id)], iscrowd=False))
+        rows.append({
+            "label": label,
+            "category_id": int(cat_id),
+            "name": str(coco_gt.cats[int(cat_id)].get("name", cat_id)),
+            "num_gts": num_gts,
+            "AP": float(valid.mean()) if valid.size else -1.0,
+            "AP50": float(valid50.mean()) if valid50.size else -1.0,
+        })
+    return rows
+

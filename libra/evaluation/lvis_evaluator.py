@@ -185,3 +185,6 @@ class LVISEvaluator(COCOEvaluator):
         if self.verbose:
             print(f"LVIS federated {iou_type}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
+
+    def _gt_api(self) -> COCO:
+        return self.lvis_gt

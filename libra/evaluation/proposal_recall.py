@@ -116,3 +116,8 @@ class ProposalRecallEvaluator:
         if self.verbose:
             print("proposal recall: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
+
+    def per_class_results(self) -> dict[str, list[dict]]:
+        """Proposal recall is class-agnostic: no per-class rows (the interface of the other evaluators)."""
+        return {}
+

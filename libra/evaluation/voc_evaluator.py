@@ -211,3 +211,14 @@ class VOCEvaluator:
                 print(f"{name:<14}{v['num_gts']:>6}{v['AP']:>8.4f}{v['AP_07']:>8.4f}")
             print(f"{'mAP':<14}{'':>6}{result['mAP']:>8.4f}{result['mAP_07']:>8.4f}")
         return result
+
+    def per_class_results(self) -> dict[str, list[dict]]:
+        """Per-class AP@0.5 of the last :meth:`evaluate` (``{"bbox": rows}``, rows in label order:
+        ``{"label", "name", "num_gts", "AP", "AP_07"}``; -1 for a class without ground truth)."""
+        rows = []
+        for label, name in enumerate(self.class_names):
+            values = self.per_class.get(name, {"AP": -1.0, "AP_07": -1.0, "num_gts": 0})
+            rows.append({"label": label, "name": name, "num_gts": int(values["num_gts"]),
+                         "AP": float(values["AP"]), "AP_07": float(values["AP_07"])})
+        return {"bbox": rows}
+
