@@ -149,7 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
 def _progress(total: int, desc: str, unit: str = "image"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr)
+    # Only on a terminal (where closing it clears its line, so an error that follows starts a clean
+    # line); a log file or a pipe gets no bar fragments.
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, leave=False, file=sys.stderr,
+                disable=not sys.stderr.isatty())
 
 
 def _eval_args(argv: list[str]) -> argparse.Namespace:

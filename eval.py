@@ -132,11 +132,12 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             return 0
 
     to_show = {"left": args.show if ctx.is_main else 0}
+    shown: list[Path] = []
 
     def on_batch(images, targets, outputs):
         if to_show["left"] <= 0:
             return
-        from libra.data.visualize import draw_detections
+        from libra.data.visualize import draw_with_ground_truth
 
         for target, output in zip(targets, outputs):
             if to_show["left"] <= 0:
@@ -145,15 +146,18 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             if record is None:
                 continue
             boxes, scores, names, threshold = output.get("boxes"), output.get("scores"), dataset.class_names, args.show_score_thr
-            labels = output.get("labels")
+            labels, gt_names = output.get("labels"), list(dataset.class_names)
             if labels is None:  # proposals (a standalone RPN, or --proposals): the 20 best, whatever their score
                 (boxes, scores), = top_proposals([output], 20)
                 labels, names, threshold = torch.zeros(len(scores), dtype=torch.int64), ["proposal"], 0.0
-            draw_detections(
-                record.file_path, boxes, labels, scores, names,
-                work_dir / "show" / f"{target['image_id']}.png", score_threshold=threshold,
-                masks=output.get("masks"),
+            gt_boxes, gt_labels = ground_truth_of(dataset, int(target["image_id"]))
+            path = work_dir / "show" / f"{target['image_id']}.png"
+            draw_with_ground_truth(
+                record.file_path, gt_boxes, gt_labels, {"boxes": boxes, "labels": labels, "scores": scores,
+                                                        **({"masks": output["masks"]} if "masks" in output else {})},
+                names if labels is not output.get("labels") else gt_names, path, score_threshold=threshold,
             )
+            shown.append(path)
             to_show["left"] -= 1
 
     collected: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -183,7 +187,10 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
         )
         proposals_only = args.proposals or "proposal" in model.iou_types
         detections = "" if proposals_only else f", {work_dir / (tag + 'detections.json')}"
-        print(f"wrote {work_dir / (tag + 'metrics.json')}" + detections + segm, flush=True)
+        print(f"wrote {work_dir / (tag + 'metrics.json')}, {work_dir / (tag + 'per_class.json')}" + detections + segm,
+              flush=True)
+        if shown:
+            print(f"wrote {len(shown)} PNGs (ground truth | detections) to {work_dir / 'show'}", flush=True)
     if args.save_proposals:
         path = Path(args.save_proposals) if args.save_proposals != "auto" else work_dir / f"proposals_{args.split}.pt"
         meta = {
@@ -194,6 +201,17 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
         if ctx.is_main:
             print(f"wrote {path}: {total} proposals of {len(dataset)} images (at most {args.proposals_per_image} each)", flush=True)
     return 0
+
+
+def ground_truth_of(dataset, image_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(boxes [G, 4] x1y1x2y2 in the original image, labels [G])`` of an image's non-crowd annotations."""
+    api = dataset.coco_api
+    label_of = {int(c): i for i, c in enumerate(dataset.label_to_cat_id)}
+    anns = [a for a in api.loadAnns(api.getAnnIds(imgIds=[image_id])) if not a.get("iscrowd", 0)]
+    boxes = torch.tensor([[a["bbox"][0], a["bbox"][1], a["bbox"][0] + a["bbox"][2], a["bbox"][1] + a["bbox"][3]]
+                          for a in anns], dtype=torch.float32).reshape(-1, 4)
+    labels = torch.tensor([label_of.get(int(a["category_id"]), 0) for a in anns], dtype=torch.int64)
+    return boxes, labels
 
 
 def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: DistributedContext) -> int:

@@ -167,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
     base = None
+    for flag, value in (("--pretrained", getattr(args, "pretrained", None)), ("--init-from", getattr(args, "init_from", None))):
+        if value and not Path(value).is_file():
+            raise ValueError(f"{flag} {value}: no such file")
     if getattr(args, "init_from", None):
         if args.resume:
             raise ValueError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: pass one")
@@ -418,7 +421,8 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
         )
     metrics = trainer.train()
     if ctx.is_main and metrics:
-        say(ctx, "final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        # Percent, as the tables above; metrics.json holds the same values as fractions of 1.
+        say(ctx, "final (%): " + "  ".join(f"{k} {100 * v:.2f}" if v >= 0 else f"{k} n/a" for k, v in metrics.items()))
     return 0
 
 

@@ -76,6 +76,16 @@ def test_smoothed_value_median_and_global_average():
     assert value.latest == 3.0
 
 
+def test_eta_follows_the_whole_run_not_the_last_window():
+    """A slow stretch at the end (a shared machine) moves the ETA by its share of the run, not 5x."""
+    logger = MetricLogger(max_iters=100, window=4)
+    for _ in range(46):
+        logger.update(time=0.5)
+    for _ in range(4):
+        logger.update(time=2.5)
+    assert logger.eta_seconds(50) == pytest.approx(50 * (46 * 0.5 + 4 * 2.5) / 50)
+
+
 def test_eta_from_average_iteration_time():
     logger = MetricLogger(max_iters=100, window=4)
     for _ in range(4):

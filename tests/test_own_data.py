@@ -52,6 +52,17 @@ def run(tmp_path_factory) -> Path:
     return work
 
 
+# ------------------------------------------------------------------ the run's files (issue 22)
+def test_losses_png_shows_the_final_evaluation_and_a_finished_resume_logs_it_once(run):
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if r["mode"] == "val"] == [8] and all("eta_s" in r for r in log if r["mode"] == "train")
+    assert (run / "losses.png").stat().st_mtime_ns >= (run / "metrics.json").stat().st_mtime_ns  # drawn after the eval
+    assert train.main([*TINY, "--model", "faster_rcnn_r50_fpn", "--data-root", str(run.parent / "data"), "--epochs", "2",
+                       "--set", "score_thr=0.01", "--work-dir", str(run), "--resume"]) == 0
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log if r["mode"] == "val"] == [8]
+
+
 # ------------------------------------------------------------------ 1. prediction
 def test_predict_equals_eval_detections(run, tmp_path, capsys):
     data = run.parent / "data"

@@ -1,5 +1,5 @@
 """Draw detections (boxes, captions and instance masks) on an image and save a PNG (for
-``eval.py --show``), with PIL and numpy only."""
+``eval.py --show``, ``predict.py`` and ``analyze.py browse``), with PIL and numpy only."""
 
 from __future__ import annotations
 
@@ -55,29 +55,33 @@ def _blend_masks(
     return Image.fromarray(np.clip(pixels + 0.5, 0, 255).astype(np.uint8))
 
 
-def draw_detections(
+def render_detections(
     image_path_or_tensor: str | Path | Tensor | np.ndarray,
     boxes: Tensor | np.ndarray,
     labels: Tensor | np.ndarray,
     scores: Tensor | np.ndarray | None,
     class_names: Sequence[str],
-    out_png: str | Path,
     score_threshold: float = 0.3,
     line_width: int = 2,
     masks: Tensor | np.ndarray | None = None,
     mask_alpha: float = 0.45,
-) -> Path:
-    """Draw ``boxes`` [D, 4] (image coordinates) with "name score" captions and save ``out_png``.
-
-    ``image_path_or_tensor``: a file path, a [3, h, w] tensor or an [h, w, 3] array, RGB 0..255
-    (use `libra.data.transforms.denormalize_image` on a normalised tensor first).
-    ``masks``: optional [D, h, w] bool / 0-1 instance masks of the same image (Mask R-CNN's
-    ``masks``), blended in each detection's class colour with opacity ``mask_alpha`` (lowest score
-    first, so the most confident mask is on top) under the boxes.
-    Detections with score < ``score_threshold`` are skipped. Returns the written path.
-    """
+    min_side: int = 0,
+) -> Image.Image:
+    """The image with ``boxes`` [D, 4] (image coordinates), "name score" captions and ``masks`` drawn,
+    as a PIL image (:func:`draw_detections` saves it). ``min_side``: enlarge a smaller image (and
+    its boxes and masks, nearest) until its short side has that many pixels, so that captions stay
+    readable on small images; 0 keeps the size."""
     canvas = _to_pil(image_path_or_tensor)
-    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4).tolist()
+    boxes = torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    scale = max(1.0, min_side / min(canvas.size)) if min_side and min(canvas.size) > 0 else 1.0
+    if scale > 1.0:
+        size = (round(canvas.width * scale), round(canvas.height * scale))
+        canvas = canvas.resize(size, Image.Resampling.BILINEAR)
+        boxes = boxes * scale
+        if masks is not None:
+            masks = torch.as_tensor(np.asarray(masks.detach().cpu() if isinstance(masks, Tensor) else masks), dtype=torch.uint8)
+            masks = torch.nn.functional.interpolate(masks[None].float(), size=(size[1], size[0]), mode="nearest")[0] > 0.5
+    boxes = boxes.tolist()
     labels = torch.as_tensor(labels, dtype=torch.int64).reshape(-1).tolist()
     scores_list = torch.as_tensor(scores, dtype=torch.float32).reshape(-1).tolist() if scores is not None else [None] * len(boxes)
     if not len(boxes) == len(labels) == len(scores_list):
@@ -96,7 +100,64 @@ def draw_detections(
         y = box[1] - (bottom - top) - 2 if box[1] - (bottom - top) - 2 >= 0 else box[1]
         draw.rectangle([box[0], y, box[0] + (right - left) + 4, y + (bottom - top) + 2], fill=colour)
         draw.text((box[0] + 2, y), caption, fill=(0, 0, 0))
+    return canvas
+
+
+def draw_detections(
+    image_path_or_tensor: str | Path | Tensor | np.ndarray,
+    boxes: Tensor | np.ndarray,
+    labels: Tensor | np.ndarray,
+    scores: Tensor | np.ndarray | None,
+    class_names: Sequence[str],
+    out_png: str | Path,
+    score_threshold: float = 0.3,
+    line_width: int = 2,
+    masks: Tensor | np.ndarray | None = None,
+    mask_alpha: float = 0.45,
+    min_side: int = 0,
+) -> Path:
+    """Draw ``boxes`` [D, 4] (image coordinates) with "name score" captions and save ``out_png``.
+
+    ``image_path_or_tensor``: a file path, a [3, h, w] tensor or an [h, w, 3] array, RGB 0..255
+    (use `libra.data.transforms.denormalize_image` on a normalised tensor first).
+    ``masks``: optional [D, h, w] bool / 0-1 instance masks of the same image (Mask R-CNN's
+    ``masks``), blended in each detection's class colour with opacity ``mask_alpha`` (lowest score
+    first, so the most confident mask is on top) under the boxes.
+    Detections with score < ``score_threshold`` are skipped; ``min_side`` enlarges small images
+    (:func:`render_detections`). Returns the written path.
+    """
+    canvas = render_detections(image_path_or_tensor, boxes, labels, scores, class_names, score_threshold,
+                               line_width, masks, mask_alpha, min_side)
     out_png = Path(out_png)
     out_png.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(out_png)
+    return out_png
+
+
+def draw_with_ground_truth(
+    image_path_or_tensor: str | Path | Tensor | np.ndarray,
+    gt_boxes: Tensor | np.ndarray,
+    gt_labels: Tensor | np.ndarray,
+    detection: dict,
+    class_names: Sequence[str],
+    out_png: str | Path,
+    score_threshold: float = 0.3,
+    min_side: int = 512,
+) -> Path:
+    """Ground truth (left) and ``detection`` (``boxes``, ``labels``, ``scores``, optional ``masks``;
+    right) of one image side by side, each at least ``min_side`` pixels on its short side, titled."""
+    left = render_detections(image_path_or_tensor, gt_boxes, gt_labels, None, class_names, min_side=min_side)
+    right = render_detections(image_path_or_tensor, detection["boxes"], detection["labels"], detection.get("scores"),
+                              class_names, score_threshold, masks=detection.get("masks"), min_side=min_side)
+    title = 18
+    sheet = Image.new("RGB", (left.width + right.width + 8, max(left.height, right.height) + title), (255, 255, 255))
+    sheet.paste(left, (0, title))
+    sheet.paste(right, (left.width + 8, title))
+    draw = ImageDraw.Draw(sheet)
+    draw.text((4, 3), f"ground truth ({len(torch.as_tensor(gt_labels).reshape(-1))})", fill=(0, 0, 0))
+    kept = int((torch.as_tensor(detection["scores"]) >= score_threshold).sum()) if "scores" in detection else 0
+    draw.text((left.width + 12, 3), f"detections, score >= {score_threshold:g} ({kept})", fill=(0, 0, 0))
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(out_png)
     return out_png

@@ -115,6 +115,9 @@ def build_split(
     if name == "voc" and role == "val":
         # Evaluation on VOC2007 test (the paper's); a VOC2012-only root evaluates on its val split.
         split = "test" if (root / "VOC2007").is_dir() else "val"
+        if split == "val":
+            print(f"note: {root} has no VOC2007: evaluating on VOC2012 val (the paper's numbers are on VOC2007 test)",
+                  flush=True)
     else:
         split = role
     size = int(settings.synthetic_image_size)

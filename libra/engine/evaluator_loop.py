@@ -89,7 +89,7 @@ def gather_evaluator(evaluator, ctx: DistributedContext):
 
 
 def format_metrics_table(metrics: dict[str, Any], title: str = "") -> str:
-    """A two-row plain-text table: metric names, values in percent (2 decimals)."""
+    """A two-row plain-text table: metric names, values in percent (2 decimals; the title says so)."""
     names = [k for k, v in metrics.items() if isinstance(v, (int, float))]
     if not names:
         return title
@@ -97,7 +97,8 @@ def format_metrics_table(metrics: dict[str, Any], title: str = "") -> str:
     header = "".join(n.rjust(width) for n in names)
     row = "".join((f"{100.0 * float(metrics[n]):.2f}" if float(metrics[n]) >= 0 else "n/a").rjust(width) for n in names)
     rule = "-" * len(header)
-    return "\n".join([t for t in (title,) if t] + [rule, header, row, rule])
+    title = f"{title}, in %" if title else "in %"
+    return "\n".join([title, rule, header, row, rule])
 
 
 def format_per_class_table(rows: list[dict], title: str = "") -> str:
@@ -177,6 +178,6 @@ def evaluate_model(
             print(format_metrics_table(metrics, f"{what} on {len(dataset)} images ({elapsed:.1f}s)"))
         if per_class:
             for iou_type, rows in evaluator.per_class_results().items():
-                print(format_per_class_table(rows, f"per-class {'mask' if iou_type == 'segm' else 'box'} AP"))
+                print(format_per_class_table(rows, f"per-class {'mask' if iou_type == 'segm' else 'box'} AP, in %"))
     synchronize()
     return metrics

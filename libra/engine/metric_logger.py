@@ -18,7 +18,7 @@ from typing import Iterable
 
 import torch
 
-from libra.engine.checkpoint import atomic_write
+from libra.atomic_io import atomic_write
 
 
 class SmoothedValue:
@@ -93,11 +93,13 @@ class MetricLogger:
             self.meters.setdefault(name, SmoothedValue(self.window)).update(float(value))
 
     def eta_seconds(self, iteration: int) -> float:
-        """ETA from the smoothed iteration time (``iteration`` = iterations completed)."""
+        """ETA from the mean iteration time over the whole run so far (``iteration`` = iterations
+        completed): a window of the last iterations swings with every slow or fast stretch (a
+        shared machine, an evaluation), the run's mean settles."""
         meter = self.meters.get("time")
-        if meter is None or not meter.values:
+        if meter is None or not meter.count:
             return float("nan")
-        return estimate_eta(meter.avg, iteration, self.max_iters)
+        return estimate_eta(meter.global_avg, iteration, self.max_iters)
 
     def summary(self) -> dict[str, float]:
         """Window median of every series except times / lr (averaged / latest)."""
@@ -166,6 +168,19 @@ class JSONLinesLog:
                 if isinstance(record, dict):
                     records.append(record)
         return records
+
+    def drop(self, mode: str, iteration: int) -> int:
+        """Drop the records of ``mode`` at ``iteration`` (an evaluation repeated there replaces its
+        record), atomically. Returns how many were dropped."""
+        if not self.path.is_file():
+            return 0
+        records = self.read()
+        kept = [r for r in records if not (r.get("mode") == mode and int(r.get("iter", -1) or 0) == iteration)]
+        if len(kept) == len(records):
+            return 0
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write(self.path, lambda handle: handle.write(text.encode("utf-8")))
+        return len(records) - len(kept)
 
     def keep_until(self, iteration: int) -> int:
         """Drop the records after ``iteration`` (those of iterations a resumed run repeats), atomically.

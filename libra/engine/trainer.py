@@ -304,7 +304,10 @@ class Trainer:
         self.evaluated_at = self.iteration
         if self.log is not None and self.last_metrics:
             numbers = {k: v for k, v in self.last_metrics.items() if isinstance(v, (int, float))}
+            self.log.drop("val", self.iteration)  # a finished run resumed evaluates again: one record
             self.log.write({"mode": "val", "epoch": self.epoch, "iter": self.iteration, **numbers})
+            # Redrawn after every evaluation, so that the picture shows the final metrics too.
+            plot_losses(self.log.read(), self.config.work_dir / "losses.png")
 
     def train_one_epoch(self, loader: Iterable, epoch: int) -> bool:
         """Run the batches of ``loader``; True when the epoch ran to its end (not stopped by max_iters)."""
@@ -382,7 +385,8 @@ class Trainer:
                 memory = max_memory_mb(device)
                 self.print(logger.format_line(epoch, config.num_epochs, self.iteration, memory))
                 if self.log is not None:
-                    record = {"mode": "train", "epoch": epoch + 1, "iter": self.iteration, "memory_mb": round(memory, 1)}
+                    record = {"mode": "train", "epoch": epoch + 1, "iter": self.iteration, "memory_mb": round(memory, 1),
+                              "eta_s": round(logger.eta_seconds(self.iteration), 1)}
                     record.update({k: round(v, 6) for k, v in logger.summary().items()})
                     self.log.write(record)
                     # The matplotlib plot costs ~0.3 s of CPU: redraw it once an epoch (and at the end).
