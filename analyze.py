@@ -457,8 +457,7 @@ def run_browse(args: argparse.Namespace, rest: list[str]) -> int:
     if args.split == "train":
         settings.multi_scale_range = None  # eval.py's flags have no --multi-scale: the recipe's single scale
     dataset = build_split(settings, train=args.split == "train", split=args.split)
-    if hasattr(dataset, "set_epoch"):
-        dataset.set_epoch(args.epoch)
+    dataset.set_epoch(args.epoch)
     indices = _indices(dataset, args.index, args.images, "--images")
     out = _out_dir(args.out_dir, Path("work_dirs") / "browse")
     names = list(dataset.class_names)

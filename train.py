@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     """Fill the recipe defaults (``libra.recipes``) and derived values (lr, steps, work dir) into ``args``."""
     base = None
-    for flag, value in (("--pretrained", getattr(args, "pretrained", None)), ("--init-from", getattr(args, "init_from", None))):
-        if value and not Path(value).is_file():
-            raise ValueError(f"{flag} {value}: no such file")
+    if getattr(args, "pretrained", None) and not Path(args.pretrained).is_file():
+        raise ValueError(f"--pretrained {args.pretrained}: no such file (torchvision ImageNet ResNet weights, .pth)")
+    if getattr(args, "init_from", None) and not Path(args.init_from).exists():
+        raise ValueError(f"--init-from {args.init_from}: no such checkpoint file or work dir")
     if getattr(args, "init_from", None):
         if args.resume:
             raise ValueError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: pass one")

@@ -192,7 +192,7 @@ def check_images(dataset, mode: str = "header") -> None:
     if len(problems) > 1:
         names = ", ".join(Path(r.file_path).name for r, _ in problems[1:4])
         more = f" (and {len(problems) - 1} more: {names}{', ...' if len(problems) > 4 else ''})"
-    hint = dataset.skip_hint(record) if hasattr(dataset, "skip_hint") else ""
+    hint = dataset.skip_hint(record)
     fix = image_fix_hint(hint, many=len(problems) > 1, check_flag=False)
     raise DataError(f"cannot use image file {record.file_path}: {problem}{more}; {fix}")
 

@@ -157,7 +157,7 @@ def evaluate_model(
         elapsed = time.perf_counter() - start
         if work_dir is not None:
             work_dir = Path(work_dir)
-            if hasattr(evaluator, "results") and not proposals:
+            if "proposal" not in iou_types:
                 if "bbox" in iou_types:
                     atomic_write_text(json.dumps(evaluator.results("bbox")), work_dir / f"{tag}detections.json")
                 if "segm" in iou_types:

@@ -84,6 +84,7 @@ class VOCEvaluator:
                 raise ValueError(f"ground truth of image {image_id}: boxes, labels, difficult lengths differ")
             self.ground_truth[int(image_id)] = (boxes, labels, difficult)
         self.class_names = list(class_names)
+        self.label_to_cat_id = list(range(1, len(self.class_names) + 1))  # from_coco_api sets the file's ids
         self.iou_threshold = float(iou_threshold)
         self.verbose = verbose
         self.image_ids: list[int] = []
@@ -123,7 +124,9 @@ class VOCEvaluator:
             }
         if class_names is None:
             class_names = [str(api.cats[int(c)].get("name", c)) for c in label_to_cat_id]
-        return cls(ground_truth, class_names, iou_threshold=iou_threshold, verbose=verbose)
+        evaluator = cls(ground_truth, class_names, iou_threshold=iou_threshold, verbose=verbose)
+        evaluator.label_to_cat_id = [int(c) for c in label_to_cat_id]
+        return evaluator
 
     def reset(self) -> None:
         self.image_ids, self.detections, self.per_class = [], [], {}
@@ -221,4 +224,16 @@ class VOCEvaluator:
             rows.append({"label": label, "name": name, "num_gts": int(values["num_gts"]),
                          "AP": float(values["AP"]), "AP_07": float(values["AP_07"])})
         return {"bbox": rows}
+
+    def results(self, iou_type: str | None = None) -> list[dict]:
+        """The collected detections in the COCO results format (``bbox`` [x, y, w, h]; category ids
+        of the COCO view of the ground truth when built by :meth:`from_coco_api`, else label + 1)."""
+        if iou_type not in (None, "bbox"):
+            raise ValueError(f"VOCEvaluator collects boxes only, not {iou_type!r}")
+        cat_ids = self.label_to_cat_id
+        return [
+            {"image_id": int(image_id), "category_id": int(cat_ids[label]), "score": round(float(score), 5),
+             "bbox": [round(v, 3) for v in (x1, y1, x2 - x1, y2 - y1)]}
+            for image_id, label, score, x1, y1, x2, y2 in self.detections
+        ]
 
