@@ -86,11 +86,11 @@ def read_checkpoint(path: str) -> tuple[str, dict]:
 
 def guess_mmdet_preset(state: dict) -> str:
     """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
-    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
+    RetinaNet; ``rpn_head.*`` (a 3.x standalone RPN: ``bbox_head.rpn_*``) and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
     only ``rpn_head.*``: a standalone RPN; only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the
     BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its
     grouped 3x3 convs)."""
-    rpn = any(k.startswith("rpn_head.") for k in state)
+    rpn = any(k.startswith(("rpn_head.", "bbox_head.rpn_")) for k in state)  # bbox_head.rpn_*: MMDetection 3.x's RPN
     roi = any(k.startswith("roi_head.") for k in state)
     if any(k.startswith("bbox_head.retina_cls") for k in state):
         family = "retinanet"
