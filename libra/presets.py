@@ -73,7 +73,8 @@ Overrides (any key of a preset dict):
   ``'bcr'`` is bucketed class re-weighting (Eq. 20-23) with ``bcr_s`` (S buckets, 10), ``bcr_t``
   (temperature t, 0.025) and ``bcr_a`` (turning point a, 0.5), the keys of the paper's Table 10;
   a sigmoid loss (``'sigmoid_ce'``, ``'bcr'``) makes the test-time scores per-class sigmoids
-  (paper Sec. 3.3.3).
+  (paper Sec. 3.3.3). ``bcr_samples``: ``'all'`` (Eq. 20 for every sampled RoI, the default) or
+  ``'foreground'`` (background RoIs keep weight 1 on every class, as in equalization loss).
 - Mask R-CNN presets: ``mask_conv_channels`` (256), ``mask_num_convs`` (4), ``mask_class_agnostic``,
   ``mask_loss_weight`` (1.0) and the test-time ``mask_thr`` (0.5).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
@@ -107,6 +108,7 @@ from libra.dense_heads import RegionProposalNetwork, RetinaHead, RetinaNetDenseH
 from libra.dense_heads.retina_head import RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES
 from libra.detectors import Detector, FastRCNN, FasterRCNN, MaskRCNN, ProposalNetwork, RetinaNet
 from libra.losses import (
+    BCR_SAMPLES,
     BalancedL1Loss,
     BCRSigmoidCrossEntropyLoss,
     CrossEntropyLoss,
@@ -194,6 +196,11 @@ _BASELINE: dict[str, Any] = {
     "bcr_s": 10,
     "bcr_t": 0.025,
     "bcr_a": 0.5,
+    # Which samples BCR re-weights (BCRSigmoidCrossEntropyLoss(samples=...)): "all" is Eq. 20 as
+    # written, for every sampled RoI (background ones too); "foreground" exempts background RoIs, as
+    # equalization loss (the paper's ref. [53]) exempts background proposals. README "LVIS" says why
+    # the presets keep "all".
+    "bcr_samples": "all",
     "score_thr": 0.05,
     "nms_thr": 0.5,
     "max_per_img": 100,
@@ -399,6 +406,7 @@ CHOICES: dict[str, tuple] = {
     "box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
     "rpn_box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
     "cls_loss": ("ce", "lgr_ce", "sigmoid_ce", "bcr"),
+    "bcr_samples": BCR_SAMPLES,
     "box_head": ("shared2fc", "4conv1fc"),
 }
 
@@ -782,11 +790,13 @@ def _cls_loss(config: dict[str, Any], num_classes: int, class_image_counts: Any)
         return LGRCrossEntropyLoss(alpha=config["lgr_ce_alpha"], gamma=config["lgr_ce_gamma"])
     # Bucketed class re-weighting (Eq. 20-23) with the preset's S, a, t.
     if class_image_counts is None:
-        return BCRSigmoidCrossEntropyLoss.without_frequencies(num_classes)
+        return BCRSigmoidCrossEntropyLoss.without_frequencies(num_classes, samples=config["bcr_samples"])
     counts = torch.as_tensor(class_image_counts, dtype=torch.int64).reshape(-1)
     if counts.numel() != num_classes:
         raise ValueError(f"class_image_counts has {counts.numel()} entries but the model has {num_classes} classes")
-    return BCRSigmoidCrossEntropyLoss.from_image_counts(counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"])
+    return BCRSigmoidCrossEntropyLoss.from_image_counts(
+        counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"], samples=config["bcr_samples"]
+    )
 
 
 def _build_roi_head(

@@ -125,6 +125,21 @@ def test_bcr_weights_come_from_the_counts_and_table_10_keys():
         tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=[1, 2, 3])
 
 
+def test_bcr_samples_key_reaches_the_loss_and_presets_keep_eq_20_as_written():
+    counts = torch.tensor([1, 3, 10, 40, 200, 1000, 5000])
+    for preset in ("libra_mask_rcnn_r50_fpn_lvis_bcr", "mask_rcnn_r50_fpn_lvis", "libra_mask_rcnn_r50_fpn_lvis"):
+        assert preset_config(preset)["bcr_samples"] == "all"
+    model = tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=counts)
+    assert model.roi_head.cls_loss.samples == "all"
+    from libra.engine.cli import parse_set_overrides
+
+    overrides = parse_set_overrides(["bcr_samples=foreground"], "libra_mask_rcnn_r50_fpn_lvis_bcr")
+    assert tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=counts, **overrides).roi_head.cls_loss.samples == "foreground"
+    assert tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, bcr_samples="foreground").roi_head.cls_loss.samples == "foreground"
+    with pytest.raises(ValueError, match="bcr_samples='background': expected one of all, foreground"):
+        preset_config("libra_mask_rcnn_r50_fpn_lvis_bcr", bcr_samples="background")
+
+
 def test_bcr_without_frequencies_evaluates_but_refuses_to_train():
     model = tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 4)
     image = torch.randn(1, 3, 64, 64)
