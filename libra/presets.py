@@ -83,6 +83,9 @@ Overrides (any key of a preset dict):
   "deform_groups": 1, "fallback_on_stride": False}``) and ``stage_with_dcn`` (4 bools, c2..c5), all
   for the named ResNets.
 - ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``.
+- ``roi_match_low_quality``: the R-CNN assigner's low-quality matches (``RoIHead(match_low_quality=...)``,
+  min_pos_iou 0.5): False for Faster / Fast R-CNN, True for Mask R-CNN, as MMDetection's
+  ``train_cfg.rcnn.assigner`` of ``faster-rcnn_r50_fpn.py`` / ``mask-rcnn_r50_fpn.py``.
 - ``ignore_iof_thr``: -1 (MMDetection's ``train_cfg.{rpn,rcnn}.assigner.ignore_iof_thr=-1``: crowd /
   difficult boxes are left out of training); a value such as 0.5 makes them ignore regions.
 - test settings: ``score_thr``, ``nms_thr``, ``max_per_img``, ``rpn_pre_nms_top_n_train``,
@@ -175,6 +178,9 @@ _BASELINE: dict[str, Any] = {
     "rpn_nms_thr": 0.7,
     # R-CNN (model.roi_head, train_cfg.rcnn, test_cfg.rcnn)
     "roi_batch_size": 512,
+    # train_cfg.rcnn.assigner.match_low_quality: False in faster-rcnn_r50_fpn.py (and Fast R-CNN's),
+    # True in mask-rcnn_r50_fpn.py (with min_pos_iou=0.5, RoIHead's default): RoIHead(match_low_quality=...).
+    "roi_match_low_quality": False,
     "sampler": "random",
     "pos_sampler": None,  # None: follow ``sampler``
     "neg_sampler": None,
@@ -312,6 +318,7 @@ _LIBRA_FAST_RCNN: dict[str, Any] = {**_FAST_RCNN, "neck": "bfp", "sampler": "iou
 _MASK_RCNN: dict[str, Any] = {
     **_BASELINE,
     "detector": "mask_rcnn",
+    "roi_match_low_quality": True,  # train_cfg.rcnn.assigner.match_low_quality=True, min_pos_iou=0.5
     "mask_conv_channels": 256,
     "mask_num_convs": 4,
     "mask_class_agnostic": False,
@@ -821,6 +828,7 @@ def _build_roi_head(
     pos_sampler, neg_sampler = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
     box_kwargs: dict[str, Any] = dict(
         ignore_iof_thr=config["ignore_iof_thr"],
+        match_low_quality=config["roi_match_low_quality"],
         batch_size=config["roi_batch_size"],
         positive_fraction=0.25,
         pos_sampler=pos_sampler,
