@@ -44,6 +44,7 @@ from pathlib import Path
 
 import torch
 
+from libra.data.samplers import REPEAT_ROUNDINGS
 from libra.engine.builders import build_eval_loader, build_split, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
@@ -108,6 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat-factor sampling (Gupta et al. 2019; on by default for LVIS, as in the paper's Sec. 4.2)",
     )
     data.add_argument("--repeat-threshold", type=float, default=None, help="repeat-factor threshold t (recipe: 0.001)")
+    data.add_argument(
+        "--repeat-rounding", choices=REPEAT_ROUNDINGS, default=None,
+        help="copies of an image per epoch: ceil = ceil(r), MMDetection's ClassBalancedDataset (recipe default); "
+        "stochastic = floor(r) + Bernoulli(r - floor(r)), the LVIS paper",
+    )
     data.add_argument("--workers", type=int, default=None, help="data-loader processes per GPU")
     data.add_argument(
         "--val-proposals-file", default=None, metavar="FILE",
@@ -182,7 +188,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         epochs = args.epochs
     args.epochs = epochs
     args.lr_steps = tuple(args.lr_steps) if args.lr_steps is not None else tuple(steps)
-    for key in ("multi_scale", "repeat_factor_sampling", "repeat_threshold"):  # LVIS: on by default
+    for key in ("multi_scale", "repeat_factor_sampling", "repeat_threshold", "repeat_rounding"):  # LVIS: on by default
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.multi_scale_range = tuple(defaults["multi_scale_range"]) if args.multi_scale else None
@@ -307,7 +313,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and ctx.device.type == "cuda")
     loader, batch_sampler = build_train_loader(
         train_set, args.batch_size, args.workers, ctx.rank, ctx.world_size, args.seed, args.repeat_factor_sampling,
-        args.repeat_threshold,
+        args.repeat_threshold, args.repeat_rounding,
     )
     iters_per_epoch = len(batch_sampler)
     if checkpoint is not None and int(checkpoint.get("iter_in_epoch", 0)) > 0:

@@ -6,8 +6,9 @@ detector's schedule is one entry of ``DETECTOR_RECIPES``. Values given on the co
 
 Keys: ``min_size`` / ``max_size`` (resize: short side, cap on the long side), ``multi_scale_range``
 (short sides drawn with ``--multi-scale``) and ``multi_scale_step`` (their step: 1, or 32 for LVIS),
-``multi_scale`` (on by default: LVIS), ``repeat_factor_sampling`` / ``repeat_threshold`` (LVIS repeat
-factor sampling, on by default for LVIS, threshold 0.001), ``optimizer``, ``lr`` (used as is) or
+``multi_scale`` (on by default: LVIS), ``repeat_factor_sampling`` / ``repeat_threshold`` /
+``repeat_rounding`` (LVIS repeat factor sampling, on by default for LVIS, threshold 0.001, rounded up
+as MMDetection does), ``optimizer``, ``lr`` (used as is) or
 ``lr_per_16_images`` (scaled linearly with the total batch), ``schedules`` (``name -> (epochs,
 lr steps)``), ``warmup_iters``, ``grad_clip`` (max gradient norm, 0: none), ``batch_size`` (per GPU),
 ``workers``, ``log_interval``, ``keep_checkpoints`` (0: all) and ``overrides``: preset keys this
@@ -36,6 +37,10 @@ COCO_RECIPE: dict[str, Any] = {
     "multi_scale": False,
     "repeat_factor_sampling": False,
     "repeat_threshold": 0.001,
+    # How a repeat factor r(I) becomes copies of image I per epoch: "ceil" (MMDetection's
+    # ClassBalancedDataset, ceil(r) every epoch, which the paper's mmdetection-based LVIS training used)
+    # or "stochastic" (the LVIS paper, Gupta et al. 2019: floor(r) + Bernoulli(r - floor(r))).
+    "repeat_rounding": "ceil",
     "optimizer": "sgd",
     "lr": None,
     "lr_per_16_images": 0.02,
