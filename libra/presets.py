@@ -83,6 +83,8 @@ Overrides (any key of a preset dict):
   "deform_groups": 1, "fallback_on_stride": False}``) and ``stage_with_dcn`` (4 bools, c2..c5), all
   for the named ResNets.
 - ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``.
+- ``roi_sampling_ratio``: bilinear samples per bin side of the box RoI extractor's RoIAlign (0 or -1:
+  adaptive, MMDetection v2/v3; 2: MMDetection v1's ``sample_num=2``, the paper's ablations).
 - ``roi_match_low_quality``: the R-CNN assigner's low-quality matches (``RoIHead(match_low_quality=...)``,
   min_pos_iou 0.5): False for Faster / Fast R-CNN, True for Mask R-CNN, as MMDetection's
   ``train_cfg.rcnn.assigner`` of ``faster-rcnn_r50_fpn.py`` / ``mask-rcnn_r50_fpn.py``.
@@ -181,6 +183,10 @@ _BASELINE: dict[str, Any] = {
     # train_cfg.rcnn.assigner.match_low_quality: False in faster-rcnn_r50_fpn.py (and Fast R-CNN's),
     # True in mask-rcnn_r50_fpn.py (with min_pos_iou=0.5, RoIHead's default): RoIHead(match_low_quality=...).
     "roi_match_low_quality": False,
+    # bbox_roi_extractor.roi_layer.sampling_ratio=0 (v2/v3; adaptive): the box RoI extractor's
+    # MultiLevelRoIExtractor(sampling_ratio=...). MMDetection v1 (the paper's ablations) used
+    # sample_num=2: the recipe "v1" of libra.recipes sets it.
+    "roi_sampling_ratio": 0,
     "sampler": "random",
     "pos_sampler": None,  # None: follow ``sampler``
     "neg_sampler": None,
@@ -436,7 +442,7 @@ _MIN_INT: dict[str, int] = {
     "rpn_batch_size": 1, "roi_batch_size": 1, "rpn_pre_nms_top_n_train": 1, "rpn_pre_nms_top_n_test": 1,
     "rpn_post_nms_top_n_train": 1, "rpn_post_nms_top_n_test": 1, "pre_nms_top_n_test": 1, "max_per_img": 1,
     "mask_conv_channels": 1, "mask_num_convs": 0, "width_per_group": 1, "fpn_start_level": 0, "refine_level": 0,
-    "frozen_stages": -1, "bcr_s": 2, "rpn_neg_pos_ub": -1,
+    "frozen_stages": -1, "bcr_s": 2, "rpn_neg_pos_ub": -1, "roi_sampling_ratio": -1,
 }
 # Number keys with a range: probabilities / IoUs in [0, 1], and the BCR temperature t > 0 (Eq. 23).
 _UNIT_FLOATS = ("score_thr", "nms_thr", "rpn_nms_thr", "mask_thr", "floor_fraction", "focal_alpha", "bcr_a")
@@ -842,7 +848,7 @@ def _build_roi_head(
     # RoIs are pooled from the first 4 levels the neck outputs (MMDetection
     # bbox_roi_extractor.featmap_strides=[4, 8, 16, 32] for P2..P5), whatever they are.
     roi_strides = strides[:4]
-    box_extractor = MultiLevelRoIExtractor(7, roi_strides, sampling_ratio=0)
+    box_extractor = MultiLevelRoIExtractor(7, roi_strides, sampling_ratio=config["roi_sampling_ratio"])
     if config["detector"] != "mask_rcnn":
         return RoIHead(box_head, num_classes, box_extractor, **box_kwargs)
     mask_head = FCNMaskHead(
