@@ -48,7 +48,7 @@ def run(tmp_path_factory):
 
 def test_rpn_training_reports_proposal_recall(run):
     metrics = json.loads((run / "rpn" / "metrics.json").read_text())
-    assert set(metrics) == {"AR@100", "AR@300", "AR@1000"}
+    assert set(metrics) == {f"AR@{k}{kind}" for k in (100, 300, 1000) for kind in ("", "_mmdet")}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
 
 
