@@ -33,14 +33,19 @@ their protocols are in the README):
   paper Table 8: 37.1 / 34.1): Faster R-CNN plus the FCN mask branch (4 x conv3x3 256, deconv,
   28 x 28 per-class masks, BCE); ``mask_rcnn_r101_fpn``, ``mask_rcnn_x101_64x4d_fpn``.
 - ``libra_mask_rcnn_r50_fpn``: Libra Mask R-CNN (paper Sec. 4.1.5, Table 8: 39.5 / 35.3): the Libra
-  R-CNN components of ``libra_faster_rcnn_r50_fpn`` plus the same mask branch.
+  R-CNN components of ``libra_faster_rcnn_r50_fpn`` (the conference losses: balanced L1 + CE) plus the
+  same mask branch; ``libra_mask_rcnn_r50_fpn_lgr`` with the journal's LGR-L1 + LGR-CE instead (the
+  paper does not say which Table 8 used).
 - LVIS v1 (paper Sec. 4.2, Table 9; 1203 classes; test: score > 0.001, 300 detections per image;
   trained with repeat factor sampling, see ``libra.recipes``): ``mask_rcnn_r50_fpn_lvis`` (22.0 mask
   AP, APr 10.7, box 22.3), ``libra_mask_rcnn_r50_fpn_lvis`` (class-balanced positives, Sec. 3.1 last
   paragraph, + the Libra components: 23.3, 14.5, 23.9) and ``libra_mask_rcnn_r50_fpn_lvis_bcr`` (+
   bucketed class re-weighting of a sigmoid classifier, Sec. 3.3.3, scored with sigmoids: 25.0,
   16.8, 25.8). BCR needs the training set's class frequencies: ``build_model(...,
-  class_image_counts=dataset.image_counts_per_class())``.
+  class_image_counts=dataset.image_counts_per_class())``. The two Libra LVIS presets use the
+  conference box loss (balanced L1; CE or BCR for classes); ``libra_mask_rcnn_r50_fpn_lvis_lgr``
+  (LGR-L1 + LGR-CE) and ``libra_mask_rcnn_r50_fpn_lvis_bcr_lgr`` (LGR-L1 + BCR) are the journal's
+  losses (the paper does not say which Table 9 used).
 
 A preset's ``detector`` (``'faster_rcnn'``, ``'mask_rcnn'``, ``'retinanet'``, ``'rpn'`` or ``'fast_rcnn'``) says which
 composition :func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no
@@ -385,6 +390,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     # ... and with bucketed class re-weighting (Sec. 3.3.3; sigmoid classifier, sigmoid scores at test).
     "libra_mask_rcnn_r50_fpn_lvis_bcr": {
         **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "cls_loss": "bcr",
+    },
+    # The Libra Mask R-CNN presets above use the conference version's losses (balanced L1, Sec. 3.3.1;
+    # CE or BCR); the paper does not say whether Tables 8-9 used those or the journal's LGR losses
+    # (LGR-L1, Eq. 11-14, and LGR-CE, Eq. 15-19, alpha 0.8, gamma 1.0 as libra_faster_rcnn_r50_fpn_lgr).
+    # With BCR only the box loss changes (LGR-CE is a softmax loss, BCR a sigmoid one).
+    "libra_mask_rcnn_r50_fpn_lgr": {**_LIBRA_MASK_RCNN, "box_loss": "lgr_l1", "cls_loss": "lgr_ce"},
+    "libra_mask_rcnn_r50_fpn_lvis_lgr": {
+        **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "box_loss": "lgr_l1",
+        "cls_loss": "lgr_ce",
+    },
+    "libra_mask_rcnn_r50_fpn_lvis_bcr_lgr": {
+        **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "box_loss": "lgr_l1",
+        "cls_loss": "bcr",
     },
 }
 
