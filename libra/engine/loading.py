@@ -46,7 +46,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     data = add_data_arguments(parser, dataset_default=None)
     data.add_argument("--workers", type=int, default=2)
     add_model_arguments(parser, model_default=None)
-    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
+    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000 (COCOeval) and AR@k_mmdet (MMDetection's, the paper's Table 2)")
     parser.add_argument(
         "--save-proposals", nargs="?", const="auto", default=None, metavar="FILE",
         help="also write the top --proposals-per-image proposals of every image (Fast R-CNN input, format in "
