@@ -39,6 +39,7 @@ RESUME_IDENTITY = (
     ("optimizer", "--optimizer"),
     ("repeat_factor_sampling", "--repeat-factor-sampling"),
     ("repeat_rounding", "--repeat-rounding"),
+    ("recipe", "--recipe"),
 )
 # The model itself is compared through its complete config (checkpoint ``model_config``).
 RESUME_IDENTITY_SYNTHETIC = (
