@@ -44,6 +44,8 @@ from pathlib import Path
 
 import torch
 
+from libra.data.samplers import REPEAT_ROUNDINGS
+from libra.recipes import RECIPE_VERSIONS
 from libra.engine.builders import build_eval_loader, build_split, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="repeat-factor sampling (Gupta et al. 2019; on by default for LVIS, as in the paper's Sec. 4.2)",
     )
     data.add_argument("--repeat-threshold", type=float, default=None, help="repeat-factor threshold t (recipe: 0.001)")
+    data.add_argument(
+        "--repeat-rounding", choices=REPEAT_ROUNDINGS, default=None,
+        help="copies of an image per epoch: ceil = ceil(r), MMDetection's ClassBalancedDataset (recipe default); "
+        "stochastic = floor(r) + Bernoulli(r - floor(r)), the LVIS paper",
+    )
     data.add_argument("--workers", type=int, default=None, help="data-loader processes per GPU")
     data.add_argument(
         "--val-proposals-file", default=None, metavar="FILE",
@@ -137,8 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--momentum", type=float, default=0.9)
     sched.add_argument("--weight-decay", type=float, default=1e-4)
     sched.add_argument("--warmup-iters", type=int, default=None)
-    sched.add_argument("--warmup-ratio", type=float, default=0.001)
-    sched.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: none, the paper's recipe)")
+    sched.add_argument("--warmup-ratio", type=float, default=None, help="warmup start factor (recipe: 0.001; v1: 1/3)")
+    sched.add_argument("--grad-clip", type=float, default=None, help="max gradient norm (0: none, the v2 recipe; v1: 35)")
+    sched.add_argument(
+        "--recipe", choices=tuple(RECIPE_VERSIONS), default="v2",
+        help="v1: MMDetection v1's libra_fast_rcnn_r50_fpn_1x recipe of the paper's ablations (Tables 3-7) on top "
+        "of the dataset's: grad clip 35, warmup ratio 1/3, RoIAlign sampling ratio 2, R-CNN low-quality matches",
+    )
     sched.add_argument("--batch-size", type=int, default=None, help="images per GPU / process")
     sched.add_argument("--max-iters", type=int, default=None, help="stop after this many iterations (tests, benchmarks)")
     sched.add_argument("--amp", action="store_true", help="mixed precision (fp16 + GradScaler on CUDA, bf16 on CPU)")
@@ -183,7 +195,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     check_proposals_flags(args, [("proposals_file", "--proposals-file")] + (
         [] if args.no_eval else [("val_proposals_file", "--val-proposals-file")]
     ))
-    for key in ("warmup_iters", "batch_size", "workers", "log_interval", "grad_clip", "optimizer", "keep_checkpoints"):
+    for key in ("warmup_iters", "warmup_ratio", "batch_size", "workers", "log_interval", "grad_clip", "optimizer",
+                "keep_checkpoints"):
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     world_size = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else max(1, args.gpus)
@@ -199,7 +212,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         epochs = args.epochs
     args.epochs = epochs
     args.lr_steps = tuple(args.lr_steps) if args.lr_steps is not None else tuple(steps)
-    for key in ("multi_scale", "repeat_factor_sampling", "repeat_threshold"):  # LVIS: on by default
+    for key in ("multi_scale", "repeat_factor_sampling", "repeat_threshold", "repeat_rounding"):  # LVIS: on by default
         if getattr(args, key) is None:
             setattr(args, key, defaults[key])
     args.multi_scale_range = tuple(defaults["multi_scale_range"]) if args.multi_scale else None
@@ -327,7 +340,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     scaler = torch.amp.GradScaler("cuda", enabled=args.amp and ctx.device.type == "cuda")
     loader, batch_sampler = build_train_loader(
         train_set, args.batch_size, args.workers, ctx.rank, ctx.world_size, args.seed, args.repeat_factor_sampling,
-        args.repeat_threshold,
+        args.repeat_threshold, args.repeat_rounding,
     )
     iters_per_epoch = len(batch_sampler)
     if checkpoint is not None and int(checkpoint.get("iter_in_epoch", 0)) > 0:

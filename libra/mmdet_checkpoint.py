@@ -10,7 +10,8 @@ Key layouts are those of the MMDetection v2/v3 released checkpoints of the confi
 the one-stage ``retinanet_r50_fpn_1x_coco`` and ``libra-retinanet_r50_fpn_1x_coco`` (v2:
 ``libra_retinanet_r50_fpn_1x_coco_20200205-804d94ce.pth``; paper Table 2), of the proposal model
 ``rpn_r50_fpn_1x_coco`` (``backbone.*``, single ``neck.*``, ``rpn_head.*``: the rules of Faster R-CNN's
-RPN) and of ``fast-rcnn_r50_fpn_1x_coco`` (no ``rpn_head.*``), and of ``mask-rcnn_r50_fpn_1x_coco``
+RPN; MMDetection 3.x's ``RPN`` detector saves its head as ``bbox_head.rpn_{conv,cls,reg}.*``, which
+loads too) and of ``fast-rcnn_r50_fpn_1x_coco`` (no ``rpn_head.*``), and of ``mask-rcnn_r50_fpn_1x_coco``
 (Faster R-CNN's keys plus ``roi_head.mask_head.*``).
 
 This project always holds the neck as an ``nn.Sequential``: ``neck.0`` is the FPN or PAFPN,
@@ -34,6 +35,7 @@ list of necks: ``neck.{0,1}.X``                                 ``neck.{0,1}.X``
 ``neck.1.refine.{g,theta,phi,conv_out}.conv.{weight,bias}``     ``neck.1.refine.{g,theta,phi,conv_out}.{weight,bias}``
 ``neck.1.refine.conv.{weight,bias}`` (``refine_type='conv'``)   unchanged
 ``rpn_head.{rpn_conv,rpn_cls,rpn_reg}.*``                       ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
+``bbox_head.{rpn_conv,rpn_cls,rpn_reg}.*`` (3.x standalone RPN)  ``rpn.head.{rpn_conv,rpn_cls,rpn_reg}.*``
 ``roi_head.bbox_head.*``                                        ``roi_head.box_head.*``
 ``roi_head.bbox_head.shared_convs.{i}.{conv,gn}.*`` (GN head)   ``roi_head.box_head.shared_convs.{i}.{conv,gn}.*``
 ``roi_head.mask_head.*`` (Mask R-CNN)                           ``roi_head.mask_head.*`` (unchanged)
@@ -73,6 +75,9 @@ from torch import Tensor, nn
 # MMDetection top-level prefixes -> this project's module paths.
 _PREFIXES = (
     ("rpn_head.", "rpn.head."),
+    # MMDetection 3.x's standalone RPN (mmdet/models/detectors/rpn.py) holds its RPNHead as
+    # ``bbox_head``; the v2 checkpoints say ``rpn_head``. Before the RetinaNet rule below.
+    ("bbox_head.rpn_", "rpn.head.rpn_"),
     ("roi_head.bbox_head.", "roi_head.box_head."),
     ("bbox_head.", "dense_head.head."),  # RetinaNet: the dense head's predictor
 )

@@ -33,14 +33,19 @@ their protocols are in the README):
   paper Table 8: 37.1 / 34.1): Faster R-CNN plus the FCN mask branch (4 x conv3x3 256, deconv,
   28 x 28 per-class masks, BCE); ``mask_rcnn_r101_fpn``, ``mask_rcnn_x101_64x4d_fpn``.
 - ``libra_mask_rcnn_r50_fpn``: Libra Mask R-CNN (paper Sec. 4.1.5, Table 8: 39.5 / 35.3): the Libra
-  R-CNN components of ``libra_faster_rcnn_r50_fpn`` plus the same mask branch.
+  R-CNN components of ``libra_faster_rcnn_r50_fpn`` (the conference losses: balanced L1 + CE) plus the
+  same mask branch; ``libra_mask_rcnn_r50_fpn_lgr`` with the journal's LGR-L1 + LGR-CE instead (the
+  paper does not say which Table 8 used).
 - LVIS v1 (paper Sec. 4.2, Table 9; 1203 classes; test: score > 0.001, 300 detections per image;
   trained with repeat factor sampling, see ``libra.recipes``): ``mask_rcnn_r50_fpn_lvis`` (22.0 mask
   AP, APr 10.7, box 22.3), ``libra_mask_rcnn_r50_fpn_lvis`` (class-balanced positives, Sec. 3.1 last
   paragraph, + the Libra components: 23.3, 14.5, 23.9) and ``libra_mask_rcnn_r50_fpn_lvis_bcr`` (+
   bucketed class re-weighting of a sigmoid classifier, Sec. 3.3.3, scored with sigmoids: 25.0,
   16.8, 25.8). BCR needs the training set's class frequencies: ``build_model(...,
-  class_image_counts=dataset.image_counts_per_class())``.
+  class_image_counts=dataset.image_counts_per_class())``. The two Libra LVIS presets use the
+  conference box loss (balanced L1; CE or BCR for classes); ``libra_mask_rcnn_r50_fpn_lvis_lgr``
+  (LGR-L1 + LGR-CE) and ``libra_mask_rcnn_r50_fpn_lvis_bcr_lgr`` (LGR-L1 + BCR) are the journal's
+  losses (the paper does not say which Table 9 used).
 
 A preset's ``detector`` (``'faster_rcnn'``, ``'mask_rcnn'``, ``'retinanet'``, ``'rpn'`` or ``'fast_rcnn'``) says which
 composition :func:`build_model` assembles; each detector has its own keys (a RetinaNet preset has no
@@ -73,7 +78,8 @@ Overrides (any key of a preset dict):
   ``'bcr'`` is bucketed class re-weighting (Eq. 20-23) with ``bcr_s`` (S buckets, 10), ``bcr_t``
   (temperature t, 0.025) and ``bcr_a`` (turning point a, 0.5), the keys of the paper's Table 10;
   a sigmoid loss (``'sigmoid_ce'``, ``'bcr'``) makes the test-time scores per-class sigmoids
-  (paper Sec. 3.3.3).
+  (paper Sec. 3.3.3). ``bcr_samples``: ``'all'`` (Eq. 20 for every sampled RoI, the default) or
+  ``'foreground'`` (background RoIs keep weight 1 on every class, as in equalization loss).
 - Mask R-CNN presets: ``mask_conv_channels`` (256), ``mask_num_convs`` (4), ``mask_class_agnostic``,
   ``mask_loss_weight`` (1.0) and the test-time ``mask_thr`` (0.5).
 - ``box_head``: ``'shared2fc' | '4conv1fc'``; ``fc_channels``.
@@ -82,6 +88,11 @@ Overrides (any key of a preset dict):
   "deform_groups": 1, "fallback_on_stride": False}``) and ``stage_with_dcn`` (4 bools, c2..c5), all
   for the named ResNets.
 - ``rpn_neg_pos_ub``, ``rpn_batch_size``, ``roi_batch_size``.
+- ``roi_sampling_ratio``: bilinear samples per bin side of the box RoI extractor's RoIAlign (0 or -1:
+  adaptive, MMDetection v2/v3; 2: MMDetection v1's ``sample_num=2``, the paper's ablations).
+- ``roi_match_low_quality``: the R-CNN assigner's low-quality matches (``RoIHead(match_low_quality=...)``,
+  min_pos_iou 0.5): False for Faster / Fast R-CNN, True for Mask R-CNN, as MMDetection's
+  ``train_cfg.rcnn.assigner`` of ``faster-rcnn_r50_fpn.py`` / ``mask-rcnn_r50_fpn.py``.
 - ``ignore_iof_thr``: -1 (MMDetection's ``train_cfg.{rpn,rcnn}.assigner.ignore_iof_thr=-1``: crowd /
   difficult boxes are left out of training); a value such as 0.5 makes them ignore regions.
 - test settings: ``score_thr``, ``nms_thr``, ``max_per_img``, ``rpn_pre_nms_top_n_train``,
@@ -107,6 +118,7 @@ from libra.dense_heads import RegionProposalNetwork, RetinaHead, RetinaNetDenseH
 from libra.dense_heads.retina_head import RETINANET_ANCHOR_RATIOS, RETINANET_ANCHOR_SCALES
 from libra.detectors import Detector, FastRCNN, FasterRCNN, MaskRCNN, ProposalNetwork, RetinaNet
 from libra.losses import (
+    BCR_SAMPLES,
     BalancedL1Loss,
     BCRSigmoidCrossEntropyLoss,
     CrossEntropyLoss,
@@ -173,6 +185,13 @@ _BASELINE: dict[str, Any] = {
     "rpn_nms_thr": 0.7,
     # R-CNN (model.roi_head, train_cfg.rcnn, test_cfg.rcnn)
     "roi_batch_size": 512,
+    # train_cfg.rcnn.assigner.match_low_quality: False in faster-rcnn_r50_fpn.py (and Fast R-CNN's),
+    # True in mask-rcnn_r50_fpn.py (with min_pos_iou=0.5, RoIHead's default): RoIHead(match_low_quality=...).
+    "roi_match_low_quality": False,
+    # bbox_roi_extractor.roi_layer.sampling_ratio=0 (v2/v3; adaptive): the box RoI extractor's
+    # MultiLevelRoIExtractor(sampling_ratio=...). MMDetection v1 (the paper's ablations) used
+    # sample_num=2: the recipe "v1" of libra.recipes sets it.
+    "roi_sampling_ratio": 0,
     "sampler": "random",
     "pos_sampler": None,  # None: follow ``sampler``
     "neg_sampler": None,
@@ -194,6 +213,11 @@ _BASELINE: dict[str, Any] = {
     "bcr_s": 10,
     "bcr_t": 0.025,
     "bcr_a": 0.5,
+    # Which samples BCR re-weights (BCRSigmoidCrossEntropyLoss(samples=...)): "all" is Eq. 20 as
+    # written, for every sampled RoI (background ones too); "foreground" exempts background RoIs, as
+    # equalization loss (the paper's ref. [53]) exempts background proposals. README "LVIS" says why
+    # the presets keep "all".
+    "bcr_samples": "all",
     "score_thr": 0.05,
     "nms_thr": 0.5,
     "max_per_img": 100,
@@ -305,6 +329,7 @@ _LIBRA_FAST_RCNN: dict[str, Any] = {**_FAST_RCNN, "neck": "bfp", "sampler": "iou
 _MASK_RCNN: dict[str, Any] = {
     **_BASELINE,
     "detector": "mask_rcnn",
+    "roi_match_low_quality": True,  # train_cfg.rcnn.assigner.match_low_quality=True, min_pos_iou=0.5
     "mask_conv_channels": 256,
     "mask_num_convs": 4,
     "mask_class_agnostic": False,
@@ -366,6 +391,19 @@ PRESETS: dict[str, dict[str, Any]] = {
     "libra_mask_rcnn_r50_fpn_lvis_bcr": {
         **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "cls_loss": "bcr",
     },
+    # The Libra Mask R-CNN presets above use the conference version's losses (balanced L1, Sec. 3.3.1;
+    # CE or BCR); the paper does not say whether Tables 8-9 used those or the journal's LGR losses
+    # (LGR-L1, Eq. 11-14, and LGR-CE, Eq. 15-19, alpha 0.8, gamma 1.0 as libra_faster_rcnn_r50_fpn_lgr).
+    # With BCR only the box loss changes (LGR-CE is a softmax loss, BCR a sigmoid one).
+    "libra_mask_rcnn_r50_fpn_lgr": {**_LIBRA_MASK_RCNN, "box_loss": "lgr_l1", "cls_loss": "lgr_ce"},
+    "libra_mask_rcnn_r50_fpn_lvis_lgr": {
+        **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "box_loss": "lgr_l1",
+        "cls_loss": "lgr_ce",
+    },
+    "libra_mask_rcnn_r50_fpn_lvis_bcr_lgr": {
+        **_LIBRA_MASK_RCNN, **LVIS_TEST_SETTINGS, "pos_sampler": "class_balanced", "box_loss": "lgr_l1",
+        "cls_loss": "bcr",
+    },
 }
 
 # The paper's Table 3 (ResNet-50 FPN, COCO val2017): each row adds one component to the baseline,
@@ -399,6 +437,7 @@ CHOICES: dict[str, tuple] = {
     "box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
     "rpn_box_loss": ("smooth_l1", "l1", "balanced_l1", "lgr_l1"),
     "cls_loss": ("ce", "lgr_ce", "sigmoid_ce", "bcr"),
+    "bcr_samples": BCR_SAMPLES,
     "box_head": ("shared2fc", "4conv1fc"),
 }
 
@@ -421,7 +460,7 @@ _MIN_INT: dict[str, int] = {
     "rpn_batch_size": 1, "roi_batch_size": 1, "rpn_pre_nms_top_n_train": 1, "rpn_pre_nms_top_n_test": 1,
     "rpn_post_nms_top_n_train": 1, "rpn_post_nms_top_n_test": 1, "pre_nms_top_n_test": 1, "max_per_img": 1,
     "mask_conv_channels": 1, "mask_num_convs": 0, "width_per_group": 1, "fpn_start_level": 0, "refine_level": 0,
-    "frozen_stages": -1, "bcr_s": 2, "rpn_neg_pos_ub": -1,
+    "frozen_stages": -1, "bcr_s": 2, "rpn_neg_pos_ub": -1, "roi_sampling_ratio": -1,
 }
 # Number keys with a range: probabilities / IoUs in [0, 1], and the BCR temperature t > 0 (Eq. 23).
 _UNIT_FLOATS = ("score_thr", "nms_thr", "rpn_nms_thr", "mask_thr", "floor_fraction", "focal_alpha", "bcr_a")
@@ -782,11 +821,13 @@ def _cls_loss(config: dict[str, Any], num_classes: int, class_image_counts: Any)
         return LGRCrossEntropyLoss(alpha=config["lgr_ce_alpha"], gamma=config["lgr_ce_gamma"])
     # Bucketed class re-weighting (Eq. 20-23) with the preset's S, a, t.
     if class_image_counts is None:
-        return BCRSigmoidCrossEntropyLoss.without_frequencies(num_classes)
+        return BCRSigmoidCrossEntropyLoss.without_frequencies(num_classes, samples=config["bcr_samples"])
     counts = torch.as_tensor(class_image_counts, dtype=torch.int64).reshape(-1)
     if counts.numel() != num_classes:
         raise ValueError(f"class_image_counts has {counts.numel()} entries but the model has {num_classes} classes")
-    return BCRSigmoidCrossEntropyLoss.from_image_counts(counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"])
+    return BCRSigmoidCrossEntropyLoss.from_image_counts(
+        counts, config["bcr_s"], a=config["bcr_a"], t=config["bcr_t"], samples=config["bcr_samples"]
+    )
 
 
 def _build_roi_head(
@@ -811,6 +852,7 @@ def _build_roi_head(
     pos_sampler, neg_sampler = _samplers(config, config["sampler"], config["pos_sampler"], config["neg_sampler"])
     box_kwargs: dict[str, Any] = dict(
         ignore_iof_thr=config["ignore_iof_thr"],
+        match_low_quality=config["roi_match_low_quality"],
         batch_size=config["roi_batch_size"],
         positive_fraction=0.25,
         pos_sampler=pos_sampler,
@@ -824,7 +866,7 @@ def _build_roi_head(
     # RoIs are pooled from the first 4 levels the neck outputs (MMDetection
     # bbox_roi_extractor.featmap_strides=[4, 8, 16, 32] for P2..P5), whatever they are.
     roi_strides = strides[:4]
-    box_extractor = MultiLevelRoIExtractor(7, roi_strides, sampling_ratio=0)
+    box_extractor = MultiLevelRoIExtractor(7, roi_strides, sampling_ratio=config["roi_sampling_ratio"])
     if config["detector"] != "mask_rcnn":
         return RoIHead(box_head, num_classes, box_extractor, **box_kwargs)
     mask_head = FCNMaskHead(

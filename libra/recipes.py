@@ -6,13 +6,18 @@ detector's schedule is one entry of ``DETECTOR_RECIPES``. Values given on the co
 
 Keys: ``min_size`` / ``max_size`` (resize: short side, cap on the long side), ``multi_scale_range``
 (short sides drawn with ``--multi-scale``) and ``multi_scale_step`` (their step: 1, or 32 for LVIS),
-``multi_scale`` (on by default: LVIS), ``repeat_factor_sampling`` / ``repeat_threshold`` (LVIS repeat
-factor sampling, on by default for LVIS, threshold 0.001), ``optimizer``, ``lr`` (used as is) or
+``multi_scale`` (on by default: LVIS), ``repeat_factor_sampling`` / ``repeat_threshold`` /
+``repeat_rounding`` (LVIS repeat factor sampling, on by default for LVIS, threshold 0.001, rounded up
+as MMDetection does), ``optimizer``, ``lr`` (used as is) or
 ``lr_per_16_images`` (scaled linearly with the total batch), ``schedules`` (``name -> (epochs,
 lr steps)``), ``warmup_iters``, ``grad_clip`` (max gradient norm, 0: none), ``batch_size`` (per GPU),
-``workers``, ``log_interval``, ``keep_checkpoints`` (0: all) and ``overrides``: preset keys this
+``workers``, ``log_interval``, ``keep_checkpoints`` (0: all), ``warmup_ratio`` (the warmup's start
+factor) and ``overrides``: preset keys this
 recipe sets (e.g. the synthetic recipe's shallow backbone and narrow heads). They are defaults: a
 value the user gives (a dedicated flag such as ``--frozen-stages``, or ``--set``) always wins.
+
+``recipe(dataset, detector, version)`` with ``version="v1"`` (``train.py --recipe v1``) puts
+``MMDET_V1_RECIPE`` on top: the MMDetection v1 recipe the paper's ablations (Tables 3-7) ran.
 
 Where one dataset needs a detector-specific change (the synthetic recipe shrinks each detector's
 own heads, whose keys the other detector's presets do not have), ``DATASET_DETECTOR_RECIPES``
@@ -36,11 +41,16 @@ COCO_RECIPE: dict[str, Any] = {
     "multi_scale": False,
     "repeat_factor_sampling": False,
     "repeat_threshold": 0.001,
+    # How a repeat factor r(I) becomes copies of image I per epoch: "ceil" (MMDetection's
+    # ClassBalancedDataset, ceil(r) every epoch, which the paper's mmdetection-based LVIS training used)
+    # or "stochastic" (the LVIS paper, Gupta et al. 2019: floor(r) + Bernoulli(r - floor(r))).
+    "repeat_rounding": "ceil",
     "optimizer": "sgd",
     "lr": None,
     "lr_per_16_images": 0.02,
     "schedules": {"1x": (12, (8, 11)), "2x": (24, (16, 22))},
     "warmup_iters": 500,
+    "warmup_ratio": 0.001,
     "grad_clip": 0.0,
     "batch_size": 2,
     "workers": 4,
@@ -182,12 +192,32 @@ DATASET_DETECTOR_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
-def recipe(dataset: str, detector: str = "faster_rcnn") -> dict[str, Any]:
+# The paper's ablations (Tables 3-7) ran MMDetection v1's libra_fast_rcnn_r50_fpn_1x, whose recipe
+# differs from v2/v3's (MMDetection docs/en/compatibility.md, "Compatibility with MMDetection 1.x"):
+# optimizer_config grad_clip max_norm 35 (norm 2), lr_config warmup_ratio 1/3, RoIAlign sample_num=2,
+# and the R-CNN assigner matches low-quality gts (v1's MaxIoUAssigner always did, min_pos_iou 0.5).
+# Not reproduced: v1's "+1" box convention (w = x2 - x1 + 1 in IoUs, deltas and RoIAlign, whose RoIs
+# are also not shifted by half a pixel) and its 2000 post-NMS RPN proposals (the Fast R-CNN protocol
+# reads whatever proposal file it is given).
+MMDET_V1_RECIPE: dict[str, Any] = {
+    "grad_clip": 35.0,
+    "warmup_ratio": 1.0 / 3.0,
+    # Only detectors with an R-CNN stage have these keys.
+    "two_stage_overrides": {"roi_sampling_ratio": 2, "roi_match_low_quality": True},
+}
+RECIPE_VERSIONS: dict[str, dict[str, Any]] = {"v2": {}, "v1": MMDET_V1_RECIPE}
+_TWO_STAGE = ("faster_rcnn", "mask_rcnn", "fast_rcnn")
+
+
+def recipe(dataset: str, detector: str = "faster_rcnn", version: str = "v2") -> dict[str, Any]:
     """The recipe of ``detector`` on ``dataset`` (a new dict; ``overrides`` merged, not replaced).
 
     The dataset's entry, updated with the detector's (``DETECTOR_RECIPES``), then with the pair's
-    (``DATASET_DETECTOR_RECIPES``, if any).
+    (``DATASET_DETECTOR_RECIPES``, if any); ``version="v1"`` then applies ``MMDET_V1_RECIPE`` (the
+    paper's ablation recipe; ``"v2"``, the default, changes nothing).
     """
+    if version not in RECIPE_VERSIONS:
+        raise ValueError(f"no recipe version {version!r}; known: {', '.join(RECIPE_VERSIONS)}")
     if dataset not in DATASET_RECIPES:
         raise ValueError(f"no recipe for dataset {dataset!r}; known: {', '.join(sorted(DATASET_RECIPES))}")
     if detector not in DETECTOR_RECIPES:
@@ -198,5 +228,10 @@ def recipe(dataset: str, detector: str = "faster_rcnn") -> dict[str, Any]:
     for layer in layers:
         merged.update(layer)
         overrides.update(layer.get("overrides", {}))
+    version_layer = dict(RECIPE_VERSIONS[version])
+    two_stage = version_layer.pop("two_stage_overrides", {})
+    merged.update(version_layer)
+    if detector in _TWO_STAGE:
+        overrides.update(two_stage)
     merged["overrides"] = overrides
     return merged

@@ -62,6 +62,24 @@ def test_recipe_defaults_apply_when_the_user_gives_nothing():
     assert config["fpn_channels"] == 128 and config["roi_batch_size"] == 128
 
 
+def test_v1_recipe_layers_on_any_dataset_and_the_user_still_wins():
+    from libra.recipes import recipe
+
+    v2, v1 = recipe("coco", "fast_rcnn"), recipe("coco", "fast_rcnn", "v1")
+    assert (v2["grad_clip"], v2["warmup_ratio"], v2["overrides"]) == (0.0, 0.001, {})
+    assert (v1["grad_clip"], v1["warmup_ratio"]) == (35.0, pytest.approx(1 / 3))
+    assert v1["overrides"] == {"roi_sampling_ratio": 2, "roi_match_low_quality": True}
+    assert recipe("coco", "retinanet", "v1")["overrides"] == {} and recipe("coco", "rpn", "v1")["grad_clip"] == 35.0
+    assert recipe("synthetic", "faster_rcnn", "v1")["overrides"]["fpn_channels"] == 128  # the dataset's keys stay
+    with pytest.raises(ValueError, match="no recipe version 'v3'"):
+        recipe("coco", "fast_rcnn", "v3")
+    args = resolve("--recipe", "v1", "--warmup-ratio", "0.5", "--grad-clip", "0", "--set", "roi_sampling_ratio=-1")
+    assert (args.warmup_ratio, args.grad_clip, args.model_config["roi_sampling_ratio"]) == (0.5, 0.0, -1)
+    assert args.model_config["roi_match_low_quality"] is True
+    with pytest.raises(DataError, match="roi_sampling_ratio=-2: expected an integer >= -1"):
+        resolve("--set", "roi_sampling_ratio=-2")
+
+
 def test_dedicated_flag_and_set_agree_or_are_refused():
     assert resolve("--frozen-stages", "2", "--set", "frozen_stages=2").model_config["frozen_stages"] == 2
     with pytest.raises(DataError) as error:

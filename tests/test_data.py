@@ -441,6 +441,36 @@ def test_stochastic_rounding_mean_and_determinism():
         RepeatFactorSampler([1.0, float("nan")])
 
 
+def test_ceil_rounding_is_mmdetections_class_balanced_dataset():
+    """MMDetection's ClassBalancedDataset: category_freq = images with c / images, r(c) = max(1,
+    sqrt(thr / f(c))), r(I) = max over I's categories (1 without any), and image I listed ceil(r(I))
+    times, the same every epoch; written here with Python's math on the labels of 11 images."""
+    image_labels = [[0, 1], [1], [2], [2, 3], [3], [3], [3], [3], [3], [3], []]
+    threshold = 0.9
+    num_images = len(image_labels)
+    frequency = {c: sum(c in labels for labels in image_labels) / num_images for c in range(4)}
+    class_repeat = {c: max(1.0, math.sqrt(threshold / f)) for c, f in frequency.items()}
+    image_repeat = [max((class_repeat[c] for c in labels), default=1.0) for labels in image_labels]
+    expected = [math.ceil(r) for r in image_repeat]
+    # f(0) = 1/11 -> r = 3.15; f(1) = f(2) = 2/11 -> 2.22; f(3) = 8/11 -> 1.11; no label -> 1
+    assert expected == [4, 3, 3, 3, 2, 2, 2, 2, 2, 2, 1]
+    factors, _ = compute_repeat_factors(image_labels, 4, threshold)
+    sampler = RepeatFactorSampler(factors, seed=3, rounding="ceil")
+    orders = []
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        indices = list(sampler)
+        assert [indices.count(i) for i in range(num_images)] == expected
+        orders.append(indices)
+    assert orders[0] != orders[1]  # shuffled anew each epoch, the counts stay
+    stochastic = RepeatFactorSampler(factors, seed=3)
+    assert stochastic.rounding == "stochastic"
+    counts = [len(stochastic.epoch_indices(epoch)) for epoch in range(200)]
+    assert min(counts) < sum(expected) and abs(np.mean(counts) - float(factors.sum())) < 0.3
+    with pytest.raises(ValueError, match="rounding must be one of stochastic, ceil"):
+        RepeatFactorSampler(factors, rounding="round")
+
+
 # ---------------------------------------------------------------- visualisation
 def test_draw_detections_writes_png(tmp_path):
     image = torch.zeros(3, 40, 60)

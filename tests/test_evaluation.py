@@ -343,3 +343,58 @@ def test_proposal_recall_hand_made():
     evaluator.update([1], [{"proposals": proposals, "proposal_scores": scores}])
     metrics = evaluator.evaluate()
     assert metrics["AR@1"] == pytest.approx(0.15) and math.isclose(metrics["AR@100"], 0.65, rel_tol=1e-9)
+    assert set(metrics) == {"AR@1", "AR@100", "AR@1_mmdet", "AR@100_mmdet"}
+
+
+def _iou64(a, b):
+    """IoU of two (x1, y1, x2, y2) boxes in float64 (Python floats), widths x2 - x1."""
+    w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = w * h
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
+def test_mmdetection_recall_against_a_float64_hand_computation():
+    """AR@k_mmdet is MMDetection's eval_recalls (greedy by IoU, scores only cut the top k), AR@k
+    COCOeval's (score order per threshold); a case where they differ, computed by hand in float64."""
+    def ann(i, image, box, crowd=0):
+        x1, y1, x2, y2 = box
+        return {"id": i, "image_id": image, "category_id": 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
+                "area": (x2 - x1) * (y2 - y1), "iscrowd": crowd}
+
+    A, B, C, D, E, F = (0, 0, 10, 10), (5, 0, 15, 10), (20, 20, 40, 40), (0, 0, 50, 50), (50, 50, 60, 60), (70, 70, 80, 80)
+    gt = {"images": [{"id": i, "width": 100, "height": 100} for i in (1, 2, 3)],
+          "annotations": [ann(1, 1, A), ann(2, 1, B), ann(3, 2, C), ann(4, 2, D, crowd=1), ann(5, 3, E), ann(6, 3, F)],
+          "categories": [{"id": 1, "name": "x"}]}
+    p0, p1 = (1, 0, 13, 10), (1, 0, 11, 10)  # image 1, p0 scored higher
+    iou = {(g, p): _iou64(g, p) for g in (A, B) for p in (p0, p1)}
+    assert [round(iou[key], 3) for key in ((A, p0), (B, p0), (A, p1), (B, p1))] == [0.692, 0.571, 0.818, 0.429]
+    thresholds = [0.5 + 0.05 * i for i in range(10)]
+    num_gts = 5  # A, B, C, E, F (D is a crowd box)
+    # MMDetection: image 1 pairs A with p1 (0.818, the highest IoU), then B with p0 (0.571); image 2 has
+    # no proposal (C: 0); image 3 pairs E with its exact copy (1.0) and F is left without one (-1).
+    mmdet_ious = [iou[A, p1], iou[B, p0], 0.0, 1.0, -1.0]
+    expected_mmdet = sum(sum(v >= t for v in mmdet_ious) / num_gts for t in thresholds) / 10
+    # COCOeval: p0 takes A while 0.692 >= t (A's better proposal p1 then finds A taken and B below t);
+    # for t >= 0.70 p0 matches nothing and p1 takes A; E is matched at every threshold.
+    expected_coco = sum((1 + (iou[A, p0] >= t or iou[A, p1] >= t)) / num_gts for t in thresholds) / 10
+    assert expected_mmdet == pytest.approx(0.38) and expected_coco == pytest.approx(0.34)
+    # Top 1 per image: p0 only in image 1; MMDetection pairs A with p0 (0.692), B gets -1.
+    expected_mmdet_1 = sum(sum(v >= t for v in [iou[A, p0], -1.0, 0.0, 1.0, -1.0]) / num_gts for t in thresholds) / 10
+
+    evaluator = ProposalRecallEvaluator(gt, max_dets=(1, 100), verbose=False)
+    evaluator.update([1, 2, 3], [
+        {"proposals": torch.tensor([p1, p0], dtype=torch.float32), "scores": torch.tensor([0.8, 0.9])},
+        torch.zeros(0, 4),
+        torch.tensor([E], dtype=torch.float32),
+    ])
+    metrics = evaluator.evaluate()
+    assert metrics["AR@100_mmdet"] == pytest.approx(expected_mmdet, abs=1e-12)
+    assert metrics["AR@100"] == pytest.approx(expected_coco, abs=1e-12)
+    assert metrics["AR@1_mmdet"] == pytest.approx(expected_mmdet_1, abs=1e-12) == pytest.approx(0.28)
+    # Split across two evaluators (two processes) and merged: the same numbers.
+    first, second = (ProposalRecallEvaluator(gt, max_dets=(1, 100), verbose=False) for _ in range(2))
+    first.update([1], [{"proposals": torch.tensor([p1, p0]), "scores": torch.tensor([0.8, 0.9])}])
+    second.update([2, 3], [torch.zeros(0, 4), torch.tensor([E], dtype=torch.float32)])
+    first.merge(second.state_dict())
+    assert first.evaluate() == pytest.approx(metrics)

@@ -302,6 +302,60 @@ def test_bcr_sigmoid_cross_entropy_hand_computed():
         bcr_sigmoid_cross_entropy(logits[:, :3], labels, class_weights)
 
 
+@pytest.mark.parametrize("samples", ["all", "foreground"])
+def test_bcr_gradient_of_each_reading_matches_a_float64_reference(samples):
+    """Eq. 20 read for every sample ("all") or for foreground samples only ("foreground", equalization
+    loss's exclusion of background proposals): the gradient on each logit is
+    weight_n * w(n, i) * (sigmoid(z) - y) / avg_factor, computed here term by term in float64."""
+    counts = [1, 3, 20, 300, 5000, 90000]  # C = 6; the rarest class gets w ~ 2e-9
+    class_weights = bucketed_class_weights(torch.tensor(counts)).double()
+    num_classes = len(counts)
+    background = num_classes
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(7, num_classes + 1, dtype=torch.float64, generator=generator, requires_grad=True)
+    labels = torch.tensor([0, 5, background, background, 2, background, 3])
+    weight = torch.tensor([1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.5], dtype=torch.float64)
+    loss = bcr_sigmoid_cross_entropy(logits, labels, class_weights, weight, 5.0, samples=samples)
+    (grad,) = torch.autograd.grad(loss, logits)
+
+    def term_weight(label: int, i: int) -> float:
+        if i == background or i == label or (samples == "foreground" and label == background):
+            return 1.0
+        return class_weights[i].item()
+
+    expected_loss, expected_grad = 0.0, []
+    for n, label in enumerate(labels.tolist()):
+        row = []
+        for i, z in enumerate(logits[n].tolist()):
+            y = 1.0 if i == label else 0.0
+            p = 1.0 / (1.0 + math.exp(-z))
+            w = term_weight(label, i)
+            expected_loss += weight[n].item() * w * -(y * math.log(p) + (1 - y) * math.log(1 - p)) / 5.0
+            row.append(weight[n].item() * w * (p - y) / 5.0)
+        expected_grad.append(row)
+    assert loss.item() == pytest.approx(expected_loss, rel=1e-12)
+    torch.testing.assert_close(grad, torch.tensor(expected_grad, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    # The difference between the readings: a background RoI's negative gradient on the rarest class.
+    rare_on_background = grad[2, 0].item() * 5.0
+    sigmoid = torch.sigmoid(logits[2, 0]).item()
+    if samples == "all":
+        assert 0 < rare_on_background < 1e-8 * sigmoid
+    else:
+        assert rare_on_background == pytest.approx(sigmoid, rel=1e-12)
+    # Foreground rows are the same under both readings.
+    other = "foreground" if samples == "all" else "all"
+    (other_grad,) = torch.autograd.grad(
+        bcr_sigmoid_cross_entropy(logits, labels, class_weights, weight, 5.0, samples=other), logits
+    )
+    foreground = labels != background
+    torch.testing.assert_close(grad[foreground], other_grad[foreground], rtol=0, atol=0)
+    assert not torch.equal(grad[~foreground], other_grad[~foreground])
+    module = BCRSigmoidCrossEntropyLoss(class_weights.float(), samples=samples)
+    assert module.samples == samples and f"samples='{samples}'" in repr(module)
+    with pytest.raises(ValueError, match="samples must be one of all, foreground"):
+        BCRSigmoidCrossEntropyLoss(class_weights.float(), samples="background")
+
+
 # ----------------------------------------------------------------------------- basic
 
 

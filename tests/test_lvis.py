@@ -52,6 +52,7 @@ def test_lvis_recipe_is_the_papers():
         ["--dataset", "lvis", "--data-root", "/nonexistent", "--model", "libra_mask_rcnn_r50_fpn_lvis"]
     ))
     assert args.repeat_factor_sampling is True and args.repeat_threshold == 0.001
+    assert args.repeat_rounding == "ceil"  # MMDetection's ClassBalancedDataset (README "LVIS")
     assert args.multi_scale is True and args.multi_scale_range == (640, 800) and args.multi_scale_step == 32
     assert args.min_size == 800 and args.max_size == 1333 and args.epochs == 12 and args.lr_steps == (8, 11)
     assert args.model_config["score_thr"] == 0.001 and args.model_config["max_per_img"] == 300
@@ -62,6 +63,10 @@ def test_lvis_recipe_is_the_papers():
     ))
     assert args.model_config["score_thr"] == 0.001 and args.model_config["max_per_img"] == 300
     assert args.repeat_factor_sampling is False and args.multi_scale_range is None
+    stochastic = train.resolve_args(train.build_parser().parse_args(
+        ["--dataset", "lvis", "--data-root", "/x", "--repeat-rounding", "stochastic"]
+    ))
+    assert stochastic.repeat_rounding == "stochastic"
     coco = train.resolve_args(train.build_parser().parse_args(["--dataset", "coco", "--data-root", "/x"]))
     assert coco.repeat_factor_sampling is False and coco.multi_scale is False
     coco = train.resolve_args(train.build_parser().parse_args(["--dataset", "coco", "--data-root", "/x", "--multi-scale"]))
@@ -123,6 +128,21 @@ def test_bcr_weights_come_from_the_counts_and_table_10_keys():
     assert isinstance(base.roi_head.cls_loss, BCRSigmoidCrossEntropyLoss)
     with pytest.raises(ValueError, match="class_image_counts has 3 entries but the model has 7 classes"):
         tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=[1, 2, 3])
+
+
+def test_bcr_samples_key_reaches_the_loss_and_presets_keep_eq_20_as_written():
+    counts = torch.tensor([1, 3, 10, 40, 200, 1000, 5000])
+    for preset in ("libra_mask_rcnn_r50_fpn_lvis_bcr", "mask_rcnn_r50_fpn_lvis", "libra_mask_rcnn_r50_fpn_lvis"):
+        assert preset_config(preset)["bcr_samples"] == "all"
+    model = tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=counts)
+    assert model.roi_head.cls_loss.samples == "all"
+    from libra.engine.cli import parse_set_overrides
+
+    overrides = parse_set_overrides(["bcr_samples=foreground"], "libra_mask_rcnn_r50_fpn_lvis_bcr")
+    assert tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, class_image_counts=counts, **overrides).roi_head.cls_loss.samples == "foreground"
+    assert tiny("libra_mask_rcnn_r50_fpn_lvis_bcr", 7, bcr_samples="foreground").roi_head.cls_loss.samples == "foreground"
+    with pytest.raises(ValueError, match="bcr_samples='background': expected one of all, foreground"):
+        preset_config("libra_mask_rcnn_r50_fpn_lvis_bcr", bcr_samples="background")
 
 
 def test_bcr_without_frequencies_evaluates_but_refuses_to_train():
@@ -235,6 +255,13 @@ def test_repeat_factor_sampling_is_what_an_lvis_run_builds(tmp_path):
     sampler = batches.sampler
     assert isinstance(sampler, RepeatFactorSampler)
     assert sampler.repeat_factors.tolist() == pytest.approx([1.5 ** 0.5, 1.0, 1.0])
+    assert sampler.rounding == "stochastic"
+    # The recipe's default (train.py --repeat-rounding ceil): image 1 twice every epoch.
+    _, batches = build_train_loader(dataset, 1, 0, 0, 1, seed=0, repeat_factor_sampling=True, repeat_threshold=0.5,
+                                    repeat_rounding="ceil")
+    for epoch in range(3):
+        batches.set_epoch(epoch)
+        assert len(batches) == 4 and sorted(i for batch in batches for i, *_ in batch) == [0, 0, 1, 2]
 
 
 # ------------------------------------------------------------------------------ real_mini end to end

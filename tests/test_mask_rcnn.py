@@ -111,6 +111,67 @@ def test_mask_presets_build_the_mask_detector_with_mmdetection_names():
     assert preset_iou_types("libra_faster_rcnn_r50_fpn") == ("bbox",)
 
 
+def _mmdet_max_iou_assign(overlaps: torch.Tensor, low_quality: bool, thr: float = 0.5) -> list[int]:
+    """MMDetection's MaxIoUAssigner on a [G, N] IoU matrix of proposals (pos = neg = min_pos_iou = 0.5),
+    written as its loops: negatives below thr, positives at their argmax gt, then (low_quality) each
+    gt in turn takes every proposal tied at its best IoU if that IoU >= min_pos_iou."""
+    num_gts, num_boxes = overlaps.shape
+    assigned = []
+    for n in range(num_boxes):
+        column = overlaps[:, n].tolist()
+        best = max(column)
+        assigned.append(column.index(best) + 1 if best >= thr else 0)
+    if low_quality:
+        for i in range(num_gts):
+            row = overlaps[i].tolist()
+            if max(row) >= thr:
+                for n, value in enumerate(row):
+                    if value == max(row):
+                        assigned[n] = i + 1
+    return assigned
+
+
+@pytest.mark.parametrize("preset, low_quality", [
+    ("mask_rcnn_r50_fpn", True), ("libra_mask_rcnn_r50_fpn", True), ("mask_rcnn_r50_fpn_lvis", True),
+    ("faster_rcnn_r50_fpn", False), ("libra_faster_rcnn_r50_fpn", False), ("fast_rcnn_r50_fpn", False),
+])
+def test_rcnn_assigner_follows_mmdetection_per_detector(preset, low_quality):
+    """MMDetection's R-CNN assigner matches low-quality gts for Mask R-CNN (mask-rcnn_r50_fpn.py:
+    match_low_quality=True, min_pos_iou=0.5) and not for Faster / Fast R-CNN; the proposals are
+    assigned before the gts join them (add_gt_as_proposals), so only proposals are a gt's best match."""
+    assert preset_config(preset)["roi_match_low_quality"] is low_quality
+    head = build_model(preset, NUM_CLASSES, backbone=TinyBackbone(), fpn_channels=32, fc_channels=32).roi_head
+    assert (head.assigner.match_low_quality, head.assigner.min_pos_iou) == (low_quality, 0.5)
+    # gt A = [0, 0, 10, 10], gt B = [0, 0, 20, 12]. Proposal 0 has IoU 0.595 with A and 0.7 with B
+    # (argmax B) and is A's best proposal; proposal 1 is B's best (IoU 0.95); proposal 2 matches
+    # nothing; slot 3 holds no proposal (invalid) but equals A: it must not be A's best match, and
+    # neither may A itself (the gts join after the assignment).
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0], [0.0, 0.0, 20.0, 12.0]], dtype=torch.float64)
+    proposals = torch.tensor(
+        [[0.0, 0.0, 14.0, 12.0], [0.0, 0.0, 19.0, 12.0], [30.0, 30.0, 40.0, 40.0], [0.0, 0.0, 10.0, 10.0]],
+        dtype=torch.float64,
+    )
+    valid = torch.tensor([True, True, True, False])
+    candidates, (gt_inds, max_overlaps, labels) = head.assign(proposals, valid, gts, torch.tensor([0, 2]))
+    assert torch.equal(candidates, torch.cat([gts, proposals]))
+    overlaps = box_iou(gts, proposals[:3])
+    expected = _mmdet_max_iou_assign(overlaps, low_quality)
+    assert expected == ([1, 2, 0] if low_quality else [2, 2, 0])  # the low-quality pass gives proposal 0 to A
+    assert gt_inds.tolist() == [1, 2] + expected + [-1]
+    assert labels[:5].tolist() == [0, 2] + [[-1, 0, 2][k] for k in expected]
+    assert max_overlaps[:2].tolist() == [1.0, 1.0]
+    torch.testing.assert_close(max_overlaps[2:5], overlaps.max(dim=0).values)
+    # Random boxes: the head's assignment of the proposals is MMDetection's loop, in float64.
+    generator = torch.Generator().manual_seed(3)
+    for _ in range(5):
+        xy = torch.rand(40, 2, generator=generator, dtype=torch.float64) * 50
+        boxes = torch.cat([xy, xy + 5 + torch.rand(40, 2, generator=generator, dtype=torch.float64) * 30], dim=1)
+        gt_boxes = boxes[:4] + torch.rand(4, 4, generator=generator, dtype=torch.float64) * 6
+        gt_boxes[:, 2:] = torch.maximum(gt_boxes[:, 2:], gt_boxes[:, :2] + 1)
+        _, (gt_inds, _, _) = head.assign(boxes, torch.ones(40, dtype=torch.bool), gt_boxes, torch.tensor([0, 1, 2, 0]))
+        assert gt_inds[4:].tolist() == _mmdet_max_iou_assign(box_iou(gt_boxes, boxes), low_quality)
+
+
 def test_class_logits_equal_the_selected_channel_of_the_full_logits():
     torch.manual_seed(0)
     head = FCNMaskHead(in_channels=8, conv_channels=16, num_convs=2, num_classes=5)

@@ -528,6 +528,35 @@ def test_rpn_and_fast_rcnn_checkpoints_load(preset):
         assert torch.equal(value, state[to_mmdet_key(key, single)]), key
 
 
+@pytest.mark.parametrize("preset", ["rpn_r50_fpn", "libra_rpn_r50_fpn"])
+def test_mmdet3_rpn_checkpoint_with_bbox_head_keys_loads_and_is_recognised(preset, tmp_path):
+    """MMDetection 3.x saves the standalone RPN's head as bbox_head.rpn_{conv,cls,reg}.* (v2: rpn_head.*)."""
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    eval_script = importlib.import_module("eval")
+    model = build_model(preset, NUM_CLASSES, **SMALL)
+    single = not preset.startswith("libra")
+    v2 = fake_mmdet(model, single_neck=single)
+    v3 = {re.sub(r"^rpn_head\.", "bbox_head.", key): value for key, value in v2.items()}
+    assert {key for key in v3 if key.startswith("bbox_head.")} == {
+        f"bbox_head.rpn_{name}.{kind}" for name in ("conv", "cls", "reg") for kind in ("weight", "bias")
+    }
+    assert not any(key.startswith("rpn_head.") for key in v3)
+    assert eval_script.guess_mmdet_preset(v3) == preset
+    path = tmp_path / "rpn_r50_fpn_1x_coco_mmdet3.pth"
+    torch.save({"meta": {}, "state_dict": v3}, path)
+    assert eval_script.read_checkpoint(str(path))[0] == "mmdet"
+    loaded = load_mmdet_checkpoint(build_model(preset, NUM_CLASSES, **SMALL), {"state_dict": v3})
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, v2[to_mmdet_key(key, single)]), key
+    # Both namings at once map two keys onto one name: refused.
+    with pytest.raises(ValueError, match="both map to"):
+        load_mmdet_checkpoint(model, {**v2, "bbox_head.rpn_cls.bias": v2["rpn_head.rpn_cls.bias"]})
+
+
 def test_rpn_checkpoint_into_faster_rcnn_names_the_rpn_presets():
     state = fake_mmdet(build_model("rpn_r50_fpn", NUM_CLASSES, **SMALL), single_neck=True)
     with pytest.raises(ValueError, match=r"holds a rpn detector.*build it with a rpn preset \(rpn_r50_fpn, libra_rpn_r50_fpn\)"):

@@ -639,6 +639,134 @@ def test_batched_nms_opcheck_and_bad_idxs():
         torch.ops.libra.batched_nms(boxes, torch.rand(200), torch.zeros(3, dtype=torch.long), 0.5)
 
 
+# ----------------------------------------------------------------------------- drop-in for torchvision.ops
+# The cases of torchvision's own test suite (test/test_ops.py) that libra.ops failed before: a batch
+# of no boxes as a 1-D ``torch.empty(0)``, torch.fx tracing (roi_align a leaf node) and TorchScript.
+
+
+class _LayerWrapper(torch.nn.Module):
+    """torchvision's RoIOpTesterModuleWrapper: calls the layer, returns nothing."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, a, b):
+        self.layer(a, b)
+
+
+class _PoolWrapper(torch.nn.Module):
+    """torchvision's PoolWrapper: a scriptable module taking a list of per-image boxes."""
+
+    def __init__(self, pool: torch.nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, imgs: torch.Tensor, boxes: list[torch.Tensor]) -> torch.Tensor:
+        return self.pool(imgs, boxes)
+
+
+class _CallsRoIAlign(torch.nn.Module):
+    """A user module that calls ``libra.ops.roi_align`` (or torchvision's) through the package."""
+
+    def __init__(self, ops_module) -> None:
+        super().__init__()
+        self.ops_module = ops_module
+
+    def forward(self, x, rois):
+        return self.ops_module.roi_align(x, rois, 5, 0.5, -1, False) * 2.0
+
+
+def _outcome(fn):
+    try:
+        return "ok", fn()
+    except Exception as error:  # noqa: BLE001 - what each library does is the point
+        return "raises", error
+
+
+@needs_torchvision
+def test_empty_1d_boxes_behave_as_in_torchvision():
+    empty, no_labels = torch.empty(0), torch.empty(0, dtype=torch.int64)
+    feats = torch.rand(1, 2, 5, 5)
+    cases = {
+        "batched_nms of torch.empty(0), None, None, None": lambda ops: ops.batched_nms(empty, None, None, None),
+        "batched_nms of empty 1-D tensors": lambda ops: ops.batched_nms(empty, empty, no_labels, 0.5),
+        "batched_nms of [0, 4]": lambda ops: ops.batched_nms(torch.empty(0, 4), empty, no_labels, 0.5),
+        "nms of torch.empty(0)": lambda ops: ops.nms(empty, empty, 0.5),
+        "roi_align of torch.empty(0)": lambda ops: ops.roi_align(feats, empty, 2),
+        "roi_align of [torch.empty(0)]": lambda ops: ops.roi_align(feats, [empty], 2),
+        "roi_align of [0, 5]": lambda ops: ops.roi_align(feats, torch.empty(0, 5), 2),
+    }
+    for name, call in cases.items():
+        (ours, our_value), (theirs, their_value) = _outcome(lambda: call(libra.ops)), _outcome(lambda: call(tv_ops))
+        assert ours == theirs, f"{name}: libra {ours} ({our_value!r}), torchvision {theirs} ({their_value!r})"
+        if ours == "ok":
+            torch.testing.assert_close(our_value, their_value)
+        else:  # libra's wrappers raise ValueError where torchvision raises RuntimeError / IndexError
+            assert isinstance(our_value, ValueError), f"{name}: {our_value!r}"
+    assert batched_nms(empty, None, None, None).dtype == torch.int64
+    with pytest.raises(ValueError, match="boxes are empty but scores"):
+        batched_nms(empty, torch.rand(3), no_labels, 0.5)
+
+
+@needs_torchvision
+def test_roi_align_is_a_leaf_of_fx_tracing_like_torchvision():
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    # torchvision's test_is_leaf_node: the two inputs and one node for the op (torchvision's tracer
+    # keeps its own RoIAlign module whole, "layer"; libra's module is traced to its roi_align call).
+    ours = get_graph_node_names(_LayerWrapper(RoIAlign(5, 1.0, -1)))
+    theirs = get_graph_node_names(_LayerWrapper(tv_ops.RoIAlign(5, 1.0, -1)))
+    assert ours == (["a", "b", "layer.roi_align"], ["a", "b", "layer.roi_align"])
+    assert len(ours[0]) == len(theirs[0]) == len(theirs[1]) == 3
+
+    # torchvision's test_torch_fx_trace: the traced module computes what the module computes.
+    feats = torch.rand(2, 50, 5, 5)
+    rois = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 5, 4, 9], [0, 5, 5, 9, 9], [1, 0, 0, 9, 9]], dtype=torch.float32)
+    module = RoIAlign(5, 1.0, -1, aligned=False)
+    traced = torch.fx.symbolic_trace(module)
+    assert [node.op for node in traced.graph.nodes] == ["placeholder", "placeholder", "call_function", "output"]
+    torch.testing.assert_close(traced(feats, rois), module(feats, rois), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(traced(feats, rois), tv_ops.RoIAlign(5, 1.0, -1, aligned=False)(feats, rois))
+
+    # A module of the user's that calls libra.ops.roi_align: the call is one node (it would otherwise
+    # be traced into, and the argument checks cannot branch on a proxy).
+    user = torch.fx.symbolic_trace(_CallsRoIAlign(libra.ops))
+    calls = [node.target for node in user.graph.nodes if node.op == "call_function"]
+    assert calls[0] is libra.ops.roi_align and len(calls) == 2
+    torch.testing.assert_close(user(feats, rois), _CallsRoIAlign(tv_ops)(feats, rois))
+
+
+@needs_extension
+@needs_torchvision
+def test_roi_align_compiles_with_torchscript_like_torchvision():
+    # torchvision's test_backward: gradcheck of the scripted function in float64.
+    x = torch.rand(1, 8, 5, 5, dtype=torch.float64, requires_grad=True)
+    rois = torch.tensor([[0, 0, 0, 4, 4], [0, 0, 2, 3, 4], [0, 2, 2, 4, 4]], dtype=torch.float64)
+    scripted = torch.jit.script(roi_align)
+    assert torch.autograd.gradcheck(lambda z: scripted(z, rois, 2, 1.0, 1, True), (x,))
+    for aligned in (False, True):
+        torch.testing.assert_close(
+            scripted(x, rois, (2, 3), 0.5, -1, aligned), tv_ops.roi_align(x, rois, (2, 3), 0.5, -1, aligned)
+        )
+    torch.testing.assert_close(scripted(x, rois, 2), roi_align(x, rois, 2))  # libra's defaults
+
+    # torchvision's test_jit_boxes_list: the module scripted, boxes as a list of per-image [Ki, 4].
+    feats = torch.rand(2, 1, 10, 10)
+    roi = torch.tensor([[0, 0, 0, 9, 9], [0, 0, 5, 4, 9], [0, 5, 5, 9, 9], [1, 0, 0, 9, 9]], dtype=torch.float).t()
+    module = torch.jit.script(_PoolWrapper(RoIAlign(output_size=[3, 3], spatial_scale=1.0, sampling_ratio=-1, aligned=False)))
+    peer = torch.jit.script(_PoolWrapper(tv_ops.RoIAlign(output_size=[3, 3], spatial_scale=1.0, sampling_ratio=-1)))
+    out = module(feats, [roi, roi])
+    assert out.shape == (10, 1, 3, 3)
+    torch.testing.assert_close(out, peer(feats, [roi, roi]))
+
+    # Bad input is refused inside TorchScript too (the interpreter raises it as a torch.jit.Error).
+    with pytest.raises(torch.jit.Error, match="rois must be a"):
+        scripted(x, rois[:, :4], 2)
+    with pytest.raises(torch.jit.Error, match=r"boxes\[i\] must be"):
+        module(feats, [roi[:, :3]])
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 

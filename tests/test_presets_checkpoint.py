@@ -181,10 +181,19 @@ def test_every_mask_preset_builds(name):
     expected_pos = "random" if not libra else ("class_balanced" if "_lvis" in name else "instance_balanced")
     assert sname(model.roi_head.pos_sampler) == expected_pos
     assert sname(model.roi_head.neg_sampler) == ("iou_balanced" if libra else "random")
-    assert type(model.roi_head.box_loss) is (BalancedL1Loss if libra else L1Loss)
+    # Conference losses (balanced L1 + CE / BCR), or the journal's LGR ones for the _lgr presets.
+    journal = name.endswith("_lgr")
+    assert type(model.roi_head.box_loss) is (LGRL1Loss if journal else BalancedL1Loss if libra else L1Loss)
+    bcr = "_bcr" in name
+    assert type(model.roi_head.cls_loss).__name__ == (
+        "BCRSigmoidCrossEntropyLoss" if bcr else "LGRCrossEntropyLoss" if journal else "CrossEntropyLoss"
+    )
     lvis = "_lvis" in name
     assert (model.roi_head.score_thr, model.roi_head.max_per_img) == ((0.001, 300) if lvis else (0.05, 100))
-    assert model.roi_head.use_sigmoid == name.endswith("_bcr")
+    assert model.roi_head.use_sigmoid == bcr
+    if journal:  # the conference preset of the same name, with only the losses changed
+        conference = PRESETS[name[: -len("_lgr")]]
+        assert {k for k, v in PRESETS[name].items() if conference[k] != v} <= {"box_loss", "cls_loss"}
 
 
 def test_unknown_names_raise():

@@ -48,7 +48,7 @@ def run(tmp_path_factory):
 
 def test_rpn_training_reports_proposal_recall(run):
     metrics = json.loads((run / "rpn" / "metrics.json").read_text())
-    assert set(metrics) == {"AR@100", "AR@300", "AR@1000"}
+    assert set(metrics) == {f"AR@{k}{kind}" for k in (100, 300, 1000) for kind in ("", "_mmdet")}
     assert all(0.0 <= value <= 1.0 for value in metrics.values())
 
 
@@ -89,6 +89,42 @@ def test_fast_rcnn_trains_and_evaluates_from_the_files(run, capsys):
                              "--work-dir", str(run / "fast_eval")]) == 0
     again = json.loads((run / "fast_eval" / "metrics.json").read_text())
     assert again["AP"] == pytest.approx(metrics["AP"], abs=1e-9)
+
+
+def _set_flags(overrides: dict) -> list[str]:
+    return [item for key, value in overrides.items() for item in ("--set", f"{key}={json.dumps(value)}")]
+
+
+def test_table3_rows_run_with_the_v1_recipe_of_the_papers_ablations(run, tmp_path):
+    """train.py --recipe v1: MMDetection v1's libra_fast_rcnn_r50_fpn_1x (grad clip 35, warmup ratio 1/3,
+    RoIAlign sample_num 2, R-CNN low-quality matches) under every Table 3 row; v2 (default) unchanged."""
+    from libra.presets import TABLE3_ABLATION, build_model
+
+    files = ["--proposals-file", str(run / "train.pt"), "--val-proposals-file", str(run / "val.pt")]
+    for _, overrides in TABLE3_ABLATION:
+        for version, expected in (("v1", (35.0, 1 / 3, 2, True)), ("v2", (0.0, 0.001, 0, False))):
+            args = train.resolve_args(train.build_parser().parse_args(
+                ["--dataset", "coco", "--data-root", "/x", "--model", "fast_rcnn_r50_fpn", "--recipe", version,
+                 *files, *_set_flags(overrides)]
+            ))
+            config = args.model_config
+            assert (args.grad_clip, args.warmup_ratio, config["roi_sampling_ratio"], config["roi_match_low_quality"]) \
+                == pytest.approx(expected), (version, overrides)
+            assert all(config[key] == value for key, value in overrides.items())
+            head = build_model("fast_rcnn_r50_fpn", 80, **{**config, "backbone": "resnet50"}).roi_head
+            assert head.roi_extractor.sampling_ratio == expected[2] and head.assigner.match_low_quality is expected[3]
+    # The last row (LGR-L1 + LGR-CE, IoU-balanced sampling, BFP) trains under v1 on the proposal files.
+    work = tmp_path / "v1"
+    last = _set_flags(TABLE3_ABLATION[-1][1])
+    assert train.main(["--model", "fast_rcnn_r50_fpn", *TINY, "--data-root", str(run / "data"), *files, *last,
+                       "--set", "fc_channels=64", "--set", "roi_batch_size=32", "--recipe", "v1", "--max-iters", "2",
+                       "--no-eval", "--work-dir", str(work)]) == 0
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "grad_norm" in r]
+    assert steps and steps[0]["lr"] == pytest.approx(3e-4 / 3)  # warmup from 1/3 of the synthetic recipe's lr
+    checkpoint = torch.load(work / "epoch_1.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["model_config"]["roi_sampling_ratio"] == 2 and checkpoint["args"]["grad_clip"] == 35.0
+    assert checkpoint["model_config"]["cls_loss"] == "lgr_ce" and checkpoint["args"]["recipe"] == "v1"
 
 
 def test_proposal_flags_are_checked_before_anything_runs(run, capsys, tmp_path):

@@ -94,10 +94,10 @@ def training_proposals(model: nn.Module, features: Sequence[Tensor], image_sizes
 
 @torch.no_grad()
 def roi_candidates(roi_head: nn.Module, proposal_boxes: Tensor, proposal_valid: Tensor, target: dict) -> RoICandidates:
-    """Steps 1-2 of :meth:`RoIHead.sample` for one image (same order and rules), with the IoUs kept.
+    """Steps 1-2 of :meth:`RoIHead.sample` for one image (:meth:`RoIHead.assign`), with the IoUs kept.
 
     Args:
-        roi_head: the model's :class:`~libra.roi_heads.RoIHead` (its assigner is used).
+        roi_head: the model's :class:`~libra.roi_heads.RoIHead` (its ``assign`` is used).
         proposal_boxes: ``[P, 4]``; proposal_valid: ``[P]`` bool.
         target: ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
     """
@@ -106,15 +106,9 @@ def roi_candidates(roi_head: nn.Module, proposal_boxes: Tensor, proposal_valid: 
     ignore = target.get("ignore_boxes")
     if ignore is not None:
         ignore = ignore.to(device=proposal_boxes.device, dtype=proposal_boxes.dtype)
-    num_gts = gt_boxes.shape[0]
-    candidates = torch.cat([gt_boxes, proposal_boxes], dim=0)  # [G + P, 4]
-    usable = torch.cat([torch.ones(num_gts, dtype=torch.bool, device=candidates.device), proposal_valid.bool()])
-    gt_inds, max_overlaps, labels = roi_head.assigner.assign(candidates, gt_boxes, gt_labels, ignore, validate=False)
-    if num_gts > 0:  # a gt box is its own positive (RoIHead.sample)
-        gt_inds = torch.cat([torch.arange(1, num_gts + 1, dtype=gt_inds.dtype, device=gt_inds.device), gt_inds[num_gts:]])
-        max_overlaps = torch.cat([max_overlaps.new_ones(num_gts), max_overlaps[num_gts:]])
-        labels = torch.cat([gt_labels.to(labels.dtype), labels[num_gts:]])
-    gt_inds = torch.where(usable, gt_inds, torch.full_like(gt_inds, -1))
+    candidates, (gt_inds, max_overlaps, labels) = roi_head.assign(
+        proposal_boxes, proposal_valid.bool(), gt_boxes, gt_labels, ignore
+    )  # the head's own steps 1-2 (RoIHead.assign), gts first
     return RoICandidates(candidates, gt_inds, max_overlaps, labels, gt_boxes, gt_labels)
 
 

@@ -3,7 +3,10 @@ and LVIS repeat-factor sampling. Aspect-ratio grouping with 2 images per GPU is 
 (`configs/_base_/datasets/coco_detection.py`: `train_dataloader.batch_size=2`,
 `batch_sampler=dict(type='AspectRatioBatchSampler')`); repeat-factor sampling is the LVIS
 paper's (Gupta et al. 2019), which the paper's LVIS experiments use (Sec. 4.2, Table 9; MMDetection
-`mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1`: `ClassBalancedDataset oversample_thr=1e-3`).
+`mask-rcnn_r50_fpn_sample1e-3_ms-1x_lvis-v1`: `ClassBalancedDataset oversample_thr=1e-3`). The two
+round the repeat factor r(I) differently: the LVIS paper stochastically each epoch (floor(r) copies
+plus one more with probability r - floor(r)), MMDetection's `ClassBalancedDataset` to ceil(r) copies
+every epoch; `RepeatFactorSampler(rounding=...)` does either (`REPEAT_ROUNDINGS`).
 
 All randomness is a pure function of ``(seed, epoch)``: no global RNG state, so every rank
 and every resumed run draws the same stream. Samplers yield ``(index, epoch, ...)`` tuples
@@ -216,6 +219,16 @@ def compute_repeat_factors(
     return image_factors, class_factors
 
 
+# How a repeat factor becomes a number of copies: "stochastic" (the LVIS paper, Gupta et al. 2019)
+# or "ceil" (MMDetection's ClassBalancedDataset: math.ceil of the image's factor, every epoch).
+REPEAT_ROUNDINGS = ("stochastic", "ceil")
+
+
+def ceil_repeats(repeat_factors: Tensor) -> Tensor:
+    """[N] int64 repeat counts ceil(r): MMDetection's ``ClassBalancedDataset`` (the same every epoch)."""
+    return torch.ceil(repeat_factors).long()
+
+
 def stochastic_repeats(repeat_factors: Tensor, generator: torch.Generator) -> Tensor:
     """[N] int64 repeat counts: floor(r) + Bernoulli(r - floor(r)), so E[count] = r."""
     whole = torch.floor(repeat_factors)
@@ -225,7 +238,9 @@ def stochastic_repeats(repeat_factors: Tensor, generator: torch.Generator) -> Te
 
 
 class RepeatFactorSampler(Sampler):
-    """Each epoch, image i appears ``stochastic_repeats(r)[i]`` times, shuffled, split across ranks.
+    """Each epoch, image i appears ``stochastic_repeats(r)[i]`` times (``rounding="stochastic"``, the
+    LVIS paper) or ``ceil(r[i])`` times (``rounding="ceil"``, MMDetection's ``ClassBalancedDataset``),
+    shuffled, split across ranks.
 
     Draws depend only on (seed, epoch), so all ranks agree on the epoch's list before sharding.
     With ``with_epoch`` the items are ``(index, epoch, k)``: k (the position in the epoch)
@@ -240,8 +255,12 @@ class RepeatFactorSampler(Sampler):
         shuffle: bool = True,
         seed: int = 0,
         with_epoch: bool = False,
+        rounding: str = "stochastic",
     ) -> None:
         _check_rank(num_replicas, rank)
+        if rounding not in REPEAT_ROUNDINGS:
+            raise ValueError(f"rounding must be one of {', '.join(REPEAT_ROUNDINGS)}, got {rounding!r}")
+        self.rounding = rounding
         factors = torch.as_tensor(repeat_factors, dtype=torch.float64)
         if factors.dim() != 1 or factors.numel() == 0 or bool((factors < 0).any()) or not bool(torch.isfinite(factors).all()):
             raise ValueError("repeat_factors must be a non-empty 1-D sequence of finite values >= 0")
@@ -256,7 +275,10 @@ class RepeatFactorSampler(Sampler):
     def epoch_indices(self, epoch: int) -> list[int]:
         """This rank's indices for ``epoch`` (padded by wrap-around to a multiple of the world size)."""
         generator = _epoch_generator(self.seed, epoch)
-        counts = stochastic_repeats(self.repeat_factors, generator)
+        if self.rounding == "ceil":
+            counts = ceil_repeats(self.repeat_factors)
+        else:
+            counts = stochastic_repeats(self.repeat_factors, generator)
         indices = torch.repeat_interleave(torch.arange(len(counts)), counts)
         if len(indices) == 0:
             return []

@@ -206,16 +206,20 @@ def build_train_loader(
     seed: int,
     repeat_factor_sampling: bool = False,
     repeat_threshold: float = 0.001,
+    repeat_rounding: str = "stochastic",
 ) -> tuple[DataLoader, GroupedBatchSampler]:
     """Shuffled, rank-sharded, aspect-ratio-grouped batches of ``batch_size`` images.
 
     The sampler's order is a function of (seed, epoch) only: call ``batch_sampler.set_epoch(e)``
     before iterating epoch ``e``. The tail of an epoch is merged into mixed batches so every rank
-    runs the same number of iterations (DDP needs that).
+    runs the same number of iterations (DDP needs that). With ``repeat_factor_sampling`` each image is
+    repeated by its LVIS repeat factor, rounded by ``repeat_rounding`` (``libra.data.samplers``).
     """
     if repeat_factor_sampling:
         factors, _ = compute_repeat_factors(dataset.image_labels(), dataset.num_classes, repeat_threshold)
-        sampler = RepeatFactorSampler(factors, num_replicas=world_size, rank=rank, seed=seed, with_epoch=True)
+        sampler = RepeatFactorSampler(
+            factors, num_replicas=world_size, rank=rank, seed=seed, with_epoch=True, rounding=repeat_rounding
+        )
     else:
         sampler = InfiniteOrEpochDistributedSampler(
             len(dataset), num_replicas=world_size, rank=rank, shuffle=True, seed=seed, with_epoch=True

@@ -171,7 +171,7 @@ def apply_recipe(args: argparse.Namespace, base_config: dict[str, Any] | None = 
     except ValueError as error:
         raise DataError(f"--model {args.model}: {one_line(error)}") from None
     resolve_dataset(args)
-    chosen = recipe(args.dataset, detector)
+    chosen = recipe(args.dataset, detector, getattr(args, "recipe", None) or "v2")
     for key in ("min_size", "max_size"):
         if getattr(args, key, None) is None:
             setattr(args, key, chosen.get(key))

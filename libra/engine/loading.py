@@ -49,7 +49,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     data = add_data_arguments(parser, dataset_default=None)
     data.add_argument("--workers", type=int, default=2)
     add_model_arguments(parser, model_default=None)
-    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000")
+    parser.add_argument("--proposals", action="store_true", help="evaluate RPN proposal recall AR@100/300/1000 (COCOeval) and AR@k_mmdet (MMDetection's, the paper's Table 2)")
     parser.add_argument(
         "--save-proposals", nargs="?", const="auto", default=None, metavar="FILE",
         help="also write the top --proposals-per-image proposals of every image (Fast R-CNN input, format in "
@@ -113,11 +113,11 @@ def read_checkpoint(path: str | Path) -> tuple[str, dict]:
 
 def guess_mmdet_preset(state: dict) -> str:
     """The libra preset an MMDetection checkpoint's keys describe: detector family (``bbox_head.retina_*``:
-    RetinaNet; ``rpn_head.*`` and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
+    RetinaNet; ``rpn_head.*`` (a 3.x standalone RPN: ``bbox_head.rpn_*``) and ``roi_head.*``: Faster R-CNN, Mask R-CNN with ``roi_head.mask_head.*``;
     only ``rpn_head.*``: a standalone RPN; only ``roi_head.*``: Fast R-CNN), Libra (a second neck, the
     BFP: ``neck.1.*``) and backbone (ResNet-50 / 101 by the number of layer3 blocks, ResNeXt by its
     grouped 3x3 convs)."""
-    rpn = any(k.startswith("rpn_head.") for k in state)
+    rpn = any(k.startswith(("rpn_head.", "bbox_head.rpn_")) for k in state)  # bbox_head.rpn_*: MMDetection 3.x's RPN
     roi = any(k.startswith("roi_head.") for k in state)
     if any(k.startswith("bbox_head.retina_cls") for k in state):
         family = "retinanet"

@@ -38,6 +38,8 @@ RESUME_IDENTITY = (
     ("dataset", "--dataset"),
     ("optimizer", "--optimizer"),
     ("repeat_factor_sampling", "--repeat-factor-sampling"),
+    ("repeat_rounding", "--repeat-rounding"),
+    ("recipe", "--recipe"),
 )
 # The model itself is compared through its complete config (checkpoint ``model_config``).
 RESUME_IDENTITY_SYNTHETIC = (

@@ -366,8 +366,9 @@ class Trainer:
             if not self.scaler.is_enabled():  # with AMP the scaler skips steps with inf gradients itself
                 check_gradients(model, self.iteration, epoch)
             if config.grad_clip > 0:
-                # Not part of the paper's recipe (MMDetection's `schedule_1x.py` sets no
-                # `optim_wrapper.clip_grad`); used to train from scratch.
+                # Not part of the v2/v3 recipe (MMDetection's `schedule_1x.py` sets no
+                # `optim_wrapper.clip_grad`); MMDetection v1, which the paper's ablations ran, clipped
+                # at 35 (train.py --recipe v1); the synthetic recipe clips to train from scratch.
                 self.scaler.unscale_(self.optimizer)
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     [p for group in self.optimizer.param_groups for p in group["params"]], config.grad_clip

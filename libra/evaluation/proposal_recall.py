@@ -1,9 +1,19 @@
-"""Proposal recall (AR@100 / AR@300 / AR@1000), class-agnostic, averaged over IoU 0.5:0.95.
+"""Proposal recall (AR@100 / AR@300 / AR@1000), class-agnostic, averaged over IoU 0.5:0.95, two ways.
 
-Computed with pycocotools' COCOeval with ``useCats = 0`` and ``maxDets = [100, 300, 1000]``:
-for each IoU threshold in 0.5, 0.55, ..., 0.95 the top-k proposals of each image are greedily
-matched to the gts (crowd gts ignored), recall = matched / gts, and AR@k is the mean of the
-recall over the 10 thresholds (paper Table 2: Libra RPN 52.1 / 58.3 / 62.5).
+``AR@k``: pycocotools' COCOeval with ``useCats = 0`` and ``maxDets = [100, 300, 1000]``: for each IoU
+threshold in 0.5, 0.55, ..., 0.95 the top-k proposals of each image, in score order, each take the
+best still unmatched gt at that threshold (crowd gts ignored); recall = matched / gts; AR@k is the
+mean of the recall over the 10 thresholds.
+
+``AR@k_mmdet``: MMDetection's recall (``CocoMetric.fast_eval_recall`` -> ``eval_recalls``), which
+the paper's RPN numbers (Table 2: RPN 42.5 / 51.2 / 57.1, Libra RPN 52.1 / 58.3 / 62.5) and
+MMDetection's model zoo report: per image, the gts are the boxes neither crowd nor ``ignore``; the
+IoU matrix gts x top-k proposals (float32, no +1); G times, the gt whose best remaining proposal has
+the highest IoU gets that IoU, and that gt's row and that proposal's column are removed (a gt left
+without proposals gets -1); recall(thr) = #gt IoUs >= thr / #gts over the whole dataset; AR@k is the
+mean over the same 10 thresholds. The matching ignores the scores (only the top-k cut uses them) and
+does not depend on the threshold, so it can pair each gt with a better proposal than COCOeval's
+score-ordered matching does, and AR@k_mmdet >= AR@k on the same proposals is typical.
 """
 
 from __future__ import annotations
@@ -20,13 +30,76 @@ from pycocotools.cocoeval import COCOeval
 from .coco_evaluator import _to_numpy, as_coco_api
 
 
+# MMDetection's IoU thresholds of proposal recall: np.linspace(.5, .95, 10).
+RECALL_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+
+
+def _iou_float32(gts: np.ndarray, proposals: np.ndarray) -> np.ndarray:
+    """[G, P] IoU in float32, widths x2 - x1 (MMDetection's ``bbox_overlaps``, not the legacy +1)."""
+    gts, proposals = gts.astype(np.float32), proposals.astype(np.float32)
+    if len(gts) == 0 or len(proposals) == 0:
+        return np.zeros((len(gts), len(proposals)), dtype=np.float32)
+    area_gt = (gts[:, 2] - gts[:, 0]) * (gts[:, 3] - gts[:, 1])
+    area_prop = (proposals[:, 2] - proposals[:, 0]) * (proposals[:, 3] - proposals[:, 1])
+    width = np.maximum(np.minimum(gts[:, None, 2], proposals[None, :, 2]) - np.maximum(gts[:, None, 0], proposals[None, :, 0]), 0)
+    height = np.maximum(np.minimum(gts[:, None, 3], proposals[None, :, 3]) - np.maximum(gts[:, None, 1], proposals[None, :, 1]), 0)
+    overlap = width * height
+    union = np.maximum(area_gt[:, None] + area_prop[None, :] - overlap, np.float32(1e-6))
+    return (overlap / union).astype(np.float32)
+
+
+def greedy_gt_ious(ious: np.ndarray) -> np.ndarray:
+    """[G] IoU each gt gets from MMDetection's greedy matching of a [G, P] IoU matrix: G times, the gt
+    whose best remaining proposal has the highest IoU takes it; both leave the matrix (-1)."""
+    ious = ious.copy()
+    gt_ious = np.zeros(ious.shape[0], dtype=np.float32)
+    if ious.size == 0:
+        return gt_ious  # no proposals: every gt gets 0
+    for step in range(ious.shape[0]):
+        best_proposal = ious.argmax(axis=1)
+        best_iou = ious[np.arange(ious.shape[0]), best_proposal]
+        gt = int(best_iou.argmax())
+        gt_ious[step] = best_iou[gt]  # gt_ious is only counted, its order does not matter
+        ious[gt, :] = -1
+        ious[:, best_proposal[gt]] = -1
+    return gt_ious
+
+
+def mmdet_average_recall(
+    gts: Sequence[np.ndarray], proposals: Sequence[np.ndarray], max_dets: Sequence[int],
+    iou_thresholds: np.ndarray = RECALL_IOU_THRESHOLDS,
+) -> dict[int, float]:
+    """AR@k of MMDetection's ``eval_recalls`` (module docstring) for each k of ``max_dets``.
+
+    Args:
+        gts: per image ``[G, 4]`` (x1, y1, x2, y2) gt boxes, crowd / ignored ones already left out.
+        proposals: per image ``[P, 4]`` proposals sorted by decreasing score.
+
+    Returns:
+        ``{k: AR}``; -1 when there is no gt at all.
+    """
+    total = sum(len(g) for g in gts)
+    out = {}
+    for k in max_dets:
+        matched = [greedy_gt_ious(_iou_float32(g, p[:k])) for g, p in zip(gts, proposals)]
+        values = np.concatenate(matched) if matched else np.zeros(0, dtype=np.float32)
+        if total == 0:
+            out[int(k)] = -1.0
+            continue
+        recalls = [(values >= threshold).sum() / float(total) for threshold in iou_thresholds]
+        out[int(k)] = float(np.mean(recalls))
+    return out
+
+
 class ProposalRecallEvaluator:
-    """Average recall of class-agnostic proposals.
+    """Average recall of class-agnostic proposals: ``AR@k`` (COCOeval) and ``AR@k_mmdet``
+    (MMDetection's recall, the paper's Table 2 and MMDetection's model zoo); module docstring.
 
     Args:
         coco_gt: ground truth (``COCO``, JSON path or dict).
         max_dets: proposal budgets k of AR@k.
-        area: report the recall over all gt sizes (``'all'``); ``'small' | 'medium' | 'large'`` also work.
+        area: ``AR@k`` over all gt sizes (``'all'``); ``'small' | 'medium' | 'large'`` also work.
+            ``AR@k_mmdet`` is always over all sizes, as MMDetection reports it.
     """
 
     def __init__(
@@ -92,7 +165,7 @@ class ProposalRecallEvaluator:
         self.proposals.extend(state["proposals"])
 
     def evaluate(self) -> dict[str, float]:
-        keys = [f"AR@{m}" for m in self.max_dets]
+        keys = [f"AR@{m}" for m in self.max_dets] + [f"AR@{m}_mmdet" for m in self.max_dets]
         if not self.proposals:
             if self.verbose:
                 print("ProposalRecallEvaluator: no proposals; every AR is 0")
@@ -109,10 +182,11 @@ class ProposalRecallEvaluator:
         recall = coco_eval.eval["recall"]  # [T, K=1, A, M]
         a = coco_eval.params.areaRngLbl.index(self.area)
         out = {}
-        for m, key in enumerate(keys):
+        for m, key in enumerate(keys[: len(self.max_dets)]):
             r = recall[:, :, a, m]
             valid = r[r > -1]
             out[key] = float(valid.mean()) if valid.size else -1.0
+        out.update(self._mmdet_recall())
         if self.verbose:
             print("proposal recall: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
@@ -121,3 +195,20 @@ class ProposalRecallEvaluator:
         """Proposal recall is class-agnostic: no per-class rows (the interface of the other evaluators)."""
         return {}
 
+    def _mmdet_recall(self) -> dict[str, float]:
+        """``AR@k_mmdet`` over the evaluated images (MMDetection's ``fast_eval_recall``; all gt sizes)."""
+        by_image: dict[int, list[list[float]]] = {image_id: [] for image_id in self.image_ids}
+        for proposal in self.proposals:  # each image's proposals are stored by decreasing score
+            x, y, w, h = proposal["bbox"]
+            by_image[int(proposal["image_id"])].append([x, y, x + w, y + h])
+        gts, proposals = [], []
+        for image_id in sorted(by_image):
+            boxes = [
+                [ann["bbox"][0], ann["bbox"][1], ann["bbox"][0] + ann["bbox"][2], ann["bbox"][1] + ann["bbox"][3]]
+                for ann in self.coco_gt.imgToAnns.get(image_id, [])
+                if not ann.get("iscrowd", 0) and not ann.get("ignore", False)
+            ]
+            gts.append(np.asarray(boxes, dtype=np.float64).reshape(-1, 4))
+            proposals.append(np.asarray(by_image[image_id], dtype=np.float64).reshape(-1, 4))
+        recall = mmdet_average_recall(gts, proposals, self.max_dets)
+        return {f"AR@{m}_mmdet": recall[m] for m in self.max_dets}

@@ -18,7 +18,12 @@ from .basic import (
     smooth_l1_loss,
     weighted_sum,
 )
-from .bucketed_class_reweighting import BCRSigmoidCrossEntropyLoss, bcr_sigmoid_cross_entropy, bucketed_class_weights
+from .bucketed_class_reweighting import (
+    BCR_SAMPLES,
+    BCRSigmoidCrossEntropyLoss,
+    bcr_sigmoid_cross_entropy,
+    bucketed_class_weights,
+)
 from .focal_loss import SigmoidFocalLoss, sigmoid_focal_loss
 from .lgr_cross_entropy_loss import LGRCrossEntropyLoss, lgr_ce_sample_weight, lgr_cross_entropy
 from .lgr_l1_loss import LGRL1Loss, lgr_l1_loss
@@ -35,6 +40,7 @@ __all__ = [
     "sigmoid_focal_loss",
     "BCRSigmoidCrossEntropyLoss",
     "bcr_sigmoid_cross_entropy",
+    "BCR_SAMPLES",
     "bucketed_class_weights",
     "SmoothL1Loss",
     "L1Loss",

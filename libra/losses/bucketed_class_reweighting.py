@@ -13,6 +13,18 @@ have few positives. BCR scales the negative term of class i by a weight w_i that
 and the loss of a sample of class t is L = -sum_i w_i log(p_i) (Eq. 20), where the
 background term and the term of the sample's own class t keep weight 1.
 
+Which samples are re-weighted (``samples``): the paper writes Eq. 20 for "a training sample" of
+class t, with i = 0 the background, and does not exempt background samples (t = 0):
+
+- ``"all"`` (Eq. 20 as written, the default): every sampled RoI, background ones included, scales
+  the negative term of class i by w_i. With S = 10, a = 0.5, t = 0.025 the rarest buckets get
+  w <= 1.3e-3, so their scores receive almost no negative gradient from any RoI, including the
+  ~75% background RoIs of a 512-RoI batch.
+- ``"foreground"``: only foreground samples (t = 1..C) down-weight other classes' terms; a
+  background RoI keeps weight 1 on every class. This is how equalization loss (Tan et al. 2020,
+  the paper's ref. [53], which motivates BCR in Sec. 3.3.3) applies its weights: its exclusion
+  term E(r) is 1 for foreground and 0 for background proposals.
+
 Layout choice: the paper indexes background as i = 0; this project puts it LAST
 (index C), so the classifier has C + 1 sigmoid outputs and a background sample has
 one-hot target on column C. Column C always has weight 1.
@@ -25,7 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["bucketed_class_weights", "bcr_sigmoid_cross_entropy", "BCRSigmoidCrossEntropyLoss"]
+__all__ = ["bucketed_class_weights", "bcr_sigmoid_cross_entropy", "BCRSigmoidCrossEntropyLoss", "BCR_SAMPLES"]
+
+# Which samples' terms BCR down-weights (module docstring): Eq. 20 for every sample, or foreground only.
+BCR_SAMPLES = ("all", "foreground")
 
 
 def bucketed_class_weights(image_counts: Tensor, num_buckets: int = 10, a: float = 0.5, t: float = 0.025) -> Tensor:
@@ -71,12 +86,14 @@ def bcr_sigmoid_cross_entropy(
     class_weights: Tensor,
     weight: Tensor | None = None,
     avg_factor: float | Tensor | None = None,
+    samples: str = "all",
 ) -> Tensor:
     """Sigmoid cross-entropy over C + 1 outputs with BCR term weights (Eq. 20).
 
     For a sample with label t the binary CE term of output i is weighted by
     class_weights[i], except the background output (i = C) and i = t, which get 1.
-    A sample's loss is the sum of its C + 1 weighted terms.
+    With ``samples="foreground"`` a background sample (t = C) keeps weight 1 on every
+    output (module docstring). A sample's loss is the sum of its C + 1 weighted terms.
 
     Args:
         logits: [N, C+1] sigmoid logits (background is the last column).
@@ -84,10 +101,14 @@ def bcr_sigmoid_cross_entropy(
         class_weights: [C] weights from ``bucketed_class_weights``.
         weight: [N] per-sample weights or None.
         avg_factor: divisor of the weighted sum; None means the mean over the N samples.
+        samples: ``"all"`` (Eq. 20 for every sample) or ``"foreground"`` (background samples
+            are not re-weighted).
 
     Returns:
         Scalar sum_n(weight_n * L_n) / avg_factor.
     """
+    if samples not in BCR_SAMPLES:
+        raise ValueError(f"samples must be one of {', '.join(BCR_SAMPLES)}, got {samples!r}")
     if class_weights.dim() != 1:
         raise ValueError(f"class_weights must be [C], got shape {tuple(class_weights.shape)}")
     num_classes = class_weights.shape[0]
@@ -105,6 +126,9 @@ def bcr_sigmoid_cross_entropy(
     background_weight = class_weights.new_ones(1)
     term_weights = torch.cat([class_weights, background_weight]).to(logits.dtype).expand_as(logits)
     term_weights = torch.where(targets > 0, torch.ones_like(term_weights), term_weights)  # own class: 1
+    if samples == "foreground":
+        background = (labels == num_classes)[:, None]  # a background RoI keeps weight 1 on every class
+        term_weights = torch.where(background, torch.ones_like(term_weights), term_weights)
     bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     per_sample = (bce * term_weights).sum(dim=1)
     if weight is not None:
@@ -130,26 +154,37 @@ class BCRSigmoidCrossEntropyLoss(nn.Module):
 
     use_sigmoid = True  # test-time scores are per-class sigmoids (Sec. 3.3.3)
 
-    def __init__(self, class_weights: Tensor, loss_weight: float = 1.0):
+    def __init__(self, class_weights: Tensor, loss_weight: float = 1.0, samples: str = "all"):
         super().__init__()
         if class_weights.dim() != 1:
             raise ValueError(f"class_weights must be [C], got shape {tuple(class_weights.shape)}")
+        if samples not in BCR_SAMPLES:
+            raise ValueError(f"samples must be one of {', '.join(BCR_SAMPLES)}, got {samples!r}")
         self.register_buffer("class_weights", class_weights.detach().clone().float())
         self.loss_weight = loss_weight
+        self.samples = samples
         self.has_frequencies = True
 
     @classmethod
     def from_image_counts(
-        cls, image_counts: Tensor, num_buckets: int = 10, a: float = 0.5, t: float = 0.025, loss_weight: float = 1.0
+        cls,
+        image_counts: Tensor,
+        num_buckets: int = 10,
+        a: float = 0.5,
+        t: float = 0.025,
+        loss_weight: float = 1.0,
+        samples: str = "all",
     ) -> "BCRSigmoidCrossEntropyLoss":
         """The loss with the weights of Eq. 21-23 for ``image_counts`` [C] (f_i: training images per class)."""
-        return cls(bucketed_class_weights(torch.as_tensor(image_counts), num_buckets, a, t), loss_weight)
+        return cls(bucketed_class_weights(torch.as_tensor(image_counts), num_buckets, a, t), loss_weight, samples)
 
     @classmethod
-    def without_frequencies(cls, num_classes: int, loss_weight: float = 1.0) -> "BCRSigmoidCrossEntropyLoss":
+    def without_frequencies(
+        cls, num_classes: int, loss_weight: float = 1.0, samples: str = "all"
+    ) -> "BCRSigmoidCrossEntropyLoss":
         """A stand-in with C unit weights whose forward refuses to run until ``class_weights`` is
         loaded from a state dict (a trained checkpoint)."""
-        loss = cls(torch.ones(num_classes), loss_weight)
+        loss = cls(torch.ones(num_classes), loss_weight, samples)
         loss.has_frequencies = False
         return loss
 
@@ -171,4 +206,9 @@ class BCRSigmoidCrossEntropyLoss(nn.Module):
                 "bucketed class re-weighting needs the training set's class frequencies: build the model with "
                 "class_image_counts=dataset.image_counts_per_class() (train.py does), or load a trained checkpoint"
             )
-        return self.loss_weight * bcr_sigmoid_cross_entropy(logits, labels, self.class_weights, weight, avg_factor)
+        return self.loss_weight * bcr_sigmoid_cross_entropy(
+            logits, labels, self.class_weights, weight, avg_factor, samples=self.samples
+        )
+
+    def extra_repr(self) -> str:
+        return f"samples={self.samples!r}, loss_weight={self.loss_weight}"

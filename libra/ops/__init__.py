@@ -7,6 +7,8 @@
 it did not, the ops run the references in ``roi_align_reference.py`` /
 ``nms_reference.py`` / ``deform_conv_reference.py`` and warn once.
 """
+import torch.fx
+
 from libra.ops._extension import EXTENSION_AVAILABLE
 from libra.ops.deform_conv import (
     DeformConv2d,
@@ -23,6 +25,10 @@ from libra.ops.roi_align_reference import MAX_ADAPTIVE_SAMPLING_GRID, roi_align_
 
 if EXTENSION_AVAILABLE:
     from libra.ops import _registrations  # noqa: F401  (fake kernels + autograd)
+
+# torch.fx: a module that calls ``libra.ops.roi_align(...)`` traces it as one leaf node, as
+# torchvision's ``roi_align`` (roi_align.py wraps it for the calls made there, e.g. by ``RoIAlign``).
+torch.fx.wrap("roi_align")
 
 __all__ = [
     "EXTENSION_AVAILABLE",

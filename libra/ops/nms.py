@@ -4,7 +4,8 @@ Both return int64 indices of kept boxes sorted by decreasing score (ties: lower 
 first). A box is suppressed when a kept box overlaps it with IoU strictly greater
 than ``iou_threshold``; coordinates are continuous (no +1).
 
-Drop-in for ``torchvision.ops.nms`` / ``batched_nms``, with two differences:
+Drop-in for ``torchvision.ops.nms`` / ``batched_nms`` (including ``batched_nms`` of no boxes given
+as ``torch.empty(0)``, which torchvision answers with an empty result), with two differences:
 
 - Bad arguments (shapes, devices) raise ``ValueError`` from these wrappers, where
   torchvision raises ``RuntimeError``; the ops ``torch.ops.libra.*`` called directly
@@ -89,7 +90,8 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     rounded even with 2 groups, and checking the data would cost a host sync.
 
     Args:
-        boxes: [N, 4] (x1, y1, x2, y2); computed in float32.
+        boxes: [N, 4] (x1, y1, x2, y2); computed in float32. No boxes (``[0, 4]`` or
+            ``torch.empty(0)``) give an empty result, scores and idxs then may be None.
         scores: [N].
         idxs: [N] integer category (or level, or image) of each box.
         iou_threshold: suppress when IoU > iou_threshold.
@@ -100,6 +102,12 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Raises:
         ValueError: for bad shapes or devices (torchvision raises RuntimeError).
     """
+    if isinstance(boxes, Tensor) and boxes.numel() == 0 and boxes.dim() <= 2:
+        # No boxes (also torch.empty(0), as torchvision accepts, with scores / idxs None or empty).
+        for name, value in (("scores", scores), ("idxs", idxs)):
+            if value is not None and (not isinstance(value, Tensor) or value.numel() != 0):
+                raise ValueError(f"batched_nms: boxes are empty but {name} has {getattr(value, 'shape', type(value))}.")
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
     _check_boxes_scores(boxes, scores, "batched_nms")
     if not isinstance(idxs, Tensor) or idxs.shape != scores.shape:
         raise ValueError(f"batched_nms: idxs must be a [N] tensor like scores, got {getattr(idxs, 'shape', type(idxs))}.")

@@ -23,8 +23,15 @@ with these differences:
   as ``sampling_ratio=64`` would. A positive ``sampling_ratio`` is used as given.
 - RoIs with a NaN/inf coordinate or an out-of-range batch index give zeros (and a zero
   gradient).
+
+Like torchvision's, :func:`roi_align` is a leaf of ``torch.fx`` symbolic tracing (``torch.fx.wrap``:
+``RoIAlign`` and any module that calls ``libra.ops.roi_align`` trace to one ``call_function``
+node), and ``roi_align`` / ``RoIAlign`` compile with ``torch.jit.script``. The scripted form calls
+``torch.ops.libra.roi_align`` directly (it needs ``libra._C``: no pure-PyTorch fallback, and no
+float32 up-cast under autocast) after the same shape checks.
 """
 import torch
+import torch.fx
 from torch import Tensor, nn
 
 from libra.ops._extension import use_extension
@@ -54,6 +61,7 @@ def _pair(size: int | tuple[int, int]) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+@torch.fx.wrap
 def roi_align(
     input: Tensor,
     rois: Tensor | list[Tensor],
@@ -82,6 +90,49 @@ def roi_align(
         ValueError: for a bad ``input``, ``rois`` or ``output_size`` (torchvision raises
             RuntimeError).
     """
+    if not torch.jit.is_scripting():
+        return _roi_align_eager(input, rois, output_size, spatial_scale, sampling_ratio, aligned)
+    # TorchScript (the branch above is left out when scripting): the same checks with constant
+    # messages, then the compiled op.
+    if input.dim() != 4:
+        raise ValueError("roi_align: input must be a [N, C, H, W] tensor")
+    if isinstance(rois, list):
+        if len(rois) == 0:
+            raise ValueError("roi_align got an empty list of boxes; pass one [Ki, 4] tensor per image")
+        rows: list[Tensor] = []
+        for image_index, image_boxes in enumerate(rois):
+            if image_boxes.dim() != 2 or image_boxes.shape[1] != 4:
+                raise ValueError("roi_align: every boxes[i] must be a [Ki, 4] tensor (x1, y1, x2, y2)")
+            rows.append(torch.cat([torch.full_like(image_boxes[:, :1], image_index), image_boxes], dim=1))
+        rois = torch.cat(rows, dim=0)
+    if rois.dim() != 2 or rois.shape[1] != 5:
+        raise ValueError("roi_align: rois must be a [K, 5] tensor (batch_index, x1, y1, x2, y2) or a list of [Ki, 4] boxes")
+    if rois.device != input.device:
+        raise ValueError("roi_align: rois and input must be on one device")
+    if not rois.is_floating_point():
+        rois = rois.to(input.dtype)
+    if isinstance(output_size, int):
+        pooled_height, pooled_width = output_size, output_size
+    else:
+        pooled_height, pooled_width = output_size[0], output_size[1]
+    if pooled_height <= 0 or pooled_width <= 0:
+        raise ValueError("roi_align: output_size must be positive")
+    return torch.ops.libra.roi_align(
+        input, rois, float(spatial_scale), pooled_height, pooled_width, sampling_ratio, aligned
+    )
+
+
+@torch.jit.unused
+def _roi_align_eager(
+    input: Tensor,
+    rois: Tensor | list[Tensor],
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+    aligned: bool,
+) -> Tensor:
+    """:func:`roi_align` outside TorchScript: checks with the offending values in the message,
+    autocast, and the pure-PyTorch fallback without ``libra._C``."""
     if not isinstance(input, Tensor) or input.dim() != 4:
         raise ValueError(f"roi_align: input must be a [N, C, H, W] tensor, got {getattr(input, 'shape', type(input))}.")
     if isinstance(rois, (list, tuple)):
@@ -124,10 +175,11 @@ class RoIAlign(nn.Module):
         self, output_size: int | tuple[int, int], spatial_scale: float = 1.0, sampling_ratio: int = 0, aligned: bool = True
     ) -> None:
         super().__init__()
+        # Typed attributes: torch.jit.script infers a module's attribute types from their values.
         self.output_size = _pair(output_size)
-        self.spatial_scale = spatial_scale
-        self.sampling_ratio = sampling_ratio
-        self.aligned = aligned
+        self.spatial_scale = float(spatial_scale)
+        self.sampling_ratio = int(sampling_ratio)
+        self.aligned = bool(aligned)
 
     def forward(self, input: Tensor, rois: Tensor | list[Tensor]) -> Tensor:
         """input [N, C, H, W], rois [K, 5] or list of [Ki, 4] -> [K, C, oh, ow]."""

@@ -5,7 +5,10 @@ R-CNN paper Sec. 3.1 and 3.3):
 
 1. the ground-truth boxes join the proposals as extra candidates (IoU 1 with their gt;
    ``train_cfg.rcnn.sampler.add_gt_as_proposals=True``);
-2. max-IoU assignment (IoU >= 0.5 positive, < 0.5 negative, no low-quality matches);
+2. max-IoU assignment of the proposals (IoU >= 0.5 positive, < 0.5 negative; low-quality
+   matches only with ``match_low_quality``: MMDetection's Mask R-CNN has them,
+   ``mask-rcnn_r50_fpn.py`` ``train_cfg.rcnn.assigner.match_low_quality=True, min_pos_iou=0.5``,
+   its Faster / Fast R-CNN do not), the gts then prepended as their own positives;
 3. sampling of 512 RoIs per image with at most 25% positives: random (baseline) or
    instance-balanced positives + IoU-balanced negatives (Libra, Eq. 1-2);
 4. RoIAlign 7x7 on the FPN level of each RoI, box head;
@@ -38,7 +41,7 @@ from torch import Tensor, nn
 from libra.box_coder import DeltaXYWHBoxCoder
 from libra.boxes import clip_boxes_per_image
 from libra.losses.basic import CrossEntropyLoss, L1Loss
-from libra.max_iou_assigner import MaxIoUAssigner
+from libra.max_iou_assigner import AssignResult, MaxIoUAssigner
 from libra.ops import batched_nms
 from libra.samplers import RandomSampler, sample_pos_neg
 from libra.structures import Proposals, SampledRoIs, boxes_to_rois
@@ -56,6 +59,13 @@ class RoIHead(nn.Module):
         num_classes: C, the number of foreground classes.
         roi_extractor: default ``MultiLevelRoIExtractor(7, (4, 8, 16, 32), sampling_ratio=0)``.
         pos_iou_thr, neg_iou_thr: assigner thresholds (0.5, 0.5).
+        min_pos_iou: a gt's best proposal is a low-quality match when its IoU is at least this
+            (0.5, MMDetection's ``train_cfg.rcnn.assigner.min_pos_iou``); read only with
+            ``match_low_quality``.
+        match_low_quality: each gt also takes every proposal tied at its best IoU (MaxIoUAssigner's
+            low-quality matches). False for Faster / Fast R-CNN, True for Mask R-CNN, as in
+            MMDetection's configs. With ``min_pos_iou == pos_iou_thr`` this adds no positive; it moves a
+            positive from its highest-IoU gt to a gt whose best proposal it is.
         ignore_iof_thr: candidates covered by more than this fraction by an ignore box are not
             sampled (unless positive).
         batch_size: RoIs sampled per image (512).
@@ -84,6 +94,8 @@ class RoIHead(nn.Module):
         *,
         pos_iou_thr: float = 0.5,
         neg_iou_thr: float = 0.5,
+        min_pos_iou: float = 0.5,
+        match_low_quality: bool = False,
         ignore_iof_thr: float = -1.0,
         batch_size: int = 512,
         positive_fraction: float = 0.25,
@@ -107,9 +119,9 @@ class RoIHead(nn.Module):
         self.box_head = box_head
         self.roi_extractor = roi_extractor if roi_extractor is not None else MultiLevelRoIExtractor()
         self.box_coder = DeltaXYWHBoxCoder(stds=tuple(box_coder_stds))
-        # No low-quality matches in the second stage (a gt is always its own positive).
         self.assigner = MaxIoUAssigner(
-            pos_iou_thr, neg_iou_thr, min_pos_iou=pos_iou_thr, match_low_quality=False, ignore_iof_thr=ignore_iof_thr
+            pos_iou_thr, neg_iou_thr, min_pos_iou=min_pos_iou, match_low_quality=match_low_quality,
+            ignore_iof_thr=ignore_iof_thr,
         )
         self.batch_size = batch_size
         self.positive_fraction = positive_fraction
@@ -131,6 +143,38 @@ class RoIHead(nn.Module):
         return int(self.batch_size * self.positive_fraction)
 
     @torch.no_grad()
+    def assign(
+        self,
+        proposal_boxes: Tensor,
+        proposal_valid: Tensor,
+        gt_boxes: Tensor,
+        gt_labels: Tensor,
+        ignore_boxes: Tensor | None = None,
+    ) -> tuple[Tensor, AssignResult]:
+        """Steps 1-2 for one image: the candidates ``[G + P, 4]`` (gts first) and their assignment.
+
+        The proposals are assigned to the gts (slots that hold no proposal are ignored, -1), then the
+        gts join as their own positives with IoU 1, as MMDetection's sampler adds them after the
+        assignment (``add_gt_as_proposals``): only proposals compete for a gt's low-quality matches,
+        and a gt is a positive of itself even next to an ignore region or a duplicate gt.
+        """
+        num_gts = gt_boxes.shape[0]
+        device = gt_boxes.device
+        # Without low-quality matches a box's assignment depends on that box alone; with them an
+        # empty slot must not be a gt's best match.
+        valid = proposal_valid if self.assigner.match_low_quality else None
+        gt_inds, max_overlaps, labels = self.assigner.assign(
+            proposal_boxes, gt_boxes, gt_labels, ignore_boxes, validate=False, valid=valid
+        )  # the detector validated the targets once per batch
+        gt_inds = torch.where(proposal_valid, gt_inds, torch.full_like(gt_inds, -1))
+        own = torch.arange(1, num_gts + 1, dtype=gt_inds.dtype, device=device)
+        return torch.cat([gt_boxes, proposal_boxes], dim=0), AssignResult(
+            torch.cat([own, gt_inds]),
+            torch.cat([max_overlaps.new_ones(num_gts), max_overlaps]),
+            torch.cat([gt_labels.to(labels.dtype), labels]),
+        )
+
+    @torch.no_grad()
     def sample(self, proposals: Proposals, targets: Sequence[dict[str, Tensor]]) -> SampledRoIs:
         """Assign and sample a fixed number of RoIs per image (no gradient flows through sampling).
 
@@ -145,26 +189,9 @@ class RoIHead(nn.Module):
         rows_per_image = []
         for index, target in enumerate(targets):
             gt_boxes = target["boxes"].to(proposals.boxes.dtype)
-            gt_labels = target["labels"]
-            num_gts = gt_boxes.shape[0]
-            device = gt_boxes.device
-            candidates = torch.cat([gt_boxes, proposals.boxes[index]], dim=0)  # [G + P, 4]
-            usable = torch.cat(
-                [torch.ones(num_gts, dtype=torch.bool, device=device), proposals.valid[index]]
-            )
-            assignment = self.assigner.assign(
-                candidates, gt_boxes, gt_labels, target.get("ignore_boxes"), validate=False
-            )  # FasterRCNN validated the targets once per batch
-            gt_inds, max_overlaps, assigned_labels = assignment
-            if num_gts > 0:
-                # A gt box is always a positive of itself, even next to an ignore region or a
-                # duplicate gt (MMDetection assigns the proposals first and then adds the gts).
-                own = torch.arange(1, num_gts + 1, dtype=gt_inds.dtype, device=device)
-                gt_inds = torch.cat([own, gt_inds[num_gts:]])
-                max_overlaps = torch.cat([max_overlaps.new_ones(num_gts), max_overlaps[num_gts:]])
-                assigned_labels = torch.cat([gt_labels.to(assigned_labels.dtype), assigned_labels[num_gts:]])
-            # Proposal slots that hold no proposal are ignored (-1): never sampled.
-            gt_inds = torch.where(usable, gt_inds, torch.full_like(gt_inds, -1))
+            candidates, (gt_inds, max_overlaps, assigned_labels) = self.assign(
+                proposals.boxes[index], proposals.valid[index], gt_boxes, target["labels"], target.get("ignore_boxes")
+            )  # [G + P] candidates, gts first
 
             positive, negative = sample_pos_neg(
                 gt_inds,
