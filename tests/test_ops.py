@@ -739,6 +739,7 @@ def test_roi_align_is_a_leaf_of_fx_tracing_like_torchvision():
 
 @needs_extension
 @needs_torchvision
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's own notice
 def test_roi_align_compiles_with_torchscript_like_torchvision():
     # torchvision's test_backward: gradcheck of the scripted function in float64.
     x = torch.rand(1, 8, 5, 5, dtype=torch.float64, requires_grad=True)
