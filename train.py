@@ -29,9 +29,13 @@ states are part of every checkpoint); a checkpoint of another model, class list,
 detector switch or batch layout is refused, naming the difference.
 
 Exit codes: 1 for bad input (missing data, malformed annotations, an unusable checkpoint or
-work dir; a one-line ``error:`` message before anything is written), 3 when training diverges
-(non-finite loss, gradient, weights or activations; the message names what and where), 130 on
-Ctrl-C or SIGTERM (the message names the last checkpoint and the command that resumes).
+work dir, a work dir in use by another run; a one-line ``error:`` message before anything is
+written), 3 when training diverges (non-finite loss, gradient, weights or activations; the message
+names what and where), 4 when an output cannot be written (disk full, read-only file system: the
+line names the file and the reason, the files written before are intact, and says how to resume),
+5 when another process of a multi-process run is gone (killed, or its node lost; the line names the
+last checkpoint and how to resume), 130 on Ctrl-C or SIGTERM (the message names the last checkpoint
+and the command that resumes).
 Set ``LIBRA_DEBUG=1`` for full tracebacks.
 """
 from __future__ import annotations
@@ -44,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from libra.atomic_io import WriteError
 from libra.engine.builders import build_eval_loader, build_split, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
@@ -77,20 +82,23 @@ from libra.engine.distributed import (
     wait_for_launcher_stop,
 )
 from libra.engine.evaluator_loop import evaluate_model
+from libra.engine.loading import add_trust_argument
 from libra.engine.run_dir import (
     WorkDirError,
     check_resume_settings,
-    check_work_dir,
+    claim_work_dir,
     clear_previous_run,
     find_resume_checkpoint,
     interrupt_message,
     say,
+    write_failure_message,
 )
 from libra.engine.lr_schedule import WarmupMultiStepLR
 from libra.engine.trainer import NonFiniteLossError, SkipBatches, TrainConfig, Trainer, seed_everything
 
 EXIT_BAD_INPUT = 1
 EXIT_NON_FINITE = 3
+EXIT_WRITE_FAILED = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", type=int, default=None, help="keep the newest K epoch checkpoints (0: all)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
     run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in --work-dir/tensorboard (pip install tensorboard)")
+    add_trust_argument(run)  # --trust-checkpoint: for --resume / --pretrained files beyond weights_only
     return parser
 
 
@@ -208,6 +217,15 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
         if ctx.is_main:
             print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except WriteError as error:  # disk full, read-only file system, ...: the files written before are intact
+        if interrupt_signal() is not None or stopped_by_launcher():
+            return _after_interrupt(ctx, args, holder, error)
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        _cleanup(ctx, args)
+        print(f"error: {'' if ctx.is_main else f'(process {ctx.rank}) '}"
+              f"{write_failure_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
     except (ValueError, FileNotFoundError) as error:
         # DataError / CheckpointError (bad data or checkpoint) and the ValueErrors by which libra's
         # modules reject bad settings (e.g. an unknown preset override): one line, exit code 1.
@@ -283,7 +301,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     checkpoint = None
     if args.resume:
         path = find_resume_checkpoint(args)
-        checkpoint = load_checkpoint_file(path, map_location="cpu")
+        checkpoint = load_checkpoint_file(path, map_location="cpu", trust=args.trust_checkpoint)
         if not is_libra_checkpoint(checkpoint):
             raise CheckpointError(f"{path} is not a libra training checkpoint (use eval.py for MMDetection checkpoints)")
         check_model_identity(checkpoint, args.model, train_set.num_classes, path, class_names=class_names)
@@ -419,9 +437,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    lock = None
     try:
         if not torchrun_environment() or int(os.environ.get("RANK", "0")) == 0:
-            check_work_dir(args)  # rank 0 writes the work dir
+            # Rank 0 writes the work dir: its exclusive lock first (a second run into it is refused at
+            # once), then the check for another run's files; held until this process exits.
+            lock = claim_work_dir(args)
         return launch(train_worker, args.gpus, args.device, args, interrupts=True)
     except (ValueError, CheckpointError) as error:  # raised before any process started
         if os.environ.get("LIBRA_DEBUG"):
@@ -433,6 +454,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: interrupted before training started", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

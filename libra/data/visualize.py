@@ -97,6 +97,7 @@ def draw_detections(
         draw.rectangle([box[0], y, box[0] + (right - left) + 4, y + (bottom - top) + 2], fill=colour)
         draw.text((box[0] + 2, y), caption, fill=(0, 0, 0))
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    from libra.atomic_io import atomic_write
+
+    atomic_write(out_png, lambda handle: canvas.save(handle, format="PNG"))  # WriteError (one line) on failure
     return out_png
