@@ -373,9 +373,9 @@ def test_bad_masks_are_dropped_with_a_warning_naming_them_through_the_dataset(tm
     dataset = CocoDetection(tmp_path / "images", ann, train=True, min_size=40, max_size=60, flip_prob=0.0)
     image, target = dataset[0]  # box-only: no decoding, nothing dropped
     assert "masks" not in target and len(target["boxes"]) == 5
-    dataset.set_with_masks(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        dataset.set_with_masks(True)  # the segmentations are checked (and bad instances dropped) here, once
         image, target = dataset[0]
     messages = [str(w.message) for w in caught if issubclass(w.category, MaskWarning)]
     for ann_id, reason in ((12, "empty polygon list"), (13, "entirely outside the image"), (14, "invalid character"),

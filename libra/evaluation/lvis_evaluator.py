@@ -13,7 +13,9 @@ Method (how it relates to the official ``lvis`` API, ``LVISEval``):
      ``dt_ig`` for them in the same way).
   4. COCOeval then runs with ``maxDets=[300]`` and the usual IoU thresholds 0.5:0.95, 101
      recall points and area ranges. AP = mean over categories with gts (precision > -1);
-     APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f'.
+     APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f' (a category
+     without ``frequency`` is grouped by its ``image_count``, else in no group, with a warning:
+     ``libra.coco_api.frequency_groups``, the dataset's rule too).
   5. Masks (``"segm"`` in ``iou_types``): the same steps with mask IoU (COCOeval
      ``iouType='segm'``) on RLEs of the detections' ``masks`` [D, H0, W0] bool; the same top-300
      detections per image are kept for boxes and masks. Mask metrics are named with the prefix
@@ -34,6 +36,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from libra.coco_api import frequency_groups
 
 from .coco_evaluator import (
     METRIC_PREFIXES,
@@ -179,9 +183,17 @@ class LVISEvaluator(COCOEvaluator):
             "APm": mean_ap(precision[:, :, :, 2, -1]),
             "APl": mean_ap(precision[:, :, :, 3, -1]),
         }
+        groups = frequency_groups(self.lvis_gt)  # the dataset's rule too (a warning names ungrouped categories)
+        undefined = []
         for group in ("r", "c", "f"):
-            ks = [k for k, c in enumerate(cat_ids) if self.lvis_gt.cats[c].get("frequency") == group]
+            ks = [k for k, c in enumerate(cat_ids) if groups.get(int(c)) == group]
             out[f"AP{group}"] = mean_ap(precision[:, :, ks, 0, -1]) if ks else -1.0
+            if out[f"AP{group}"] < 0:
+                undefined.append(f"AP{group}")
         if self.verbose:
             print(f"LVIS federated {iou_type}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            if undefined:
+                print(f"  {', '.join(undefined)} = -1 (n/a): no category of that frequency group has ground truth in the "
+                      "evaluated images" + (" (categories without a group are counted in AP only)" if any(
+                          g is None for g in groups.values()) else ""))
         return out
