@@ -396,3 +396,309 @@ def test_read_only_output_folders_are_refused_before_the_work(tmp_path, trained,
     result = run_script("analyze.py", "bfp", "--checkpoint", str(trained / "epoch_1.pth"), "--out-dir", str(ro / "f"),
                         prefix=prefix)
     assert_clean_error(result, 1, "read-only file system")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny COCO / LVIS layouts with masks (items 3, 4, 6, 7, 8, 9)
+# ---------------------------------------------------------------------------------------------
+def write_image(path: Path, width: int, height: int, seed: int = 0) -> None:
+    rng = np.random.default_rng(seed)
+    array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    array[height // 4: 3 * height // 4, width // 4: 3 * width // 4] = (200, 30, 30)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path, format="PNG" if path.suffix == ".png" else "JPEG", quality=95)
+
+
+def box_polygon(x: float, y: float, w: float, h: float) -> list[list[float]]:
+    return [[x, y, x + w, y, x + w, y + h, x, y + h]]
+
+
+def ann(ann_id: int, image_id: int, bbox, segmentation="box", iscrowd: int = 0, category_id: int = 1) -> dict:
+    record = {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": list(bbox),
+              "area": float(bbox[2] * bbox[3]), "iscrowd": iscrowd}
+    if segmentation == "box":
+        record["segmentation"] = box_polygon(*bbox)
+    elif segmentation is not None:
+        record["segmentation"] = segmentation
+    return record
+
+
+def write_coco(root: Path, split: str, images: list[tuple[int, int, int]], annotations: list[dict],
+               categories: list[dict] | None = None, suffix: str = ".jpg") -> Path:
+    """``images``: (id, width, height); the files are written too."""
+    infos = []
+    for image_id, width, height in images:
+        name = f"{split}_{image_id:03d}{suffix}"
+        write_image(root / f"{split}2017" / name, width, height, seed=image_id)
+        infos.append({"id": image_id, "file_name": name, "width": width, "height": height})
+    (root / "annotations").mkdir(parents=True, exist_ok=True)
+    path = root / "annotations" / f"instances_{split}2017.json"
+    path.write_text(json.dumps({"images": infos, "annotations": annotations,
+                                "categories": categories or [{"id": 1, "name": "thing"}]}))
+    return path
+
+
+def coco_settings(root: Path, with_masks: bool = False, check_images: str = "header"):
+    from libra.engine.builders import DataSettings
+
+    return DataSettings(dataset="coco", data_root=str(root), min_size=64, max_size=64, with_masks=with_masks,
+                        check_images=check_images)
+
+
+def garbage_rle(height: int, width: int) -> dict:
+    """A compressed RLE whose run lengths claim ~2.7e9 pixels (pycocotools' iou loops over them)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": [2_700_000_000, 5]}, height, width)
+    return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def good_val_layout(root: Path, bad: list[dict]) -> None:
+    """COCO layout: 2 training images, 2 val images with one good instance each plus ``bad`` ones."""
+    write_coco(root, "train", [(1, 64, 64), (2, 64, 64)], [ann(1, 1, [8, 8, 30, 30]), ann(2, 2, [20, 10, 30, 40])])
+    write_coco(root, "val", [(1, 64, 64), (2, 64, 64)], [ann(1, 1, [8, 8, 30, 30]), ann(7, 2, [10, 20, 30, 30]), *bad])
+
+
+BAD_EVAL_MASKS = {
+    2: ([1, 2, 20, 20], [[10, 10, 30, 30]], "polygon 0 has 4 coordinates"),
+    3: ([1, 2, 20, 20], "not a segmentation", "unsupported segmentation type str"),
+    4: ([1, 2, 20, 20], {"size": [32, 32], "counts": "PPY1"}, "does not match the image"),
+    5: ([1, 2, 20, 20], [[100, 100, 120, 100, 120, 120]], "entirely outside the image"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. Ground-truth masks of the evaluation split are checked before pycocotools sees them
+# ---------------------------------------------------------------------------------------------
+def test_invalid_evaluation_masks_are_dropped_naming_them_before_pycocotools(tmp_path):
+    from libra.engine.builders import build_split
+    from libra.evaluation import build_evaluator
+    from libra.masks import MaskWarning, decode_segmentation
+
+    root = tmp_path / "coco"
+    good_val_layout(root, [ann(i, 1, bbox, segm) for i, (bbox, segm, _) in BAD_EVAL_MASKS.items()])
+    with pytest.warns(MaskWarning) as caught:
+        dataset = build_split(coco_settings(root, with_masks=True), train=False)
+    messages = [str(w.message) for w in caught]
+    for ann_id, (_, _, reason) in BAD_EVAL_MASKS.items():
+        assert any(f"image 1, annotation {ann_id}" in m and reason in m for m in messages), (ann_id, messages)
+    assert sorted(dataset.coco_api.anns) == [1, 7]
+    # The evaluator now runs: a perfect detection of both usable instances scores mask AP 1.
+    evaluator = build_evaluator("coco", dataset.coco_api, dataset.label_to_cat_id, ("bbox", "segm"), verbose=False)
+    for image_id in (1, 2):
+        (gt,) = dataset.coco_api.imgToAnns[image_id]
+        x, y, w, h = gt["bbox"]
+        mask = decode_segmentation(gt["segmentation"], 64, 64).astype(bool)
+        evaluator.update([image_id], [{"boxes": torch.tensor([[x, y, x + w, y + h]]), "scores": torch.tensor([0.9]),
+                                       "labels": torch.tensor([0]), "masks": torch.from_numpy(mask)[None]}])
+    metrics = evaluator.evaluate()
+    assert metrics["segm_AP"] == pytest.approx(1.0) and metrics["AP"] == pytest.approx(1.0)
+
+
+def test_the_evaluators_refuse_invalid_ground_truth_masks_in_one_line(tmp_path):
+    from libra.evaluation import build_evaluator
+
+    for ann_id, (bbox, segmentation, reason) in BAD_EVAL_MASKS.items():
+        gt = {"images": [{"id": 1, "width": 64, "height": 64}], "categories": [{"id": 1, "name": "a", "frequency": "f"}],
+              "annotations": [ann(1, 1, [8, 8, 30, 30]), ann(ann_id, 1, bbox, segmentation)]}
+        for protocol in ("coco", "lvis"):
+            with pytest.raises(ValueError) as info:
+                build_evaluator(protocol, json.loads(json.dumps(gt)), [1], ("bbox", "segm"), verbose=False)
+            message = str(info.value)
+            assert f"annotation {ann_id} of image 1" in message and reason in message and "\n" not in message, message
+
+
+def _mask_checkpoint(path: Path, num_classes: int = 1) -> Path:
+    from libra.engine.checkpoint import make_checkpoint
+    from libra.presets import build_model
+
+    model = build_model("mask_rcnn_r50_fpn", num_classes, **TINY_MODEL, mask_conv_channels=16)
+    torch.save(make_checkpoint(model, None, None, None, 1, 1, "mask_rcnn_r50_fpn", num_classes,
+                               args={"dataset": "coco", "model": "mask_rcnn_r50_fpn", "min_size": 64, "max_size": 64},
+                               model_config={**TINY_MODEL, "mask_conv_channels": 16}), path)
+    return path
+
+
+def test_eval_script_with_a_garbage_rle_in_the_ground_truth_finishes(tmp_path):
+    """A ground-truth RLE claiming 2.7e9 pixels made pycocotools' mask IoU loop for hours."""
+    root = tmp_path / "coco"
+    good_val_layout(root, [ann(6, 2, [1, 2, 20, 20], garbage_rle(64, 64)),
+                           ann(2, 1, [1, 2, 20, 20], [[10, 10, 30, 30]]), ann(3, 1, [1, 2, 20, 20], "a string")])
+    checkpoint = _mask_checkpoint(tmp_path / "mask.pth")
+    result = run_script("eval.py", "--checkpoint", str(checkpoint), "--dataset", "coco", "--data-root", str(root),
+                        *EVAL_TINY, "--work-dir", str(tmp_path / "eval"), timeout=240)
+    assert_ok(result)
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert "segm_AP" in metrics and "AP" in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Every training mask invalid: refused, never a Mask R-CNN trained on no objects
+# ---------------------------------------------------------------------------------------------
+def test_a_training_split_without_a_usable_mask_is_refused(tmp_path, data_root):
+    from libra.data import DataError
+    from libra.engine.builders import build_split
+    from libra.masks import MaskWarning
+
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 64), (2, 64, 64)], [ann(i, 1 + i % 2, [8, 8, 30, 30], []) for i in range(1, 15)])
+    write_coco(root, "val", [(1, 64, 64)], [ann(1, 1, [8, 8, 30, 30])])
+    with pytest.raises(DataError) as info, pytest.warns(MaskWarning):
+        build_split(coco_settings(root, with_masks=True), train=True)
+    message = str(info.value)
+    assert "no usable instance" in message and "all 14 segmentations are invalid" in message and "box-only" in message
+    result = run_script("train.py", *TINY, "--model", "mask_rcnn_r50_fpn", "--set", "mask_conv_channels=16",
+                        "--dataset", "coco", "--data-root", str(root), "--batch-size", "2", "--epochs", "1",
+                        "--work-dir", str(tmp_path / "work"))
+    assert_clean_error(result, 1, "no usable instance", "empty polygon list")
+    assert not (tmp_path / "work").exists()
+
+
+def test_invalid_training_masks_are_dropped_up_front(tmp_path):
+    from libra.engine.builders import build_split
+    from libra.masks import MaskWarning
+
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 64), (2, 64, 64)], [
+        ann(1, 1, [8, 8, 30, 30]), ann(2, 1, [30, 30, 20, 20], [[1, 2, 3, 4], *box_polygon(30, 30, 20, 20)]),
+        ann(3, 2, [8, 8, 30, 30], None)])  # image 2's only instance has no segmentation
+    write_coco(root, "val", [(1, 64, 64)], [ann(1, 1, [8, 8, 30, 30])])
+    with pytest.warns(MaskWarning) as caught:
+        dataset = build_split(coco_settings(root, with_masks=True), train=True)
+    messages = [str(w.message) for w in caught]
+    assert any("image 2, annotation 3" in m and "no segmentation" in m for m in messages), messages
+    assert any("image 1, annotation 2" in m and "dropped invalid polygon parts" in m for m in messages), messages
+    assert dataset.image_ids == [1]
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MaskWarning)  # checked once: loading warns no more
+        _, target = dataset[0]
+    assert target["masks"].shape[0] == len(target["boxes"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. 16-bit grayscale images are scaled, not clipped at 255
+# ---------------------------------------------------------------------------------------------
+def test_sixteen_bit_grayscale_png_is_scaled_not_clipped(tmp_path):
+    from libra.data.base import check_image_files, load_rgb_image
+    from libra.engine.builders import build_split
+
+    gradient = np.linspace(0, 65535, 64).round().astype(np.uint16)
+    path = tmp_path / "g16.png"
+    Image.fromarray(np.tile(gradient, (48, 1))).save(path)
+    with Image.open(path) as im:
+        assert im.mode.startswith("I")  # really 16-bit samples
+    image = load_rgb_image(path)
+    expected = torch.from_numpy(gradient.astype(np.float32) * (255.0 / 65535.0))
+    assert torch.allclose(image[0, 0], expected, atol=1e-3) and torch.equal(image[0], image[2])
+    assert float(image[0, 0, 32]) == pytest.approx(32 / 63 * 255, abs=0.01)  # was 255 (clipped)
+    # Through a dataset, with --check-images full.
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 48)], [ann(1, 1, [8, 8, 30, 30])], suffix=".png")
+    Image.fromarray(np.tile(gradient, (48, 1))).save(root / "train2017" / "train_001.png")
+    dataset = build_split(coco_settings(root, check_images="full"), train=True)
+    dataset.transform.flip_prob = 0.0
+    sample, _ = dataset[0]
+    from libra.data import denormalize_image
+
+    restored = denormalize_image(sample)
+    assert float(restored.max()) > 250 and float(restored[:, :, 10:54].std()) > 50  # a gradient, not a white image
+    # Pixels without a defined range (32-bit float) are refused in one line, by the header check too.
+    tiff = tmp_path / "float.tif"
+    Image.fromarray(np.ones((8, 8), np.float32)).save(tiff)
+    from libra.data import ImageFileError
+    from libra.data.base import ImageRecord
+
+    with pytest.raises(ImageFileError, match="32-bit floating point"):
+        load_rgb_image(tiff)
+    problems = check_image_files([ImageRecord(1, tiff, 8, 8)], "header")
+    assert problems and "32-bit floating point" in problems[0][1]
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Very elongated images train and evaluate (short side resized to 32 px); absurd ones refused
+# ---------------------------------------------------------------------------------------------
+def test_elongated_images_train_and_evaluate(tmp_path):
+    from libra.data import get_resize_size
+
+    assert get_resize_size(20, 2000, 800, 1333, min_side=32) == (32, 3200)
+    assert get_resize_size(375, 500, 800, 1333, min_side=32) == (800, 1067)
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 64), (2, 400, 20)], [ann(1, 1, [8, 8, 30, 30]), ann(2, 2, [100, 2, 150, 15])])
+    write_coco(root, "val", [(1, 400, 20)], [ann(1, 1, [100, 2, 150, 15])])
+    work = tmp_path / "work"
+    result = run_script("train.py", *TINY, "--dataset", "coco", "--data-root", str(root), "--batch-size", "2",
+                        "--epochs", "1", "--work-dir", str(work))
+    assert_ok(result)
+    detections = json.loads((work / "detections.json").read_text())
+    for det in detections:  # in the original 400 x 20 image
+        x, y, w, h = det["bbox"]
+        assert -1e-3 <= x and x + w <= 400 + 1e-3 and -1e-3 <= y and y + h <= 20 + 1e-3
+
+
+def test_an_absurdly_elongated_image_is_refused_up_front_naming_it(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 64), (7, 3000, 2)], [ann(1, 1, [8, 8, 30, 30]), ann(2, 7, [10, 0, 100, 2])])
+    write_coco(root, "val", [(1, 64, 64)], [ann(1, 1, [8, 8, 30, 30])])
+    result = run_script("train.py", *TINY, "--dataset", "coco", "--data-root", str(root), "--work-dir",
+                        str(tmp_path / "work"))
+    assert_clean_error(result, 1, "image 7", "train_007.jpg", "1500:1", "crop or split it", "image id 7")
+    assert not (tmp_path / "work").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. LVIS categories without 'frequency': one rule for the dataset and the evaluator, a warning
+# ---------------------------------------------------------------------------------------------
+def _lvis_gt() -> dict:
+    images = [{"id": i, "width": 64, "height": 64, "file_name": f"val2017/{i:03d}.jpg", "neg_category_ids": [],
+               "not_exhaustive_category_ids": []} for i in (1, 2, 3)]
+    annotations = [ann(i, i, [8, 8, 30, 30], category_id=i) for i in (1, 2, 3)]
+    categories = [{"id": 1, "name": "rare_one", "frequency": "r"}, {"id": 2, "name": "counted", "image_count": 500},
+                  {"id": 3, "name": "unknown"}]
+    return {"images": images, "annotations": annotations, "categories": categories}
+
+
+def test_lvis_categories_without_frequency_follow_one_rule_with_a_warning(tmp_path, capsys):
+    from libra.data.lvis import LVISDetection
+    from libra.evaluation import LVISEvaluator
+
+    root = tmp_path / "lvis"
+    gt = _lvis_gt()
+    for info in gt["images"]:
+        write_image(root / info["file_name"], 64, 64, seed=info["id"])
+    (root / "lvis_v1_val.json").write_text(json.dumps(gt))
+    with pytest.warns(UserWarning, match=r"2 of the 3 categories.*2 'counted' -> f.*in no group.*3 'unknown'"):
+        dataset = LVISDetection(root, root / "lvis_v1_val.json", train=False)
+    assert dataset.frequencies == ["r", "f", None]
+    evaluator = LVISEvaluator(dataset.coco_api, dataset.label_to_cat_id, verbose=True)
+    for image_id in (1, 2, 3):
+        evaluator.update([image_id], [{"boxes": torch.tensor([[8.0, 8.0, 38.0, 38.0]]), "scores": torch.tensor([0.9]),
+                                       "labels": torch.tensor([image_id - 1])}])
+    metrics = evaluator.evaluate()
+    assert metrics["APr"] == pytest.approx(1.0) and metrics["APf"] == pytest.approx(1.0) and metrics["APc"] == -1.0
+    assert "APc = -1 (n/a)" in capsys.readouterr().out
+    # The evaluator on its own warns the same way (once per ground truth).
+    with pytest.warns(UserWarning, match="have no valid 'frequency'"):
+        LVISEvaluator(_lvis_gt(), [1, 2, 3], verbose=False).evaluate()
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. A training split of crowd regions only: the message says so and what to do
+# ---------------------------------------------------------------------------------------------
+def test_an_all_crowd_training_split_names_the_cause(tmp_path):
+    root = tmp_path / "coco"
+    write_coco(root, "train", [(1, 64, 64), (2, 64, 64)], [ann(1, 1, [8, 8, 30, 30], iscrowd=1),
+                                                           ann(2, 2, [8, 8, 30, 30], iscrowd=1)])
+    write_coco(root, "val", [(1, 64, 64)], [ann(1, 1, [8, 8, 30, 30])])
+    result = run_script("train.py", *TINY, "--dataset", "coco", "--data-root", str(root), "--work-dir",
+                        str(tmp_path / "work"))
+    assert_clean_error(result, 1, "no usable images", "all 2 annotations", "crowd regions (iscrowd=1)",
+                       "iscrowd=0", "instances_train2017.json")
+    from libra.data import DataError
+    from libra.engine.builders import build_split
+
+    write_coco(root, "train", [(1, 64, 64)], [ann(1, 1, [8, 8, 30, 30], iscrowd=1), ann(2, 1, [70, 70, 5, 5]),
+                                              ann(3, 1, [8, 8, 0, 5])])
+    with pytest.raises(DataError, match="1 are crowd regions.*1 have area <= 0.*1 lie outside their image"):
+        build_split(coco_settings(root), train=True)

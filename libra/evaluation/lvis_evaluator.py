@@ -108,6 +108,8 @@ class LVISEvaluator(COCOEvaluator):
         for ann in self.lvis_gt.dataset["annotations"]:
             self.pos_cats[int(ann["image_id"])].add(int(ann["category_id"]))
         self.neg_cats = {int(i): set(int(c) for c in info.get("neg_category_ids", [])) for i, info in self.lvis_gt.imgs.items()}
+        # Frequency groups of APr / APc / APf, by the dataset's rule (a warning names categories without one).
+        self.frequency_groups = frequency_groups(self.lvis_gt)
         self.not_exhaustive = {
             int(i): set(int(c) for c in info.get("not_exhaustive_category_ids", [])) for i, info in self.lvis_gt.imgs.items()
         }
@@ -183,7 +185,7 @@ class LVISEvaluator(COCOEvaluator):
             "APm": mean_ap(precision[:, :, :, 2, -1]),
             "APl": mean_ap(precision[:, :, :, 3, -1]),
         }
-        groups = frequency_groups(self.lvis_gt)  # the dataset's rule too (a warning names ungrouped categories)
+        groups = self.frequency_groups
         undefined = []
         for group in ("r", "c", "f"):
             ks = [k for k, c in enumerate(cat_ids) if groups.get(int(c)) == group]
