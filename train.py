@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -72,11 +73,14 @@ from libra.engine.cli import (
 )
 from libra.engine.distributed import (
     EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
     DistributedContext,
     StoppedByLauncher,
     interrupt_signal,
     is_peer_failure,
     launch,
+    process_label,
+    reports_for_node,
     stopped_by_launcher,
     torchrun_environment,
     wait_for_launcher_stop,
@@ -90,6 +94,8 @@ from libra.engine.run_dir import (
     clear_previous_run,
     find_resume_checkpoint,
     interrupt_message,
+    peer_lost_message,
+    resume_hint,
     say,
     write_failure_message,
 )
@@ -214,8 +220,9 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         _cleanup(ctx, args)
-        if ctx.is_main:
-            print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+        if reports_for_node(ctx):  # rank 0, and the first process of every other node (torchrun)
+            print(f"error: {process_label(ctx)}{interrupt_message(args, holder.get('trainer'), error)}",
+                  file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
     except WriteError as error:  # disk full, read-only file system, ...: the files written before are intact
         if interrupt_signal() is not None or stopped_by_launcher():
@@ -255,9 +262,11 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             if os.environ.get("LIBRA_DEBUG"):
                 raise
-            print(f"error: (process {ctx.rank}) another process of the run has gone ({one_line(error)[:200]}); "
-                  "see its message", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
+            _cleanup(ctx, args)
+            if reports_for_node(ctx):
+                print(f"error: {process_label(ctx) or '(process 0) '}{peer_lost_message(args, holder.get('trainer'), error)}",
+                      file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
         raise
 
 
@@ -267,8 +276,9 @@ def _after_interrupt(ctx: DistributedContext, args: argparse.Namespace, holder: 
     if os.environ.get("LIBRA_DEBUG"):
         raise error
     _cleanup(ctx, args)
-    if ctx.is_main:
-        print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+    if reports_for_node(ctx):
+        print(f"error: {process_label(ctx)}{interrupt_message(args, holder.get('trainer'), error)}",
+              file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
 
 
@@ -423,6 +433,17 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     return 0
 
 
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _report_killed_worker(args: argparse.Namespace, index: int, signal_name: str) -> None:
+    """``--gpus N``: a worker killed by a signal could not say so itself; the launcher says it (exit 5)."""
+    print(f"error: process {index} of the run was killed by {signal_name} (kill -9, or the out-of-memory killer: it "
+          f"could leave no message); the other processes were stopped; {resume_hint(args, None)}",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -443,17 +464,29 @@ def main(argv: list[str] | None = None) -> int:
             # Rank 0 writes the work dir: its exclusive lock first (a second run into it is refused at
             # once), then the check for another run's files; held until this process exits.
             lock = claim_work_dir(args)
-        return launch(train_worker, args.gpus, args.device, args, interrupts=True)
+        return launch(train_worker, args.gpus, args.device, args, interrupts=True,
+                      on_killed=lambda index, name: _report_killed_worker(args, index, name))
     except (ValueError, CheckpointError) as error:  # raised before any process started
         if os.environ.get("LIBRA_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # before the workers' own handling (e.g. while spawning them)
+    except KeyboardInterrupt as error:  # outside the workers' own handling (e.g. while spawning them)
         if os.environ.get("LIBRA_DEBUG"):
             raise
-        print("error: interrupted before training started", file=sys.stderr, flush=True)
+        what = signal_name(getattr(error, "signum", None) or signal.SIGINT)
+        print(f"error: interrupted ({what}); {resume_hint(args, None)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception as error:
+        # Under torchrun: joining the process group failed because another node (the store's) is gone
+        # or unreachable. Anything else is a bug and keeps its traceback.
+        if not (torchrun_environment() and is_peer_failure(error)) or os.environ.get("LIBRA_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"error: (process {rank}) cannot reach the other processes of the run ({one_line(error)[:160]}): "
+              "check that every node runs and can reach the rendezvous endpoint; " + resume_hint(args, None),
+              file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
     finally:
         if lock is not None:
             lock.release()

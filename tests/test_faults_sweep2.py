@@ -702,3 +702,125 @@ def test_an_all_crowd_training_split_names_the_cause(tmp_path):
                                               ann(3, 1, [8, 8, 0, 5])])
     with pytest.raises(DataError, match="1 are crowd regions.*1 have area <= 0.*1 lie outside their image"):
         build_split(coco_settings(root), train=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. A process of a multi-process run killed: a libra line on the surviving side, with the resume
+#     command (two local processes with torchrun's environment, gloo over loopback; the node
+#     holding the rendezvous store is rank 0's)
+# ---------------------------------------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start_two_nodes(work_dir: Path, data_root: Path) -> list[subprocess.Popen]:
+    """Ranks 0 and 1 as two one-process "nodes" (GROUP_RANK 0 / 1), as torchrun starts them."""
+    port = _free_port()
+    processes = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "train.py"), *TINY, *data_args(data_root)[:-3], "--batch-size", "1", "--no-eval",
+             "--device", "cpu", "--epochs", "50", "--work-dir", str(work_dir)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for line in processes[0].stdout:
+        if line.startswith("saved checkpoint"):
+            return processes
+    for process in processes:
+        process.kill()
+    pytest.fail("no checkpoint: " + processes[0].stderr.read()[-2000:])
+
+
+def _finish(processes: list[subprocess.Popen]) -> list[tuple[int, str]]:
+    return [(p.returncode, p.communicate(timeout=180)[1]) for p in processes]
+
+
+@pytest.mark.parametrize("killed", [0, 1], ids=["store-node-killed", "peer-killed"])
+def test_a_killed_process_of_a_multi_node_run_is_reported_with_the_resume_command(tmp_path, data_root, killed):
+    work_dir = tmp_path / "run"
+    processes = _start_two_nodes(work_dir, data_root)
+    processes[killed].kill()  # kill -9: it leaves no message
+    (_, err_0), (_, err_1) = _finish(processes)
+    survivor = processes[1 - killed]
+    err = (err_0, err_1)[1 - killed]
+    assert survivor.returncode == 5, err[-3000:]
+    line = error_line(err)
+    label = "(process 0) " if killed == 1 else "(process 1, node 1) "
+    assert line.startswith(f"error: {label}another process of the run is gone"), line
+    assert "may have left no message" in line and "see its message" not in line
+    assert f"the last checkpoint is {work_dir / 'epoch_1.pth'}" in line and line.endswith("--resume"), line
+    assert "the same launcher with:" in line
+
+
+def test_the_launcher_stopping_a_surviving_node_leaves_a_libra_line_there(tmp_path, data_root):
+    """torchrun's agent on the surviving node SIGTERMs its workers when the store's node is gone."""
+    work_dir = tmp_path / "run"
+    processes = _start_two_nodes(work_dir, data_root)
+    processes[0].kill()
+    processes[1].send_signal(signal.SIGTERM)
+    _, (_, err) = _finish(processes)
+    line = error_line(err)
+    assert line.startswith("error: (process 1, node 1) "), line
+    assert f"the last checkpoint is {work_dir / 'epoch_1.pth'}" in line and "--resume" in line, line
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_killed_local_worker_is_reported_by_the_launcher(tmp_path, data_root):
+    work_dir = tmp_path / "run"
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *TINY, *data_args(data_root), "--gpus", "2", "--device", "cpu",
+         "--epochs", "50", "--work-dir", str(work_dir)],
+        cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in process.stdout:
+        if line.startswith("saved checkpoint"):
+            break
+    workers = [pid for pid in _children(process.pid) if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text()]
+    assert len(workers) == 2, workers
+    os.kill(max(workers), signal.SIGKILL)
+    _, err = process.communicate(timeout=180)
+    assert process.returncode == 5, err[-3000:]
+    line = error_line(err)
+    assert "was killed by SIGKILL" in line and "could leave no message" in line, line
+    assert f"the last checkpoint is {work_dir / 'epoch_1.pth'}" in line and line.endswith("--resume"), line
+
+
+def test_real_torchrun_two_nodes_store_node_killed(tmp_path, data_root):
+    """The same with torchrun itself (two agents with --nnodes 2 on loopback, static rendezvous): the
+    surviving node's output holds libra's line (before torchrun's own report of the failed worker)."""
+    port, work_dir = _free_port(), tmp_path / "run"
+    agents = []
+    for node in (0, 1):
+        agents.append(subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node",
+             "1", "--master-addr", "127.0.0.1", "--master-port", str(port), str(REPO / "train.py"), *TINY,
+             *data_args(data_root)[:-3], "--batch-size", "1", "--no-eval", "--device", "cpu", "--epochs", "500",
+             "--work-dir", str(work_dir)],
+            cwd=REPO, env=_env(), stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"err{node}", "w")))
+    deadline = time.monotonic() + 240
+    while not (work_dir / "epoch_1.pth").exists():
+        assert time.monotonic() < deadline and agents[0].poll() is None, (tmp_path / "err0").read_text()[-3000:]
+        time.sleep(0.2)
+    for pid in [agents[0].pid, *_children(agents[0].pid)]:  # node 0 dies: its agent (the store) and its worker
+        os.kill(pid, signal.SIGKILL)
+    agents[1].wait(timeout=180)
+    err = (tmp_path / "err1").read_text()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err[-3000:]
+    assert lines[0].startswith("error: (process 1, node 1) another process of the run is gone"), lines[0]
+    assert "the last checkpoint is" in lines[0] and lines[0].endswith("--resume"), lines[0]

@@ -421,7 +421,9 @@ def last_checkpoint(args: argparse.Namespace, trainer: Trainer | None) -> tuple[
         name = ""
     if name and (work_dir / name).is_file():
         return work_dir / name, "auto"
-    if trainer is not None and trainer.last_checkpoint is not None and trainer.last_checkpoint.is_file():
+    if trainer is not None and trainer.last_checkpoint is not None and (
+        trainer.last_checkpoint.is_file() or not trainer.ctx.is_main  # rank 0 wrote it, maybe on another node
+    ):
         return trainer.last_checkpoint, trainer.last_checkpoint
     if args.resume and args.resume != "auto" and Path(args.resume).is_file():
         return Path(args.resume), Path(args.resume)
@@ -451,6 +453,15 @@ def write_failure_message(args: argparse.Namespace, trainer: Trainer | None, err
     what = "free space on that disk (or move the work dir to one with space)" if getattr(error, "errno", None) in (
         errno.ENOSPC, errno.EDQUOT) else "make the work dir writable (or pass another --work-dir)"
     return f"{one_line_text(error)}; the files written before are intact; {what}, then {resume_hint(args, trainer)}"
+
+
+def peer_lost_message(args: argparse.Namespace, trainer: Trainer | None, error: BaseException) -> str:
+    """One line for a collective that failed because another process of the run is gone: what was
+    seen, that the process (or its node) may have left no message, and how to resume."""
+    seen = one_line_text(error)[:160]
+    return (f"another process of the run is gone ({seen}): it was killed (kill -9, the out-of-memory killer) or its "
+            "node failed or lost the network, so it may have left no message (if it failed on its own, its error is "
+            f"in its node's output); {resume_hint(args, trainer)}")
 
 
 def one_line_text(error: BaseException) -> str:

@@ -238,6 +238,8 @@ class Trainer:
             return None
         rng_states = all_gather_object(self._rng_now())
         if not self.ctx.is_main:
+            # Rank 0 writes it; the other ranks remember where (named if the run stops on their side).
+            self.last_checkpoint, self.last_checkpoint_iteration = self.config.work_dir / name, self.iteration
             return None
         path = self.config.work_dir / name
         previous_stage, self.stage, self.writing_checkpoint = self.stage, "checkpoint", path
