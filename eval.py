@@ -132,6 +132,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             f"--proposals / --save-proposals need a model with an RPN; {args.model} makes no proposals of its own"
         )
     load_weights(model, kind, checkpoint, args, dataset.num_classes, dataset.class_names)
+    model.batch_independent = bool(getattr(args, "batch_independent", False))  # per image in a batch (README)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)
     if ctx.is_main:

@@ -64,6 +64,12 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--show", type=int, default=0, metavar="N", help="draw detections of N images into PNG files")
     parser.add_argument("--show-score-thr", type=float, default=0.3)
     parser.add_argument("--batch-size", type=int, default=1, help="images per process")
+    parser.add_argument(
+        "--batch-independent", action="store_true",
+        help="predict every image of a batch on its own, so that its detections do not depend on the other images "
+        "of the batch (the balanced feature pyramid and padding make them differ slightly otherwise; "
+        "Detector.batch_independent). Batch 1 (the default) is independent anyway",
+    )
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
