@@ -475,6 +475,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         remove_empty_dirs(_CREATED)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print("error: interrupted (Ctrl-C); figures are written atomically, those written before are intact",
+              file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ model runs (a second eval.py into it is refused); a checkpoint is read weights-o
 
 Exit codes: 1 for bad input (one ``error:`` line, nothing written), 4 when an output cannot be
 written during the run (disk full, read-only: the line names the file and why; earlier outputs
-are intact). ``LIBRA_DEBUG=1`` shows tracebacks.
+are intact), 5 when another process of a multi-process evaluation is gone (killed, a node lost),
+130 on Ctrl-C. ``LIBRA_DEBUG=1`` shows tracebacks.
 """
 from __future__ import annotations
 
@@ -40,7 +41,18 @@ from libra.data.proposals import top_proposals
 from libra.engine.builders import DataError, build_eval_loader, build_split
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import build_detector, check_proposals_flags, data_settings, one_line
-from libra.engine.distributed import DistributedContext, launch, torchrun_environment
+from libra.engine.distributed import (
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    DistributedContext,
+    is_peer_failure,
+    launch,
+    process_label,
+    reports_for_node,
+    stopped_by_launcher,
+    torchrun_environment,
+    wait_for_launcher_stop,
+)
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.loading import (  # noqa: F401  (guess_mmdet_preset, read_checkpoint: eval.py's API of before)
     build_eval_parser,
@@ -119,6 +131,18 @@ def eval_worker(ctx: DistributedContext, payload) -> int:
         if ctx.is_main:
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except Exception as error:
+        # A collective that failed because another process of the evaluation is gone (killed, a node
+        # lost): one line where it is seen. Anything else is a bug and keeps its traceback.
+        if not (ctx.distributed and is_peer_failure(error)) or os.environ.get("LIBRA_DEBUG"):
+            raise
+        if stopped_by_launcher() or wait_for_launcher_stop(10.0):
+            return EXIT_BAD_INPUT  # --gpus N: the launcher reports the failed process
+        if reports_for_node(ctx):
+            print(f"error: {process_label(ctx) or '(process 0) '}another process of the evaluation is gone "
+                  f"({one_line(error)[:160]}): it was killed or its node failed, so it may have left no message; "
+                  "nothing was replaced: run the evaluation again", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
 
 
 def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict | None) -> int:
@@ -244,6 +268,13 @@ def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: Distribut
     return total
 
 
+def _report_killed_worker(index: int, signal_name: str) -> None:
+    """``--gpus N``: a worker killed by a signal could not say so itself; the launcher says it (exit 5)."""
+    print(f"error: process {index} of the evaluation was killed by {signal_name} (kill -9, or the out-of-memory "
+          "killer: it could leave no message); the other processes were stopped, nothing was replaced: run the "
+          "evaluation again", file=sys.stderr, flush=True)
+
+
 def claim_outputs(args: argparse.Namespace) -> tuple[WorkDirLock | None, list[Path]]:
     """Before any work: lock ``--work-dir`` (created and written once, so a read-only or blocked
     location is refused now) and check the folder of ``--save-proposals FILE``. Rank 0 only."""
@@ -273,7 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         resolved, kind, checkpoint = resolve(args)
         lock, created = claim_outputs(resolved)
-        code = launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint))
+        code = launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint),
+                      on_killed=_report_killed_worker)
         if code:
             remove_empty_dirs(created)
         return code
@@ -283,6 +315,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         remove_empty_dirs(created)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print("error: interrupted (Ctrl-C); outputs are written atomically, those written before are intact: run "
+              "the evaluation again", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     finally:
         if lock is not None:
             lock.release()
