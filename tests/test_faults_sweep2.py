@@ -891,3 +891,30 @@ def test_eval_script_batch_independent_flag(tmp_path, trained):
     assert_ok(run_script("eval.py", *flags, "--work-dir", str(out[0])))
     assert_ok(run_script("eval.py", *flags, "--batch-size", "2", "--batch-independent", "--work-dir", str(out[1])))
     assert (out[0] / "detections.json").read_text() == (out[1] / "detections.json").read_text()
+
+
+def test_a_work_dir_on_a_file_system_without_locks_runs_with_a_note(tmp_path, monkeypatch):
+    import fcntl
+
+    from libra.engine.run_dir import WorkDirLock
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    lock = WorkDirLock(tmp_path / "run")
+    note = lock.acquire()
+    assert note is not None and "no locks available" in note and "would not be refused" in note
+    lock.release()
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_polygon_vertex_far_outside_the_image_never_reaches_pycocotools():
+    """pycocotools rasterises a polygon edge pixel by pixel: a vertex at 1e9 took hours."""
+    from libra.masks import InvalidMaskError, MaskWarning, check_segmentation, decode_segmentation
+
+    with pytest.raises(InvalidMaskError, match="annotation 2: .*polygon 0 reaches .*more than 10 image sizes outside"):
+        check_segmentation([[10, 10, 20, 10, 1e9, 1e9]], 64, 64, 1, 2)
+    with pytest.warns(MaskWarning, match="polygon 0 reaches"):
+        bitmap = decode_segmentation([[10, 10, 20, 10, 1e9, 1e9], [1, 1, 20, 1, 20, 20]], 64, 64, 1, 2, strict=False)
+    assert bitmap.sum() > 0

@@ -65,7 +65,8 @@ class WorkDirLock:
 
     def acquire(self) -> str | None:
         """Take the lock or raise :class:`WorkDirBusyError` / :class:`WorkDirError` (one line). Returns a
-        note when the lock file of a killed or crashed run was taken over, else None."""
+        note when the lock file of a killed or crashed run was taken over (or when the file system has
+        no locks: the run goes on unguarded), else None."""
         import fcntl
 
         from libra.atomic_io import OutputLocationError, prepare_output_dir
@@ -80,14 +81,22 @@ class WorkDirLock:
             except OSError as error:
                 self._remove_created()
                 raise WorkDirError(f"cannot create the lock file {self.path}: {_reason(error)}") from None
+            unlocked, failure = None, None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
+                if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    # A file system without locks (some network mounts): run, and say what goes unchecked.
+                    unlocked = (f"cannot lock --work-dir {self.work_dir} ({_reason(error)}): a second run started into "
+                                "it would not be refused")
+                else:
+                    failure = error
+            if failure is not None:
                 holder = _read_lock(fd)
                 os.close(fd)
-                if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                if failure.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     self._remove_created()
-                    raise WorkDirError(f"cannot lock --work-dir {self.work_dir} ({self.path}): {_reason(error)}") from None
+                    raise WorkDirError(f"cannot lock --work-dir {self.work_dir} ({self.path}): {_reason(failure)}") from None
                 raise WorkDirBusyError(
                     f"--work-dir {self.work_dir} is in use by another run ({_describe_holder(holder)}): wait for it "
                     "to finish (or stop it), or pass another --work-dir"
@@ -111,6 +120,8 @@ class WorkDirLock:
                 self.release_file()
                 raise WorkDirError(f"cannot write to --work-dir {self.work_dir} ({self.path}): {_reason(error)}") from None
             self._fd = fd
+            if unlocked is not None:
+                return unlocked
             if previous:
                 return (f"{self.path} was left by a run that did not end cleanly ({_describe_holder(previous)}; killed "
                         "or crashed): this run takes the work dir over")
@@ -450,9 +461,14 @@ def resume_hint(args: argparse.Namespace, trainer: Trainer | None) -> str:
 def write_failure_message(args: argparse.Namespace, trainer: Trainer | None, error: BaseException) -> str:
     """One line for an output that could not be written (``WriteError``): what, where, why, that the
     files written before are intact, and how to go on."""
-    what = "free space on that disk (or move the work dir to one with space)" if getattr(error, "errno", None) in (
-        errno.ENOSPC, errno.EDQUOT) else "make the work dir writable (or pass another --work-dir)"
-    return f"{one_line_text(error)}; the files written before are intact; {what}, then {resume_hint(args, trainer)}"
+    code = getattr(error, "errno", None)
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        what = "free space on that disk (or move the work dir to one with space), then "
+    elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        what = "make the work dir writable (or move it), then "
+    else:
+        what = ""
+    return f"{one_line_text(error)}; the files written before are intact; {what}{resume_hint(args, trainer)}"
 
 
 def peer_lost_message(args: argparse.Namespace, trainer: Trainer | None, error: BaseException) -> str:

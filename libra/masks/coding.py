@@ -110,6 +110,9 @@ def _check_rle(segmentation: dict, height: int, width: int) -> dict:
 
 
 _PLAIN_NUMBERS = frozenset((int, float))  # JSON's numbers: checked by type, without the ABC machinery
+# A vertex further than this many image sizes outside the image is an annotation bug (the boxes' rule,
+# libra.data.base.ABSURD_BOX_FACTOR).
+_ABSURD = 10.0
 
 
 def _polygon_parts(segmentation: list, height: int, width: int) -> tuple[list[list[float]], list[str]]:
@@ -137,10 +140,17 @@ def _polygon_parts(segmentation: list, height: int, width: int) -> tuple[list[li
         elif not all(map(math.isfinite, coords)):
             problems.append(f"polygon {index} has a non-finite coordinate")
         else:
-            valid.append(coords)
             xs, ys = coords[0::2], coords[1::2]
-            x_low, x_high = min(x_low, min(xs)), max(x_high, max(xs))
-            y_low, y_high = min(y_low, min(ys)), max(y_high, max(ys))
+            part_x, part_y = (min(xs), max(xs)), (min(ys), max(ys))
+            if (part_x[0] < -_ABSURD * width or part_x[1] > (_ABSURD + 1) * width
+                    or part_y[0] < -_ABSURD * height or part_y[1] > (_ABSURD + 1) * height):
+                # pycocotools rasterises every edge pixel by pixel: a vertex at 1e9 takes hours.
+                problems.append(f"polygon {index} reaches x {part_x[0]:g}..{part_x[1]:g}, y {part_y[0]:g}..{part_y[1]:g}, "
+                                f"more than {_ABSURD:g} image sizes outside the {width} x {height} image")
+                continue
+            valid.append(coords)
+            x_low, x_high = min(x_low, part_x[0]), max(x_high, part_x[1])
+            y_low, y_high = min(y_low, part_y[0]), max(y_high, part_y[1])
     if valid and (x_high <= 0 or x_low >= width or y_high <= 0 or y_low >= height):
         raise ValueError(
             f"the polygon lies entirely outside the image (x {x_low:g}..{x_high:g}, y {y_low:g}..{y_high:g}; "
