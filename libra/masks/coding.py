@@ -141,22 +141,25 @@ def _polygon_parts(segmentation: list, height: int, width: int) -> tuple[list[li
             problems.append(f"polygon {index} has a non-finite coordinate")
         else:
             xs, ys = coords[0::2], coords[1::2]
-            part_x, part_y = (min(xs), max(xs)), (min(ys), max(ys))
-            if (part_x[0] < -_ABSURD * width or part_x[1] > (_ABSURD + 1) * width
-                    or part_y[0] < -_ABSURD * height or part_y[1] > (_ABSURD + 1) * height):
-                # pycocotools rasterises every edge pixel by pixel: a vertex at 1e9 takes hours.
-                problems.append(f"polygon {index} reaches x {part_x[0]:g}..{part_x[1]:g}, y {part_y[0]:g}..{part_y[1]:g}, "
-                                f"more than {_ABSURD:g} image sizes outside the {width} x {height} image")
-                continue
-            valid.append(coords)
-            x_low, x_high = min(x_low, part_x[0]), max(x_high, part_x[1])
-            y_low, y_high = min(y_low, part_y[0]), max(y_high, part_y[1])
+            valid.append((index, coords, (min(xs), max(xs)), (min(ys), max(ys))))
+    for _, _, (part_x_low, part_x_high), (part_y_low, part_y_high) in valid:
+        x_low, x_high = min(x_low, part_x_low), max(x_high, part_x_high)
+        y_low, y_high = min(y_low, part_y_low), max(y_high, part_y_high)
     if valid and (x_high <= 0 or x_low >= width or y_high <= 0 or y_low >= height):
         raise ValueError(
             f"the polygon lies entirely outside the image (x {x_low:g}..{x_high:g}, y {y_low:g}..{y_high:g}; "
             f"image width {width}, height {height})"
         )
-    return valid, problems
+    kept = []
+    for index, coords, (part_x_low, part_x_high), (part_y_low, part_y_high) in valid:
+        if (part_x_low < -_ABSURD * width or part_x_high > (_ABSURD + 1) * width
+                or part_y_low < -_ABSURD * height or part_y_high > (_ABSURD + 1) * height):
+            # pycocotools rasterises every edge pixel by pixel: a vertex at 1e9 takes hours.
+            problems.append(f"polygon {index} reaches x {part_x_low:g}..{part_x_high:g}, y {part_y_low:g}..{part_y_high:g}, "
+                            f"more than {_ABSURD:g} image sizes outside the {width} x {height} image")
+        else:
+            kept.append(coords)
+    return kept, problems
 
 
 def check_segmentation(
