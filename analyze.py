@@ -27,8 +27,10 @@ The model commands rebuild the detector as ``eval.py`` does (the checkpoint's mo
 data settings; any other ``eval.py`` flag such as ``--dataset``, ``--data-root``, ``--model``,
 ``--set``, ``--device``, ``--threads`` may follow). Every figure is written atomically as
 ``NAME.png`` with its data as ``NAME.json`` into ``--out-dir`` (default: ``analysis/`` beside the
-checkpoint, the first results file or in the run's work dir). Exit code 1 with a one-line
-``error:`` message for bad input; ``LIBRA_DEBUG=1`` shows the traceback.
+checkpoint, the first results file or in the run's work dir), which is checked before the work
+starts. Exit code 1 with a one-line ``error:`` message for bad input (an unusable output folder
+too), 4 when a figure cannot be written (disk full, read-only: the line names the file and why);
+``LIBRA_DEBUG=1`` shows the traceback.
 """
 from __future__ import annotations
 
@@ -41,13 +43,15 @@ from pathlib import Path
 import torch
 
 from libra.analysis._io import AnalysisError
+from libra.atomic_io import WriteError, prepare_output_dir, remove_empty_dirs
 from libra.engine.builders import DataError, build_split
 from libra.engine.checkpoint import CheckpointError
 from libra.detectors import FasterRCNN
 from libra.engine.cli import apply_recipe, build_detector, data_settings, one_line
-from libra.engine.loading import build_eval_parser, load_weights, resolve_checkpoint_args
+from libra.engine.loading import add_trust_argument, build_eval_parser, load_weights, resolve_checkpoint_args
 
 EXIT_BAD_INPUT = 1
+EXIT_WRITE_FAILED = 4
 MODEL_COMMANDS = ("neg-iou", "samples", "bfp")
 
 
@@ -65,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_command(name: str, help_text: str, split: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text, formatter_class=fmt,
                                   epilog="Any other eval.py flag (--dataset, --data-root, --model, --set, --device, "
-                                  "--threads, ...) is passed on to rebuild the model and data.")
+                                  "--threads, --trust-checkpoint, ...) is passed on to rebuild the model and data.")
         sub.add_argument("--checkpoint", required=True, help="libra (train.py) or MMDetection .pth of a two-stage detector")
         sub.add_argument("--split", choices=("train", "val"), default=split, help="images to analyse (test transform)")
         sub.add_argument("--out-dir", default=None, help="default: analysis/ beside the checkpoint")
@@ -101,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     loss.add_argument("--ce-gamma", type=float, default=None, help="LGR-CE gamma (preset: 1.0)")
     loss.add_argument("--extra-alphas", type=float, nargs="*", default=[], help="more balanced L1 curves (other alphas)")
     loss.add_argument("--out-dir", default=None, help="default: analysis/ beside the checkpoint, else work_dirs/analysis")
+    add_trust_argument(loss)
 
     errors = commands.add_parser("errors", formatter_class=fmt,
                                  help="Fig. 8: COCO error analysis (C75 C50 Loc Sim Oth BG FN) of results files",
@@ -208,10 +213,23 @@ def _data_flags_of_run(results: Path) -> tuple[list[str], Path | None]:
     return [], None
 
 
+_CREATED: list[Path] = []  # output folders this command created (removed again if it fails before writing)
+
+
 def _out_dir(value: str | None, default: Path) -> Path:
+    """The output folder, created and proven writable before the work whose figures go there (a file in
+    the way, a read-only or full disk: one-line ``OutputLocationError``, exit code 1)."""
     out = Path(value) if value else default
-    out.mkdir(parents=True, exist_ok=True)
+    _CREATED.extend(prepare_output_dir(out, "--out-dir" if value else "the output folder (--out-dir)"))
     return out
+
+
+def _checkpoint_out_dir(args: argparse.Namespace) -> Path:
+    """A model command's output folder (default ``analysis/`` beside the checkpoint), after checking
+    that the checkpoint exists (no folder is made beside a path that names nothing)."""
+    if not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    return _out_dir(args.out_dir, Path(args.checkpoint).resolve().parent / "analysis")
 
 
 def _iou_balanced(model, num_bins: int | None) -> dict | None:
@@ -253,6 +271,7 @@ def run_neg_iou(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.neg_iou import collect_negative_ious, plot_negative_ious
     from libra.data.transforms import collate
 
+    out = _checkpoint_out_dir(args)  # checked before the model runs
     model, dataset, resolved = load_model(args.checkpoint, args.split, rest)
     if not 0.0 <= args.threshold < 1.0:
         raise AnalysisError(f"--threshold must be an IoU in [0, 1), got {args.threshold}")
@@ -268,7 +287,6 @@ def run_neg_iou(args: argparse.Namespace, rest: list[str]) -> int:
     summary = found.summary(threshold=args.threshold)
     summary.update({"checkpoint": str(args.checkpoint), "model": resolved.model, "split": args.split,
                     "dataset": resolved.dataset, "roi_batch_size": model.roi_head.batch_size})
-    out = _out_dir(args.out_dir, Path(args.checkpoint).resolve().parent / "analysis")
     png, data = plot_negative_ious(summary, out / "fig3_neg_iou.png")
     methods = summary["methods"]
     print(f"negatives over {summary['images']} images ({resolved.dataset} {args.split}): share with IoU > {args.threshold:g}")
@@ -284,6 +302,7 @@ def run_samples(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.samples import collect_samples, plot_samples
     from libra.data.transforms import collate
 
+    out = _checkpoint_out_dir(args)  # checked before the model runs
     model, dataset, _ = load_model(args.checkpoint, args.split, rest)
     indices = _indices(dataset, args.index, args.images, "--images")
     device = next(model.parameters()).device
@@ -293,7 +312,6 @@ def run_samples(args: argparse.Namespace, rest: list[str]) -> int:
         images, targets = collate([dataset[index]])
         entries += collect_samples(model, images, targets, generator, _iou_balanced(model, args.num_bins))
         images_rgb.append(_rgb(images[0], tuple(int(v) for v in targets[0]["img_shape"])))
-    out = _out_dir(args.out_dir, Path(args.checkpoint).resolve().parent / "analysis")
     if args.draw_negatives < 0 or args.draw_positives < 0:
         raise AnalysisError("--draw-negatives / --draw-positives must be >= 0 (0 draws all)")
     png, data = plot_samples(images_rgb, entries, out / "fig6_samples.png", max_negatives=args.draw_negatives or None,
@@ -309,6 +327,7 @@ def run_bfp(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.bfp import plot_pyramid, pyramid_features
     from libra.data.transforms import collate
 
+    out = _checkpoint_out_dir(args)  # checked before the model runs
     model, dataset, resolved = load_model(args.checkpoint, args.split, rest, two_stage=False)  # Libra RetinaNet too
     (index,) = _indices(dataset, args.index, 1, "--images")
     images, targets = collate([dataset[index]])
@@ -316,7 +335,6 @@ def run_bfp(args: argparse.Namespace, rest: list[str]) -> int:
         features = pyramid_features(model, images)
     except ValueError as error:
         raise AnalysisError(f"{resolved.model}: {one_line(error)}") from None
-    out = _out_dir(args.out_dir, Path(args.checkpoint).resolve().parent / "analysis")
     size = tuple(int(v) for v in targets[0]["img_shape"])
     png, data = plot_pyramid(_rgb(images[0], size), features, out / "fig4_bfp.png", image_id=int(targets[0]["image_id"]))
     summary = json.loads(data.read_text())
@@ -330,13 +348,18 @@ def run_bfp(args: argparse.Namespace, rest: list[str]) -> int:
 def run_loss_curves(args: argparse.Namespace, rest: list[str]) -> int:
     from libra.analysis.loss_curves import loss_curves, plot_loss_curves
 
+    if args.checkpoint and not Path(args.checkpoint).is_file():
+        raise CheckpointError(f"checkpoint not found: {args.checkpoint}")
+    default = Path(args.checkpoint).resolve().parent / "analysis" if args.checkpoint else Path("work_dirs") / "analysis"
+    out = _out_dir(args.out_dir, default)  # checked before the work
     flags: list[str] = []
     for item in args.set:
         flags += ["--set", item]
     if args.model:
         flags += ["--model", args.model]
     if args.checkpoint:
-        resolved, _, _ = resolve_checkpoint_args(_eval_args(["--checkpoint", args.checkpoint, *flags]))
+        trust = ["--trust-checkpoint"] if args.trust_checkpoint else []
+        resolved, _, _ = resolve_checkpoint_args(_eval_args(["--checkpoint", args.checkpoint, *trust, *flags]))
     else:
         resolved = _eval_args(flags)
         resolved.model = resolved.model or "libra_faster_rcnn_r50_fpn"
@@ -358,8 +381,6 @@ def run_loss_curves(args: argparse.Namespace, rest: list[str]) -> int:
     )
     data["model"] = resolved.model
     data["configured_losses"] = {"box_loss": config.get("box_loss"), "cls_loss": config.get("cls_loss")}
-    default = Path(args.checkpoint).resolve().parent / "analysis" if args.checkpoint else Path("work_dirs") / "analysis"
-    out = _out_dir(args.out_dir, default)
     png, json_path = plot_loss_curves(data, out / "fig5_loss_curves.png")
     p = data["parameters"]
     print(f"{resolved.model} (box loss {config.get('box_loss')}, cls loss {config.get('cls_loss')}): balanced L1 alpha "
@@ -395,6 +416,10 @@ def run_errors(args: argparse.Namespace, rest: list[str]) -> int:
         apply_recipe(data_args)
         dataset = build_split(data_settings(data_args), train=False, split="val")
         coco_gt, gt_name = dataset.coco_api, f"the {data_args.dataset} evaluation split"
+    missing = [r for r in args.results if not Path(r).is_file()]
+    if missing:
+        raise AnalysisError(f"results file not found: {missing[0]} (eval.py writes detections.json in its work dir)")
+    out = _out_dir(args.out_dir, Path(args.results[0]).resolve().parent / "analysis")  # checked before the analysis
     groups = category_groups(coco_gt, args.groups)
     analyses = []
     bar = _progress(len(args.results) * len(coco_gt.getCatIds()), "errors", unit="category")
@@ -404,7 +429,6 @@ def run_errors(args: argparse.Namespace, rest: list[str]) -> int:
                                                    progress=bar.update)))
     finally:
         bar.close()
-    out = _out_dir(args.out_dir, Path(args.results[0]).resolve().parent / "analysis")
     written = write_error_figures(analyses, out)
     types = analyses[0][1]["types"]
     print(f"error analysis against {gt_name} ({len(coco_gt.getImgIds())} images, {len(coco_gt.getCatIds())} categories, "
@@ -428,8 +452,8 @@ def run_curves(args: argparse.Namespace, rest: list[str]) -> int:
     log_path = source if source.is_file() else source / "log.jsonl"
     if not log_path.is_file():
         raise AnalysisError(f"no training log at {log_path} (train.py writes log.jsonl into its --work-dir)")
+    out = _out_dir(args.out_dir, log_path.parent / "analysis")  # checked before the work
     records = JSONLinesLog(log_path).read()
-    out = _out_dir(args.out_dir, log_path.parent / "analysis")
     png = plot_training_curves(records, out / "curves.png", width=1200, height=600, title=f"training losses: {log_path.parent.name}")
     if png is None:
         raise AnalysisError(f"{log_path} has no training record with a finite loss yet: nothing to plot")
@@ -496,11 +520,24 @@ def main(argv: list[str] | None = None) -> int:
         if rest and args.command not in (*MODEL_COMMANDS, "errors", "browse"):
             raise AnalysisError(f"unrecognized arguments for {args.command}: {' '.join(rest)}")
         return COMMANDS[args.command](args, rest)
+    except WriteError as error:  # disk full, read-only, ...: a figure is either written whole or not at all
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print(f"error: {one_line(error)}; files written before are intact: free space or pass another --out-dir, "
+              "then run again", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
     except (AnalysisError, DataError, CheckpointError, FileNotFoundError, ValueError) as error:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        remove_empty_dirs(_CREATED)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print("error: interrupted (Ctrl-C); figures are written atomically, those written before are intact",
+              file=sys.stderr, flush=True)
+        return 130
 
 
 if __name__ == "__main__":

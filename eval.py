@@ -16,6 +16,14 @@ Outputs (rank 0, written atomically, so an interrupted run can simply be re-run)
 detections JSON (COCO results format; a mask model also writes ``segm_detections.json`` with RLE
 masks) and a metrics JSON in ``--work-dir`` (default: a folder ``eval_<checkpoint name>`` beside
 the checkpoint). A mask model (Mask R-CNN) is scored with box AP and mask AP (``segm_AP``, ...).
+The output folder (and the folder of ``--save-proposals FILE``) is checked and locked before the
+model runs (a second eval.py into it is refused); a checkpoint is read weights-only
+(``--trust-checkpoint`` for a trusted file that needs more).
+
+Exit codes: 1 for bad input (one ``error:`` line, nothing written), 4 when an output cannot be
+written during the run (disk full, read-only: the line names the file and why; earlier outputs
+are intact), 5 when another process of a multi-process evaluation is gone (killed, a node lost),
+130 on Ctrl-C. ``LIBRA_DEBUG=1`` shows tracebacks.
 """
 from __future__ import annotations
 
@@ -28,11 +36,24 @@ from pathlib import Path
 
 import torch
 
+from libra.atomic_io import OutputLocationError, WriteError, prepare_output_dir, remove_empty_dirs
 from libra.data.proposals import top_proposals
 from libra.engine.builders import DataError, build_eval_loader, build_split
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import build_detector, check_proposals_flags, data_settings, one_line
-from libra.engine.distributed import DistributedContext, apply_slurm_environment, launch
+from libra.engine.distributed import (
+    EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
+    DistributedContext,
+    apply_slurm_environment,
+    is_peer_failure,
+    launch,
+    process_label,
+    reports_for_node,
+    stopped_by_launcher,
+    torchrun_environment,
+    wait_for_launcher_stop,
+)
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.loading import (  # noqa: F401  (guess_mmdet_preset, read_checkpoint: eval.py's API of before)
     build_eval_parser,
@@ -41,9 +62,11 @@ from libra.engine.loading import (  # noqa: F401  (guess_mmdet_preset, read_chec
     read_checkpoint,
     resolve_checkpoint_args,
 )
+from libra.engine.run_dir import WorkDirLock
 from libra.engine.trainer import autocast_context
 
 EXIT_BAD_INPUT = 1
+EXIT_WRITE_FAILED = 4
 
 build_parser = build_eval_parser
 
@@ -97,12 +120,30 @@ def eval_worker(ctx: DistributedContext, payload) -> int:
     args, kind, checkpoint = payload
     try:
         return _evaluate(ctx, args, kind, checkpoint)
+    except WriteError as error:  # disk full, read-only, ...: nothing half written
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print(f"error: {'' if ctx.is_main else f'(process {ctx.rank}) '}{one_line(error)}; outputs written before are "
+              "intact: free space or pass another --work-dir, then run again", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
     except (DataError, CheckpointError, FileNotFoundError, ValueError) as error:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         if ctx.is_main:
             print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
+    except Exception as error:
+        # A collective that failed because another process of the evaluation is gone (killed, a node
+        # lost): one line where it is seen. Anything else is a bug and keeps its traceback.
+        if not (ctx.distributed and is_peer_failure(error)) or os.environ.get("LIBRA_DEBUG"):
+            raise
+        if stopped_by_launcher() or wait_for_launcher_stop(10.0):
+            return EXIT_BAD_INPUT  # --gpus N: the launcher reports the failed process
+        if reports_for_node(ctx):
+            print(f"error: {process_label(ctx) or '(process 0) '}another process of the evaluation is gone "
+                  f"({one_line(error)[:160]}): it was killed or its node failed, so it may have left no message; "
+                  "nothing was replaced: run the evaluation again", file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
 
 
 def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict | None) -> int:
@@ -116,6 +157,7 @@ def _evaluate(ctx: DistributedContext, args, kind: str | None, checkpoint: dict 
             f"--proposals / --save-proposals need a model with an RPN; {args.model} makes no proposals of its own"
         )
     load_weights(model, kind, checkpoint, args, dataset.num_classes, dataset.class_names)
+    model.batch_independent = bool(getattr(args, "batch_independent", False))  # per image in a batch (README)
     model.to(ctx.device).eval()
     work_dir = Path(args.work_dir)
     if ctx.is_main:
@@ -246,17 +288,63 @@ def write_proposals_file(collected: dict, path: Path, meta: dict, ctx: Distribut
     return total
 
 
+def _report_killed_worker(index: int, signal_name: str) -> None:
+    """``--gpus N``: a worker killed by a signal could not say so itself; the launcher says it (exit 5)."""
+    print(f"error: process {index} of the evaluation was killed by {signal_name} (kill -9, or the out-of-memory "
+          "killer: it could leave no message); the other processes were stopped, nothing was replaced: run the "
+          "evaluation again", file=sys.stderr, flush=True)
+
+
+def claim_outputs(args: argparse.Namespace) -> tuple[WorkDirLock | None, list[Path]]:
+    """Before any work: lock ``--work-dir`` (created and written once, so a read-only or blocked
+    location is refused now) and check the folder of ``--save-proposals FILE``. Rank 0 only."""
+    if torchrun_environment() and int(os.environ.get("RANK", "0")) != 0:
+        return None, []
+    lock = WorkDirLock(args.work_dir, "eval.py", " ".join(["eval.py", *(sys.argv[1:] or [])]))
+    note = lock.acquire()
+    if note:
+        print(f"note: {note}", file=sys.stderr, flush=True)
+    created: list[Path] = []
+    if args.save_proposals and args.save_proposals != "auto":
+        target = Path(args.save_proposals)
+        if target.is_dir():
+            lock.release()
+            raise DataError(f"--save-proposals {target} is a folder: pass a file name (e.g. {target / 'proposals.pt'})")
+        try:
+            created = prepare_output_dir(target.parent, "the folder of --save-proposals")
+        except OutputLocationError:
+            lock.release()
+            raise
+    return lock, created
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    lock, created = None, []
     try:
         apply_slurm_environment()  # srun: one task per process, as under torchrun
         resolved, kind, checkpoint = resolve(args)
-        return launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint))
+        lock, created = claim_outputs(resolved)
+        code = launch(eval_worker, resolved.gpus, resolved.device, (resolved, kind, checkpoint),
+                      on_killed=_report_killed_worker)
+        if code:
+            remove_empty_dirs(created)
+        return code
     except (DataError, CheckpointError, ValueError) as error:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
+        remove_empty_dirs(created)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        print("error: interrupted (Ctrl-C); outputs are written atomically, those written before are intact: run "
+              "the evaluation again", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -29,9 +29,13 @@ states are part of every checkpoint); a checkpoint of another model, class list,
 detector switch or batch layout is refused, naming the difference.
 
 Exit codes: 1 for bad input (missing data, malformed annotations, an unusable checkpoint or
-work dir; a one-line ``error:`` message before anything is written), 3 when training diverges
-(non-finite loss, gradient, weights or activations; the message names what and where), 130 on
-Ctrl-C or SIGTERM (the message names the last checkpoint and the command that resumes).
+work dir, a work dir in use by another run; a one-line ``error:`` message before anything is
+written), 3 when training diverges (non-finite loss, gradient, weights or activations; the message
+names what and where), 4 when an output cannot be written (disk full, read-only file system: the
+line names the file and the reason, the files written before are intact, and says how to resume),
+5 when another process of a multi-process run is gone (killed, or its node lost; the line names the
+last checkpoint and how to resume), 130 on Ctrl-C or SIGTERM (the message names the last checkpoint
+and the command that resumes).
 Set ``LIBRA_DEBUG=1`` for full tracebacks.
 """
 from __future__ import annotations
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -46,6 +51,7 @@ import torch
 
 from libra.data.samplers import REPEAT_ROUNDINGS
 from libra.recipes import RECIPE_VERSIONS
+from libra.atomic_io import WriteError
 from libra.engine.builders import build_eval_loader, build_split, build_train_loader
 from libra.engine.checkpoint import (
     CheckpointError,
@@ -69,32 +75,39 @@ from libra.engine.cli import (
 )
 from libra.engine.distributed import (
     EXIT_INTERRUPTED,
+    EXIT_PEER_LOST,
     DistributedContext,
     StoppedByLauncher,
     apply_slurm_environment,
     interrupt_signal,
     is_peer_failure,
     launch,
+    process_label,
+    reports_for_node,
     stopped_by_launcher,
     torchrun_environment,
     wait_for_launcher_stop,
 )
 from libra.engine.evaluator_loop import evaluate_model
-from libra.engine.loading import init_from_checkpoint, init_model_config
+from libra.engine.loading import add_trust_argument, init_from_checkpoint, init_model_config
 from libra.engine.run_dir import (
     WorkDirError,
     check_resume_settings,
-    check_work_dir,
+    claim_work_dir,
     clear_previous_run,
     find_resume_checkpoint,
     interrupt_message,
+    peer_lost_message,
+    resume_hint,
     say,
+    write_failure_message,
 )
 from libra.engine.lr_schedule import WarmupMultiStepLR
 from libra.engine.trainer import NonFiniteLossError, SkipBatches, TrainConfig, Trainer, seed_everything
 
 EXIT_BAD_INPUT = 1
 EXIT_NON_FINITE = 3
+EXIT_WRITE_FAILED = 4
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,6 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--keep-checkpoints", type=int, default=None, help="keep the newest K epoch checkpoints (0: all)")
     run.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: cores / processes)")
     run.add_argument("--tensorboard", action="store_true", help="also log to TensorBoard in --work-dir/tensorboard (pip install tensorboard)")
+    add_trust_argument(run)  # --trust-checkpoint: for --resume / --pretrained files beyond weights_only
     return parser
 
 
@@ -235,9 +249,19 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
         if os.environ.get("LIBRA_DEBUG"):
             raise
         _cleanup(ctx, args)
-        if ctx.is_main:
-            print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+        if reports_for_node(ctx):  # rank 0, and the first process of every other node (torchrun)
+            print(f"error: {process_label(ctx)}{interrupt_message(args, holder.get('trainer'), error)}",
+                  file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except WriteError as error:  # disk full, read-only file system, ...: the files written before are intact
+        if interrupt_signal() is not None or stopped_by_launcher():
+            return _after_interrupt(ctx, args, holder, error)
+        if os.environ.get("LIBRA_DEBUG"):
+            raise
+        _cleanup(ctx, args)
+        print(f"error: {'' if ctx.is_main else f'(process {ctx.rank}) '}"
+              f"{write_failure_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_FAILED
     except (ValueError, FileNotFoundError) as error:
         # DataError / CheckpointError (bad data or checkpoint) and the ValueErrors by which libra's
         # modules reject bad settings (e.g. an unknown preset override): one line, exit code 1.
@@ -267,9 +291,11 @@ def train_worker(ctx: DistributedContext, args: argparse.Namespace) -> int:
                 return EXIT_BAD_INPUT
             if os.environ.get("LIBRA_DEBUG"):
                 raise
-            print(f"error: (process {ctx.rank}) another process of the run has gone ({one_line(error)[:200]}); "
-                  "see its message", file=sys.stderr, flush=True)
-            return EXIT_BAD_INPUT
+            _cleanup(ctx, args)
+            if reports_for_node(ctx):
+                print(f"error: {process_label(ctx) or '(process 0) '}{peer_lost_message(args, holder.get('trainer'), error)}",
+                      file=sys.stderr, flush=True)
+            return EXIT_PEER_LOST
         raise
 
 
@@ -279,8 +305,9 @@ def _after_interrupt(ctx: DistributedContext, args: argparse.Namespace, holder: 
     if os.environ.get("LIBRA_DEBUG"):
         raise error
     _cleanup(ctx, args)
-    if ctx.is_main:
-        print(f"error: {interrupt_message(args, holder.get('trainer'), error)}", file=sys.stderr, flush=True)
+    if reports_for_node(ctx):
+        print(f"error: {process_label(ctx)}{interrupt_message(args, holder.get('trainer'), error)}",
+              file=sys.stderr, flush=True)
     return EXIT_INTERRUPTED
 
 
@@ -313,7 +340,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     checkpoint = None
     if args.resume:
         path = find_resume_checkpoint(args)
-        checkpoint = load_checkpoint_file(path, map_location="cpu")
+        checkpoint = load_checkpoint_file(path, map_location="cpu", trust=args.trust_checkpoint)
         if not is_libra_checkpoint(checkpoint):
             raise CheckpointError(f"{path} is not a libra training checkpoint (use eval.py for MMDetection checkpoints)")
         check_model_identity(checkpoint, args.model, train_set.num_classes, path, class_names=class_names)
@@ -440,6 +467,17 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     return 0
 
 
+def signal_name(signum: int) -> str:
+    return "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+
+
+def _report_killed_worker(args: argparse.Namespace, index: int, signal_name: str) -> None:
+    """``--gpus N``: a worker killed by a signal could not say so itself; the launcher says it (exit 5)."""
+    print(f"error: process {index} of the run was killed by {signal_name} (kill -9, or the out-of-memory killer: it "
+          f"could leave no message); the other processes were stopped; {resume_hint(args, None)}",
+          file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     raw = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -467,20 +505,38 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus < 1:
         print("error: --gpus must be >= 1", file=sys.stderr)
         return EXIT_BAD_INPUT
+    lock = None
     try:
         if not torchrun_environment() or int(os.environ.get("RANK", "0")) == 0:
-            check_work_dir(args)  # rank 0 writes the work dir
-        return launch(train_worker, args.gpus, args.device, args, interrupts=True)
+            # Rank 0 writes the work dir: its exclusive lock first (a second run into it is refused at
+            # once), then the check for another run's files; held until this process exits.
+            lock = claim_work_dir(args)
+        return launch(train_worker, args.gpus, args.device, args, interrupts=True,
+                      on_killed=lambda index, name: _report_killed_worker(args, index, name))
     except (ValueError, CheckpointError) as error:  # raised before any process started
         if os.environ.get("LIBRA_DEBUG"):
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         return EXIT_BAD_INPUT
-    except KeyboardInterrupt:  # before the workers' own handling (e.g. while spawning them)
+    except KeyboardInterrupt as error:  # outside the workers' own handling (e.g. while spawning them)
         if os.environ.get("LIBRA_DEBUG"):
             raise
-        print("error: interrupted before training started", file=sys.stderr, flush=True)
+        what = signal_name(getattr(error, "signum", None) or signal.SIGINT)
+        print(f"error: interrupted ({what}); {resume_hint(args, None)}", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
+    except Exception as error:
+        # Under torchrun: joining the process group failed because another node (the store's) is gone
+        # or unreachable. Anything else is a bug and keeps its traceback.
+        if not (torchrun_environment() and is_peer_failure(error)) or os.environ.get("LIBRA_DEBUG"):
+            raise
+        rank = os.environ.get("RANK", "?")
+        print(f"error: (process {rank}) cannot reach the other processes of the run ({one_line(error)[:160]}): "
+              "check that every node runs and can reach the rendezvous endpoint; " + resume_hint(args, None),
+              file=sys.stderr, flush=True)
+        return EXIT_PEER_LOST
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 if __name__ == "__main__":

@@ -7,15 +7,22 @@ the write is complete (a second one aborts it, removing the temporary file) and 
 usual, so it never surfaces as an error of ``torch.save``'s writer. Temporary files that a killed
 process could not remove (``.NAME.XXXXXXXX.tmp``) are removed by :func:`remove_stale_temp_files`.
 
+A write that fails (disk full, read-only file system, a file where the folder should be) raises
+:class:`WriteError`, an ``OSError`` whose message is one line naming the file and the reason, and
+leaves the destination as it was; :func:`prepare_output_dir` checks an output folder before the
+work whose results go there (:class:`OutputLocationError`, a ValueError).
+
 The bottom floor of libra's file writing (it depends on torch only): checkpoints
 (``libra.engine``), proposal files (``libra.data``), figures and results (``libra.analysis``,
 ``libra.evaluation``) all write through it.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import signal
+import sys
 import tempfile
 import threading
 from contextlib import contextmanager
@@ -25,9 +32,110 @@ from typing import Any, BinaryIO, Callable, Iterator, Sequence
 import torch
 
 __all__ = [
-    "atomic_save", "atomic_write", "atomic_write_text", "deferred_interrupts", "is_atomic_temp_file",
-    "remove_stale_temp_files",
+    "OutputLocationError", "WriteError", "atomic_save", "atomic_write", "atomic_write_text", "deferred_interrupts",
+    "is_atomic_temp_file", "os_error_reason", "prepare_output_dir", "remove_empty_dirs", "remove_stale_temp_files",
+    "writing",
 ]
+
+
+# ------------------------------------------------------------------------------ write failures
+def os_error_reason(error: BaseException | None) -> str:
+    """Why an OS call failed, in words: ``no space left on device (ENOSPC)``, ``read-only file system
+    (EROFS)``, ``permission denied (EACCES)``, ``not a directory (ENOTDIR)``, ... (``os.strerror``)."""
+    code = getattr(error, "errno", None)
+    if isinstance(code, int) and code > 0:
+        name = errno.errorcode.get(code)
+        return os.strerror(code)[:1].lower() + os.strerror(code)[1:] + (f" ({name})" if name else "")
+    text = " ".join(str(error or "").split())
+    return text or type(error).__name__
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only file system, a file where a folder should
+    be, ...). ``str()`` is one line: what, where and why; ``errno`` is the failed call's. The
+    destination is untouched (the atomic writers leave the previous file as it was)."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException | None = None, what: str = "") -> None:
+        super().__init__(getattr(error, "errno", None), os_error_reason(error))
+        self.path = Path(path)
+        self.what = what
+        self.reason = os_error_reason(error)
+
+    def __str__(self) -> str:
+        what = f"{self.what} " if self.what else ""
+        return f"cannot write {what}{self.path}: {self.reason}"
+
+
+@contextmanager
+def writing(path: str | os.PathLike, what: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` raised in the block (a write to ``path``) into a :class:`WriteError`."""
+    try:
+        yield
+    except WriteError:
+        raise
+    except OSError as error:
+        raise WriteError(path, error, what) from None
+
+
+class OutputLocationError(ValueError):
+    """An output location that cannot be used, found before any work (one line: where, why, what to do)."""
+
+
+def _parent_problem(path: Path) -> str | None:
+    """Why folders cannot be created at ``path``: an existing file at it or above it."""
+    for candidate in (path, *path.parents):
+        if candidate.exists() or candidate.is_symlink():
+            if not candidate.is_dir():
+                return f"{candidate} is a file, not a folder" if candidate != path else "it is a file, not a folder"
+            return None
+    return None
+
+
+def prepare_output_dir(path: str | os.PathLike, what: str = "output folder") -> list[Path]:
+    """Create ``path`` (and its parents) and prove that a file can be written in it (a small probe
+    file, written, flushed to disk and removed), before any work whose results go there.
+
+    Returns the folders it created (deepest last), for :func:`remove_empty_dirs` when the run ends
+    without writing anything. Raises :class:`OutputLocationError` (one line: the flag or role
+    ``what``, the folder and why: a file in the way, read-only file system, permission denied,
+    no space left on device).
+    """
+    path = Path(path)
+    problem = _parent_problem(path)
+    if problem is not None:
+        raise OutputLocationError(f"cannot use {what} {path}: {problem}; pass another folder")
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.is_dir():
+            break
+        missing.append(candidate)
+    created = []
+    try:
+        for folder in reversed(missing):
+            folder.mkdir(exist_ok=True)
+            created.append(folder)
+        fd, probe = tempfile.mkstemp(prefix=".libra_probe.", suffix=".tmp", dir=path)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(b"libra write probe\n")
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            os.unlink(probe)
+    except OSError as error:
+        remove_empty_dirs(created)
+        raise OutputLocationError(f"cannot write to {what} {path}: {os_error_reason(error)}; pass a writable folder"
+                                  ) from None
+    return created
+
+
+def remove_empty_dirs(folders: Sequence[str | os.PathLike]) -> None:
+    """Remove ``folders`` (deepest first) where they are empty; what holds anything stays."""
+    for folder in reversed([Path(f) for f in folders]):
+        try:
+            folder.rmdir()
+        except OSError:
+            break
 
 
 def _default_file_mode() -> int:
@@ -101,7 +209,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
     ``write``, e.g. ``torch.save``'s "RuntimeError: [enforce fail ...]").
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        problem = _parent_problem(path.parent)
+        raise WriteError(path, OSError(error.errno, problem) if problem else error) from None
     with deferred_interrupts() as pending:
         tmp_name = None
         try:
@@ -120,8 +232,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> 
                     pass
             if len(pending) > 1:  # aborted by a repeated interrupt: report the interrupt, not its side effect
                 raise KeyboardInterrupt(f"writing {path} was interrupted; the file was not written") from None
+            failure = sys.exc_info()[1]
+            if isinstance(failure, OSError) and not isinstance(failure, WriteError):
+                raise WriteError(path, failure) from None
+            if isinstance(failure, RuntimeError) and _disk_error_in(failure) is not None:
+                raise WriteError(path, _disk_error_in(failure)) from None  # torch.save's C++ writer
             raise
     return path
+
+
+def _disk_error_in(error: BaseException) -> OSError | None:
+    """The OSError behind an error of torch.save's C++ writer (it reports a failed write as a
+    RuntimeError, "[enforce fail at inline_container.cc] ... unexpected pos ..."; the Python handle's
+    OSError is its cause or context), or None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
 
 
 # mkstemp's names: the prefix, 8 characters of [a-z0-9_], the suffix.

@@ -48,3 +48,61 @@ def load_coco_api(source: COCO | str | Path | dict, missing_hint: str = "") -> C
     for ann in coco.dataset.get("annotations", []):
         ann.setdefault("iscrowd", 0)
     return coco
+
+
+# ---------------------------------------------------------------------------------------------
+# LVIS frequency groups: one rule for the dataset and the evaluator
+# ---------------------------------------------------------------------------------------------
+# LVIS (Gupta et al., CVPR 2019, Sec. 4.4 / LVIS v1 categories): a category is rare when it occurs in
+# 1-10 training images, common in 11-100, frequent in more than 100; each category of the LVIS files
+# carries its group as 'frequency' and its training image count as 'image_count'.
+FREQUENCY_GROUPS = ("r", "c", "f")
+
+
+def frequency_from_image_count(image_count: int) -> str:
+    """The LVIS group of a category seen in ``image_count`` training images: r (<= 10), c (<= 100), f."""
+    return "r" if image_count <= 10 else ("c" if image_count <= 100 else "f")
+
+
+def category_frequency(category: dict) -> str | None:
+    """A category's frequency group: its ``frequency`` ('r' / 'c' / 'f'); without one (or with another
+    value), the group its ``image_count`` gives (:func:`frequency_from_image_count`); else None (in no
+    group: counted in AP, not in APr / APc / APf)."""
+    frequency = category.get("frequency")
+    if frequency in FREQUENCY_GROUPS:
+        return frequency
+    count = category.get("image_count")
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return frequency_from_image_count(count)
+    return None
+
+
+def frequency_groups(coco: COCO, source: str = "the LVIS annotations") -> dict[int, str | None]:
+    """``{category id: 'r' | 'c' | 'f' | None}`` by :func:`category_frequency`, computed once per ``COCO``
+    index; categories without a valid ``frequency`` are named in one warning (with what was done)."""
+    cached = getattr(coco, "_libra_frequency_groups", None)
+    if cached is not None:
+        return cached
+    groups = {int(cat_id): category_frequency(cat) for cat_id, cat in coco.cats.items()}
+    missing = [cat for cat in coco.cats.values() if cat.get("frequency") not in FREQUENCY_GROUPS]
+    if missing:
+        import warnings
+
+        def name(cat: dict) -> str:
+            return f"{cat.get('id')} {cat.get('name', '')!r}".rstrip()
+
+        derived = [c for c in missing if groups[int(c["id"])] is not None]
+        ungrouped = [c for c in missing if groups[int(c["id"])] is None]
+        parts = []
+        if derived:
+            parts.append("grouped by their 'image_count' (r <= 10, c <= 100, f > 100 images): "
+                         + ", ".join(f"{name(c)} -> {groups[int(c['id'])]}" for c in derived[:8])
+                         + (f", ... ({len(derived)} in all)" if len(derived) > 8 else ""))
+        if ungrouped:
+            parts.append("in no group (no 'image_count' either; counted in AP, not in APr / APc / APf): "
+                         + ", ".join(name(c) for c in ungrouped[:8])
+                         + (f", ... ({len(ungrouped)} in all)" if len(ungrouped) > 8 else ""))
+        warnings.warn(f"{len(missing)} of the {len(coco.cats)} categories of {source} have no valid 'frequency' "
+                      f"('r', 'c' or 'f'): " + "; ".join(parts), UserWarning, stacklevel=2)
+    coco._libra_frequency_groups = groups
+    return groups

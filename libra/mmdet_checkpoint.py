@@ -69,8 +69,9 @@ import os
 import re
 from collections.abc import Mapping
 
-import torch
 from torch import Tensor, nn
+
+from libra.safe_load import UntrustedCheckpointError, load_torch_file
 
 # MMDetection top-level prefixes -> this project's module paths.
 _PREFIXES = (
@@ -108,10 +109,12 @@ _SINGLE_NECK_KEY = re.compile(r"^neck\.(?!\d+\.)")  # neck.<name>.*: one neck, n
 _LIST_NECK_KEY = re.compile(r"^neck\.\d+\.")
 
 
-def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping) -> Mapping[str, Tensor]:
+def _read_state_dict(path_or_state_dict: str | os.PathLike | Mapping, trust: bool = False) -> Mapping[str, Tensor]:
     if isinstance(path_or_state_dict, (str, os.PathLike)):
         try:
-            checkpoint = torch.load(os.fspath(path_or_state_dict), map_location="cpu", weights_only=True)
+            checkpoint = load_torch_file(path_or_state_dict, trust=trust, trust_hint="trust=True")
+        except UntrustedCheckpointError:
+            raise
         except Exception as error:  # noqa: BLE001 - re-raised with advice
             raise ValueError(
                 f"could not read {os.fspath(path_or_state_dict)!r} as a weights-only checkpoint ({error}); "
@@ -206,7 +209,7 @@ def _layout(keys: Mapping[str, object] | set[str]) -> dict[str, str]:
     return layout
 
 
-def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping) -> nn.Module:
+def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLike | Mapping, trust: bool = False) -> nn.Module:
     """Load an MMDetection v2/v3 Faster R-CNN, PAFPN, Libra R-CNN, Mask R-CNN, RetinaNet or Libra
     RetinaNet checkpoint into ``model`` (in place).
 
@@ -219,7 +222,11 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             ``build_model("retinanet_r50_fpn", 80)`` for ``retinanet_r50_fpn_1x_coco``,
             ``build_model("mask_rcnn_r50_fpn", 80)`` for ``mask-rcnn_r50_fpn_1x_coco``).
         path_or_state_dict: a ``.pth`` path, a dict with ``'state_dict'`` (MMDetection's format),
-            or a raw state_dict (a ``module.`` prefix on every key is stripped).
+            or a raw state_dict (a ``module.`` prefix on every key is stripped). A path is read with
+            ``torch.load(weights_only=True)`` (:mod:`libra.safe_load`).
+        trust: read a file that holds Python objects beyond tensors and plain values (unpickling it
+            runs code stored in it; only for a file you trust). Without it such a file is refused
+            with ``UntrustedCheckpointError`` before any of it runs.
 
     Returns:
         ``model``.
@@ -232,7 +239,7 @@ def load_mmdet_checkpoint(model: nn.Module, path_or_state_dict: str | os.PathLik
             preset overrides (or presets) that would fit.
     """
     expected = model.state_dict()
-    converted, origin = _convert(_read_state_dict(path_or_state_dict))
+    converted, origin = _convert(_read_state_dict(path_or_state_dict, trust))
 
     # BatchNorm's num_batches_tracked carries no information: allow it on either side.
     def optional(key: str) -> bool:

@@ -632,6 +632,7 @@ def build_model(
     num_classes: int,
     pretrained: str | None = None,
     class_image_counts: Any = None,
+    trust_pretrained: bool = False,
     **overrides: Any,
 ) -> Detector:
     """Assemble the detector of preset ``name``.
@@ -653,7 +654,7 @@ def build_model(
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"num_classes must be an integer >= 1, got {num_classes!r}")
     config = preset_config(name, **overrides)
-    backbone = _build_backbone(config, pretrained)
+    backbone = _build_backbone(config, pretrained, trust_pretrained)
     neck = _build_neck(config, backbone)
     strides = neck_strides(neck)
     detector = config["detector"]
@@ -670,7 +671,7 @@ def build_model(
     return FasterRCNN(backbone, neck, rpn, roi_head)
 
 
-def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module:
+def _build_backbone(config: dict[str, Any], pretrained: str | None, trust: bool = False) -> nn.Module:
     backbone = config["backbone"]
     if isinstance(backbone, str):
         backbone = build_resnet(
@@ -683,7 +684,7 @@ def _build_backbone(config: dict[str, Any], pretrained: str | None) -> nn.Module
             stage_with_dcn=config["stage_with_dcn"],
         )
         if pretrained is not None:
-            load_pretrained(backbone, pretrained)
+            load_pretrained(backbone, pretrained, trust=trust)
     elif not hasattr(backbone, "out_channels"):
         raise ValueError("a backbone module must expose out_channels (and out_strides, default 4, 8, 16, 32)")
     elif pretrained is not None:

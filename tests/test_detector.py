@@ -12,7 +12,6 @@ import time
 
 import pytest
 import torch
-from torch import nn
 
 from conftest import TinyBackbone
 from libra.boxes import box_iou

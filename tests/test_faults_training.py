@@ -14,7 +14,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -133,7 +132,6 @@ def test_optimizer_state_of_another_kind_is_refused_without_recorded_args(tmp_pa
     from libra.engine.distributed import DistributedContext
     from libra.engine.lr_schedule import WarmupMultiStepLR
     from libra.engine.trainer import TrainConfig, Trainer
-    from libra.structures import Batch
 
     def trainer_with(optimizer_class):
         model = torch.nn.Linear(2, 2)

@@ -15,7 +15,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -27,7 +26,7 @@ from libra.engine.distributed import DistributedContext
 from libra.engine.evaluator_loop import evaluate_model
 from libra.engine.builders import build_eval_loader
 from libra.masks import MaskWarning, encode_rle
-from libra.presets import PRESETS, build_model, preset_config, preset_iou_types
+from libra.presets import build_model, preset_config, preset_iou_types
 from libra.roi_heads import FCNMaskHead, MaskRoIHead
 from libra.structures import Proposals
 
@@ -434,9 +433,9 @@ def test_bad_masks_are_dropped_with_a_warning_naming_them_through_the_dataset(tm
     dataset = CocoDetection(tmp_path / "images", ann, train=True, min_size=40, max_size=60, flip_prob=0.0)
     image, target = dataset[0]  # box-only: no decoding, nothing dropped
     assert "masks" not in target and len(target["boxes"]) == 5
-    dataset.set_with_masks(True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        dataset.set_with_masks(True)  # the segmentations are checked (and bad instances dropped) here, once
         image, target = dataset[0]
     messages = [str(w.message) for w in caught if issubclass(w.category, MaskWarning)]
     for ann_id, reason in ((12, "empty polygon list"), (13, "entirely outside the image"), (14, "invalid character"),

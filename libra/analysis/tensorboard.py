@@ -53,18 +53,21 @@ class TensorBoardLog:
 
     def write(self, record: dict) -> None:
         self.log.write(record)
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+        from libra.atomic_io import writing
 
-            self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        prefix = "val" if record.get("mode") == "val" else "train"
-        step = int(record.get("iter", 0) or 0)
-        for name, value in record.items():
-            if name in _SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
-                continue
-            if math.isfinite(float(value)):
-                self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
-        self._writer.flush()  # a record every log interval: cheap, and a killed run keeps its curves
+        with writing(self.log_dir, "the TensorBoard events"):  # disk full, read-only: one-line WriteError
+            if self._writer is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._writer = SummaryWriter(log_dir=str(self.log_dir))
+            prefix = "val" if record.get("mode") == "val" else "train"
+            step = int(record.get("iter", 0) or 0)
+            for name, value in record.items():
+                if name in _SKIPPED or isinstance(value, bool) or not isinstance(value, (int, float)):
+                    continue
+                if math.isfinite(float(value)):
+                    self._writer.add_scalar(f"{prefix}/{name}", float(value), step)
+            self._writer.flush()  # a record every log interval: cheap, and a killed run keeps its curves
 
     def close(self) -> None:
         if self._writer is not None:

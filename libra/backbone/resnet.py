@@ -36,7 +36,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from libra.ops.deform_conv import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2dPack
@@ -371,7 +370,7 @@ def _format_keys(keys: list[str], limit: int = 10) -> str:
     return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def load_pretrained(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
+def load_pretrained(backbone: nn.Module, path: str | os.PathLike, trust: bool = False) -> nn.Module:
     """Load a torchvision-format ImageNet checkpoint into ``backbone`` (in place; also returned).
 
     The file may hold a plain state_dict or a dict with the state_dict under ``'state_dict'`` or
@@ -381,8 +380,22 @@ def load_pretrained(backbone: nn.Module, path: str | os.PathLike) -> nn.Module:
     initialisation, as MMDetection does). Every other key
     must match by name and shape, otherwise a ValueError lists the missing, unexpected and
     mismatched keys. ``requires_grad`` flags (frozen stages) are not touched.
+
+    The file is read with ``torch.load(weights_only=True)`` (:mod:`libra.safe_load`): one holding
+    Python objects beyond tensors and plain values is refused (``UntrustedCheckpointError``) unless
+    ``trust``; a file that is no torch file raises a one-line ValueError.
     """
-    checkpoint = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    from libra.safe_load import UntrustedCheckpointError, load_torch_file
+
+    if not os.path.isfile(os.fspath(path)):
+        raise ValueError(f"pretrained weights not found: {os.fspath(path)}")
+    try:
+        checkpoint = load_torch_file(path, trust=trust, what="pretrained weights file", trust_hint="--trust-checkpoint")
+    except UntrustedCheckpointError:
+        raise
+    except Exception as error:  # noqa: BLE001 - a damaged or foreign file: one line
+        text = " ".join(str(error).split())[:200]
+        raise ValueError(f"cannot read pretrained weights {os.fspath(path)}: {type(error).__name__}: {text}") from None
     state_dict = checkpoint
     if isinstance(checkpoint, Mapping):
         for container_key in ("state_dict", "model"):

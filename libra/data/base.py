@@ -28,9 +28,12 @@ such files up front (the command line's ``--check-images``).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import os
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from libra import coco_api
-from libra.masks import decode_masks
+from libra.masks import InvalidMaskError, MaskWarning, check_segmentation, decode_masks
 
 from .errors import DataError
 from .proposals import check_coverage
@@ -93,9 +96,44 @@ def _error_reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+# Pillow modes of unsigned 16-bit samples (16-bit grayscale PNG / TIFF / PGM). ``convert("RGB")``
+# clips their 0..65535 values at 255 (a 0..65535 gradient becomes 0, 255, 255, ...); they are scaled
+# by 255 / 65535 instead. (16-bit RGB / RGBA / gray+alpha PNGs open as 8-bit RGB(A), scaled by Pillow.)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def unsupported_pixel_format(im: Image.Image) -> str | None:
+    """Why the pixels of an opened image have no defined 0..255 range, or None (usable)."""
+    mode = im.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and im.format == "PNG"):  # older Pillow: 16-bit PNG as "I"
+        return None
+    if mode == "F":
+        return ("its pixels are 32-bit floating point (mode F), which have no defined 0..255 range; convert it to an "
+                "8- or 16-bit image")
+    if mode.startswith("I"):
+        return (f"its pixels are signed or 32-bit integers (mode {mode}), which have no defined 0..255 range; convert "
+                "it to an 8- or 16-bit image")
+    return None
+
+
+def image_to_rgb_array(im: Image.Image) -> np.ndarray:
+    """``[h, w, 3]`` RGB in 0..255 of an opened image: uint8 for 8-bit images (``convert("RGB")``),
+    float32 for 16-bit grayscale (values x 255 / 65535, not clipped). Raises ValueError for pixels
+    without a defined range (:func:`unsupported_pixel_format`)."""
+    problem = unsupported_pixel_format(im)
+    if problem is not None:
+        raise ValueError(problem)
+    if im.mode in _SIXTEEN_BIT_MODES or im.mode == "I":
+        gray = np.asarray(im).astype(np.float32) * np.float32(255.0 / 65535.0)
+        return np.repeat(gray[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
 def load_rgb_image(path: Path, skip_hint: str = "") -> Tensor:
     """Decode an image file to float32 [3, h, w] RGB in 0..255 (no EXIF rotation, like COCO's annotations).
 
+    16-bit grayscale images are scaled (x 255 / 65535), not clipped; images whose pixels have no
+    defined range (32-bit float or integer) are refused (:func:`image_to_rgb_array`).
     A file that exists but cannot be decoded raises `ImageFileError` with a one-line message naming
     it (``skip_hint`` says where the image is listed, to skip it); a missing file FileNotFoundError.
     """
@@ -104,11 +142,14 @@ def load_rgb_image(path: Path, skip_hint: str = "") -> Tensor:
         raise FileNotFoundError(f"image file not found: {path}")
     try:
         with Image.open(path) as im:
-            array = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            array = image_to_rgb_array(im)
     except Exception as error:  # UnidentifiedImageError, OSError (truncated), SyntaxError, DecompressionBombError, ...
-        reason = "the file is empty (0 bytes)" if _file_size(path) == 0 else _error_reason(error)
+        if isinstance(error, ValueError) and not isinstance(error, OSError) and "no defined 0..255 range" in str(error):
+            reason = str(error)
+        else:
+            reason = "the file is empty (0 bytes)" if _file_size(path) == 0 else _error_reason(error)
         raise ImageFileError(f"cannot decode image file {path}: {reason}; {image_fix_hint(skip_hint)}") from None
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).float()
+    return torch.from_numpy(np.array(array, copy=True)).permute(2, 0, 1).float()
 
 
 def _file_size(path: Path) -> int | None:
@@ -199,8 +240,11 @@ def image_file_problem(path: Path, width: int, height: int, mode: str = "header"
                 quick = (str(im.format), tuple(im.size))
                 if mode == "full":
                     im.load()
+                pixels = unsupported_pixel_format(im)
         except Exception as error:
             return _error_reason(error), False
+        if pixels is not None:
+            return pixels, False
     fmt, (w, h) = quick
     if (w, h) != (int(width), int(height)):
         return (f"decoded size {w} x {h} (w x h) differs from the annotated {int(width)} x {int(height)}; "
@@ -356,7 +400,103 @@ class DetectionDataset(Dataset):
                     f"none of the {count} annotations has a 'segmentation' ({self.skip_hint(self.records[0])}); a mask "
                     "model (Mask R-CNN) needs polygons or RLE masks: choose a box-only model or an instances file with masks"
                 )
+            self._drop_invalid_masks()
         self.with_masks = bool(enabled)
+
+    def _drop_invalid_masks(self) -> None:
+        """Check every instance's segmentation up front (``libra.masks.check_segmentation``, nothing
+        decoded): an instance whose segmentation cannot be decoded is dropped with its box and label
+        and a `MaskWarning` naming image and annotation (bad polygon parts of a usable instance are
+        dropped the same way), a training image left without instances is dropped, and a split left
+        without any instance is refused (`DataError`): a mask model would train on nothing."""
+        dropped: list[str] = []
+        total = 0
+        records = []
+        for record in self.records:
+            segmentations = list(record.segmentations)
+            ann_ids = record.ann_ids if record.ann_ids is not None else [None] * len(segmentations)
+            keep = np.ones(len(segmentations), dtype=bool)
+            for index, segmentation in enumerate(segmentations):
+                total += 1
+                try:
+                    with warnings.catch_warnings(record=True) as caught:
+                        warnings.simplefilter("always", MaskWarning)
+                        checked = check_segmentation(segmentation, record.height, record.width, record.image_id,
+                                                     ann_ids[index], strict=False)
+                except InvalidMaskError as error:
+                    keep[index] = False
+                    dropped.append(str(error))
+                    continue
+                if caught:  # invalid polygon parts dropped: keep the cleaned polygons (no warning per epoch)
+                    segmentations[index] = checked
+                    for item in caught:
+                        warnings.warn(str(item.message), MaskWarning, stacklevel=3)
+            if not keep.all():
+                record.boxes, record.labels = record.boxes[keep], record.labels[keep]
+                record.difficult = record.difficult[keep] if len(record.difficult) == len(keep) else record.difficult
+                segmentations = [s for s, k in zip(segmentations, keep) if k]
+                record.ann_ids = [a for a, k in zip(ann_ids, keep) if k] if record.ann_ids is not None else None
+            record.segmentations = segmentations
+            if self.train and len(record.boxes) == 0:
+                continue  # as the loaders drop training images without usable boxes
+            records.append(record)
+        _warn_dropped_instances(dropped, "training" if self.train else "evaluation")
+        if total and len(dropped) == total:
+            raise DataError(
+                f"no usable instance is left in the {'training' if self.train else 'evaluation'} split: all {total} "
+                f"segmentations are invalid (first: {dropped[0]}; {self.skip_hint(self.records[0])}); a mask model "
+                "(Mask R-CNN) needs valid polygons or RLE masks: fix them, or choose a box-only model"
+            )
+        self.records = records
+
+    def clean_mask_ground_truth(self) -> int:
+        """The evaluation split of a mask model: drop from the ground truth the evaluator reads
+        (``coco_api``) every annotation whose segmentation cannot be evaluated (none, an empty or
+        malformed polygon, a polygon outside the image, an RLE of another size or whose run lengths
+        do not add up: ``libra.masks.check_segmentation``), each with a `MaskWarning` naming image and
+        annotation, as training drops them, before pycocotools sees any (whose C code raises
+        TypeErrors on such input, or loops for hours on an RLE claiming billions of pixels); invalid
+        parts of a usable polygon are dropped the same way. The annotation is removed for box AP too
+        (the mask model's boxes and masks are scored on the same instances). Returns how many were
+        dropped; raises `DataError` when no annotation has a segmentation or none is usable."""
+        coco = self.coco_api
+        annotations = coco.dataset.get("annotations", [])
+        where = getattr(self, "ann_file", None) or "the annotations"
+        if annotations and not any(a.get("segmentation") for a in annotations):
+            first = annotations[0]
+            raise DataError(
+                f"the evaluation split ({where}): mask AP needs a 'segmentation' (polygons or RLE) on the ground-truth "
+                f"annotations; none has one (e.g. annotation {first.get('id')} of image {first.get('image_id')}); a "
+                "mask model (Mask R-CNN) needs instance masks, or choose a box-only model"
+            )
+        kept, dropped = [], []
+        for ann in annotations:
+            info = coco.imgs.get(ann.get("image_id"))
+            if info is None:  # not an image of the split: COCOeval never reads it
+                kept.append(ann)
+                continue
+            try:
+                checked = check_segmentation(ann.get("segmentation"), info.get("height", 0), info.get("width", 0),
+                                             ann.get("image_id"), ann.get("id"), strict=False)
+            except InvalidMaskError as error:
+                dropped.append(str(error))
+                continue
+            if isinstance(ann["segmentation"], list) and len(checked) != len(ann["segmentation"]):
+                ann["segmentation"] = checked  # the valid parts only (a MaskWarning named the others)
+            kept.append(ann)
+        if not dropped:
+            return 0
+        _warn_dropped_instances(dropped, "evaluation", "from the ground truth")
+        if not kept:
+            raise DataError(
+                f"no usable instance is left in the evaluation split ({where}): all {len(dropped)} segmentations are "
+                f"invalid (first: {dropped[0]}); mask AP needs valid polygons or RLE masks: fix them, or choose a "
+                "box-only model"
+            )
+        coco.dataset["annotations"] = kept
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
+            coco.createIndex()
+        return len(dropped)
 
     def skip_hint(self, record: ImageRecord) -> str:
         """Where ``record``'s image is listed (said in errors about its file: remove it there to skip it)."""
@@ -434,6 +574,45 @@ class DetectionDataset(Dataset):
                 "the loader must keep one segmentation per box"
             )
         return decode_masks(segmentations, height, width, image_id=record.image_id, ann_ids=record.ann_ids, on_invalid="warn")
+
+
+_MAX_INSTANCE_WARNINGS = 10  # one MaskWarning per dropped instance up to this many, then one summary
+
+
+def _warn_dropped_instances(messages: list[str], split: str, where: str = "") -> None:
+    for message in messages[:_MAX_INSTANCE_WARNINGS]:
+        warnings.warn(f"{message}; the instance is dropped {where}".rstrip() + f" ({split} split)", MaskWarning, stacklevel=3)
+    if len(messages) > _MAX_INSTANCE_WARNINGS:
+        warnings.warn(f"{len(messages) - _MAX_INSTANCE_WARNINGS} more instances with invalid segmentations are dropped "
+                      f"{where} ({split} split)".replace("  ", " "), MaskWarning, stacklevel=3)
+
+
+def no_usable_images_reason(counts: dict | None, source: str) -> str:
+    """Why a training split has no image with a usable object box, in words, with what to do
+    (``counts``: what a loader read, e.g. ``parse_coco_annotations(counts=...)``); "" when unknown."""
+    if not counts:
+        return ""
+    images, annotations = counts.get("images", 0), counts.get("annotations", 0)
+    if images == 0:
+        return f"{source} lists no images"
+    if annotations == 0:
+        return f"none of its {images} images has an annotation ({source}): training needs annotated object boxes"
+    crowd, difficult = counts.get("crowd", 0), counts.get("difficult", 0)
+    if crowd and crowd == annotations:
+        return (f"all {annotations} annotations of its {images} images are crowd regions (iscrowd=1), which training "
+                "uses only as ignore regions, never as objects: at least one annotation with iscrowd=0 is needed "
+                f"(fix 'iscrowd' in {source}, or train on another split)")
+    if difficult and difficult == annotations:
+        return (f"all {annotations} objects of its {images} images are marked difficult, which training uses only as "
+                f"ignore regions: at least one object with <difficult>0</difficult> is needed ({source})")
+    parts = [f"{counts[key]} {text}" for key, text in (
+        ("crowd", "are crowd regions (iscrowd=1: ignore regions only)"),
+        ("difficult", "are difficult (ignore regions only)"),
+        ("degenerate", "have area <= 0 or are narrower or lower than 1 px"),
+        ("outside", "lie outside their image"),
+    ) if counts.get(key)]
+    detail = "; ".join(parts) if parts else "none is a usable object box"
+    return f"of its {annotations} annotations {detail}, so no image keeps an object box ({source})"
 
 
 def records_to_coco_dict(records: Sequence[ImageRecord], class_names: Sequence[str]) -> dict:

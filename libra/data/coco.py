@@ -43,15 +43,21 @@ def load_coco_api(ann_file: str | Path | dict) -> COCO:
 
 
 def parse_coco_annotations(
-    coco: COCO, image_root: Path, train: bool, image_path_of=None, source: str = "COCO"
+    coco: COCO, image_root: Path, train: bool, image_path_of=None, source: str = "COCO", counts: dict | None = None
 ) -> tuple[list[ImageRecord], list[int], list[str]]:
     """Turn a ``COCO`` index into `ImageRecord`s.
 
     Args:
         image_path_of: optional ``f(image_info: dict) -> Path``; default ``image_root / file_name``.
+        counts: filled with what was read and why annotations were not used as object boxes
+            (``images``, ``annotations``, ``boxes``, ``crowd``, ``degenerate``, ``outside``,
+            ``no_annotations``): :func:`libra.data.base.no_usable_images_reason` says it in words.
     Returns:
         (records, label_to_cat_id, class_names)
     """
+    counts = counts if counts is not None else {}
+    for key in ("images", "annotations", "boxes", "crowd", "degenerate", "outside", "no_annotations"):
+        counts[key] = 0
     cat_ids = sorted(int(c) for c in coco.cats.keys())
     cat_id_to_label = {cid: i for i, cid in enumerate(cat_ids)}
     class_names = [str(coco.cats[cid].get("name", cid)) for cid in cat_ids]
@@ -67,7 +73,10 @@ def parse_coco_annotations(
             path = image_root / info["file_name"]
         width, height = check_image_size(info.get("width"), info.get("height"), f"{source} image {image_id}")
         boxes, labels, ignore, segmentations, ann_ids = [], [], [], [], []
+        counts["images"] += 1
+        counts["no_annotations"] += not coco.imgToAnns.get(image_id)
         for ann in coco.imgToAnns.get(image_id, []):
+            counts["annotations"] += 1
             what = f"{source} annotation {ann.get('id')} of image {image_id}"
             x, y, w, h = check_finite_box(ann.get("bbox"), what)
             check_box_extent([x, y, x + w, y + h], width, height, what, shown=ann.get("bbox"))
@@ -78,13 +87,17 @@ def parse_coco_annotations(
             if not isinstance(area, (int, float)) or not math.isfinite(area):
                 raise ValueError(f"{what}: area must be a finite number, got {area!r}")
             if area <= 0 or w < 1 or h < 1:
+                counts["degenerate"] += 1
                 continue
             box = clip_box_to_image([x, y, x + w, y + h], width, height)
             if box is None:  # outside the image (or a sliver of < 1 px inside it)
+                counts["outside"] += 1
                 continue
             if ann.get("iscrowd", 0):
+                counts["crowd"] += 1
                 ignore.append(box)
             else:
+                counts["boxes"] += 1
                 boxes.append(box)
                 labels.append(cat_id_to_label[cat_id])
                 # Kept as annotated (decoded only for a mask model, libra.data.base.DetectionDataset).
@@ -139,7 +152,9 @@ class CocoDetection(DetectionDataset):
         if not self.root.is_dir():
             raise FileNotFoundError(f"image folder not found: {self.root} ({COCO_LAYOUT_HELP})")
         self.coco = load_coco_api(self.ann_file)
-        records, self.label_to_cat_id, class_names = parse_coco_annotations(self.coco, self.root, train)
+        self.annotation_counts: dict = {}
+        records, self.label_to_cat_id, class_names = parse_coco_annotations(
+            self.coco, self.root, train, counts=self.annotation_counts)
         if transform is None:
             transform = DetectionTransform(train, min_size, max_size, multi_scale_range, flip_prob, multi_scale_step)
         super().__init__(records, class_names, train, transform, seed)

@@ -11,13 +11,16 @@ COCO train2017 and val2017). When ``coco_url`` is empty the ``file_name`` under 
 is used. Each image also lists ``neg_category_ids`` (verified absent) and
 ``not_exhaustive_category_ids`` (annotated but maybe not all instances); both are kept for
 `LVISEvaluator`. Each category has a frequency group ``'r' | 'c' | 'f'`` (rare: 1-10 training
-images, common: 11-100, frequent: > 100).
+images, common: 11-100, frequent: > 100); a category without one is grouped by its ``image_count``,
+or in no group, by the one rule the evaluator uses too (:func:`libra.coco_api.frequency_groups`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+
+from libra.coco_api import frequency_groups
 
 from .base import DetectionDataset
 from .coco import load_coco_api, parse_coco_annotations
@@ -57,7 +60,9 @@ class LVISDetection(DetectionDataset):
         ann_file: ``lvis_v1_{train,val}.json``.
         Other args as `CocoDetection`.
     Attributes:
-        frequencies: [C] list of 'r' / 'c' / 'f' per contiguous label.
+        frequencies: [C] list of 'r' / 'c' / 'f' per contiguous label (None for a category without
+            ``frequency`` or ``image_count``: :func:`libra.coco_api.frequency_groups`, the
+            evaluator's rule; a warning names such categories).
     """
 
     def __init__(
@@ -80,10 +85,14 @@ class LVISDetection(DetectionDataset):
         if not self.ann_file.is_file():
             raise FileNotFoundError(f"LVIS annotation file not found: {self.ann_file} ({LVIS_LAYOUT_HELP})")
         self.lvis = load_lvis_api(self.ann_file)
+        self.annotation_counts: dict = {}
         records, self.label_to_cat_id, class_names = parse_coco_annotations(
-            self.lvis, self.root, train, image_path_of=lambda info: lvis_image_path(self.root, info), source="LVIS"
+            self.lvis, self.root, train, image_path_of=lambda info: lvis_image_path(self.root, info), source="LVIS",
+            counts=self.annotation_counts,
         )
-        self.frequencies = [str(self.lvis.cats[c].get("frequency", "f")) for c in self.label_to_cat_id]
+        # The evaluator's rule (libra.coco_api.frequency_groups): 'frequency', else from 'image_count', else None.
+        groups = frequency_groups(self.lvis, str(self.ann_file))
+        self.frequencies = [groups[int(c)] for c in self.label_to_cat_id]
         if transform is None:
             transform = DetectionTransform(train, min_size, max_size, multi_scale_range, flip_prob, multi_scale_step)
         super().__init__(records, class_names, train, transform, seed)

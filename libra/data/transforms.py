@@ -7,6 +7,7 @@ Pipeline of one training sample (all on CPU, in the DataLoader worker):
 
     decode (PIL, RGB uint8) -> float [3, h0, w0] in 0..255
     -> resize keeping the aspect ratio (bilinear)        boxes *= (new_w / w0, new_h / h0)
+       (a very elongated image: so that its short side reaches 32 px, `get_resize_size`)
     -> horizontal flip with probability 0.5 (training)  x1' = W - x2, x2' = W - x1
     -> normalise with the ImageNet mean / std of RGB 0..255
     -> (in `collate`) pad bottom-right with 0 to a multiple of 32
@@ -57,20 +58,50 @@ def sample_generator(seed: int, *keys: int) -> torch.Generator:
     return generator
 
 
-def get_resize_size(height: int, width: int, min_size: int = 800, max_size: int = 1333) -> tuple[int, int]:
+# The detectors need each side of an image to be at least the coarsest backbone stride
+# (``libra.detectors.base.MIN_IMAGE_SIDE``). A very elongated image (20 x 2000 px at 800 / 1333: 13 px
+# high after the usual resize) is therefore resized so that its short side reaches it, even if its
+# long side then exceeds max_size; beyond MAX_ASPECT_RATIO (a long side over 32,000 px) an image is
+# refused (``check_aspect_ratio``: the datasets do it up front, naming the file).
+MIN_SIDE: int = 32
+MAX_ASPECT_RATIO: float = 1000.0
+
+
+def check_aspect_ratio(height: int, width: int, what: str = "the image") -> None:
+    """ValueError (one line) for an image whose aspect ratio exceeds :data:`MAX_ASPECT_RATIO`."""
+    ratio = max(height, width) / max(1, min(height, width))
+    if ratio > MAX_ASPECT_RATIO:
+        long_side = int(MIN_SIDE * ratio + 0.5)
+        shape = f"{MIN_SIDE} x {long_side}" if height < width else f"{long_side} x {MIN_SIDE}"
+        raise ValueError(
+            f"{what} is {width} x {height} px (w x h), an aspect ratio of {ratio:.0f}:1: with its short side at the "
+            f"detector's minimum of {MIN_SIDE} px it would be {shape} px (h x w; at most {MAX_ASPECT_RATIO:.0f}:1 is "
+            "taken); crop or split it"
+        )
+
+
+def get_resize_size(height: int, width: int, min_size: int = 800, max_size: int = 1333, min_side: int = 0) -> tuple[int, int]:
     """Output ``(new_h, new_w)`` of the aspect-preserving resize.
 
     s = min(max_size / long side, min_size / short side); new size = round(h*s), round(w*s)
     (mmcv's ``rescale_size`` for MMDetection's ``Resize scale=(1333, 800) keep_ratio=True``).
     Rounding is half-up, like mmcv's ``int(x + 0.5)``.
     Example: (h, w) = (375, 500) -> (800, 1067).
+
+    ``min_side``: when the short side would come out below it (a very elongated image), the scale
+    is raised so that it reaches ``min_side`` exactly; the long side then exceeds ``max_size``
+    (``DetectionTransform`` passes :data:`MIN_SIDE`). Example at 800 / 1333: (20, 2000) -> (32, 3200).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got (h, w) = ({height}, {width})")
     if min_size <= 0 or max_size <= 0:
         raise ValueError(f"min_size and max_size must be positive, got {min_size}, {max_size}")
     scale = min(max_size / max(height, width), min_size / min(height, width))
-    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    new_h, new_w = max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+    if min(new_h, new_w) < min_side:
+        scale = min_side / min(height, width)
+        new_h, new_w = max(min_side, int(height * scale + 0.5)), max(min_side, int(width * scale + 0.5))
+    return new_h, new_w
 
 
 def resize_image(image: Tensor, size: tuple[int, int]) -> Tensor:
@@ -173,7 +204,8 @@ class DetectionTransform:
             else:
                 choices = self.multiscale_choices()
                 min_size = choices[int(torch.randint(len(choices), (1,), generator=generator).item())]
-        new_h, new_w = get_resize_size(h0, w0, min_size, self.max_size)
+        check_aspect_ratio(h0, w0)
+        new_h, new_w = get_resize_size(h0, w0, min_size, self.max_size, min_side=MIN_SIDE)
         image = resize_image(image.float(), (new_h, new_w))
         scale_x, scale_y = new_w / w0, new_h / h0
         out_boxes = {k: scale_boxes(b.float(), scale_x, scale_y) for k, b in boxes_by_key.items()}

@@ -21,8 +21,10 @@ def _class_colour(label: int) -> tuple[int, int, int]:
 
 def _to_pil(image: str | Path | Tensor | np.ndarray) -> Image.Image:
     if isinstance(image, (str, Path)):
-        with Image.open(image) as im:
-            return im.convert("RGB")
+        from .base import image_to_rgb_array
+
+        with Image.open(image) as im:  # 16-bit grayscale scaled, not clipped (libra.data.base)
+            return Image.fromarray(np.clip(image_to_rgb_array(im), 0, 255).round().astype(np.uint8))
     if isinstance(image, Tensor):
         image = image.detach().cpu()
         if image.dim() != 3 or image.shape[0] != 3:
@@ -129,8 +131,9 @@ def draw_detections(
     canvas = render_detections(image_path_or_tensor, boxes, labels, scores, class_names, score_threshold,
                                line_width, masks, mask_alpha, min_side)
     out_png = Path(out_png)
-    out_png.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(out_png)
+    from libra.atomic_io import atomic_write
+
+    atomic_write(out_png, lambda handle: canvas.save(handle, format="PNG"))  # WriteError (one line) on failure
     return out_png
 
 

@@ -146,6 +146,7 @@ class VOCDetection(DetectionDataset):
         class_names: Sequence[str] = VOC_CLASSES,
     ) -> None:
         records = []
+        self.annotation_counts = counts = {"images": 0, "annotations": 0, "boxes": 0, "difficult": 0, "no_annotations": 0}
         self._list_file_of: dict[int, Path] = {}  # image id -> the ImageSets file listing it
         for year_dir, split in year_dirs_and_splits:
             year_dir = Path(year_dir)
@@ -161,6 +162,11 @@ class VOCDetection(DetectionDataset):
                     year_dir / "JPEGImages" / f"{stem}.jpg",
                     class_names,
                 )
+                counts["images"] += 1
+                counts["annotations"] += len(record.labels)
+                counts["difficult"] += int(record.difficult.sum())
+                counts["boxes"] += int((~record.difficult).sum())
+                counts["no_annotations"] += len(record.labels) == 0
                 if train and not (~record.difficult).any():
                     continue
                 records.append(record)

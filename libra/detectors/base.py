@@ -27,10 +27,22 @@ Ground-truth validation (one host sync per batch):
 - every image must be at least 32 px on each side (the coarsest backbone stage has stride 32).
 
 An image with no boxes trains normally: all its samples are negatives.
+
+Batch independence (``Detector.batch_independent``): a batch is padded to its largest image, and
+some parts of a detector see that padding. The balanced feature pyramid resizes every level to the
+refine level's *padded* size and its non-local block attends over every position, padding
+included (MMDetection's ``BFP`` does the same); convolutions near an image's bottom / right edge
+see the padding's activations once a layer has a bias or a BN shift. So an image's scores can
+change (by up to ~1e-3) with the other images of its batch. With ``batch_independent = True`` (the
+``--batch-independent`` flag of ``eval.py``) ``predict`` / ``predict_proposals`` run each image of a
+batch on its own, cut to the padded size it has alone (its size rounded up to 32), so its outputs are
+bit-identical to those of a batch of one, whatever the batch holds (on the CPU; on a GPU as far as
+its kernels are deterministic), at the cost of batching. Training is unaffected.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -67,6 +79,17 @@ class Detector(nn.Module):
     iou_types: tuple[str, ...] = ("bbox",)
     makes_proposals: bool = False
     takes_proposals: bool = False
+    # Predict every image of a batch on its own (module docstring): outputs independent of the batch.
+    batch_independent: bool = False
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Every detector's ``predict`` / ``predict_proposals`` honours :attr:`batch_independent`
+        (wrapped here once, so that no detector can forget it)."""
+        super().__init_subclass__(**kwargs)
+        for name in ("predict", "predict_proposals"):
+            method = cls.__dict__.get(name)
+            if method is not None and not getattr(method, "_per_image", False):
+                setattr(cls, name, _per_image_when_independent(method))
 
     def __init__(self, num_classes: int, validate_targets: bool = True) -> None:
         super().__init__()
@@ -214,6 +237,41 @@ class Detector(nn.Module):
                 probs = output.pop("mask_probs")
                 output["masks"] = paste_masks_in_image(probs, output["boxes"], (int(size[0]), int(size[1])), self.mask_thr)
         return outputs
+
+
+def split_batch(batch: Batch, size_divisibility: int = 32) -> list[Batch]:
+    """The images of ``batch`` as batches of one, each cut to the padded size it has alone (its
+    ``image_sizes`` entry rounded up to ``size_divisibility``, as ``libra.data.collate`` pads a batch of
+    one): exactly the batch a loader would have built for that image."""
+    batches = []
+    height, width = int(batch.images.shape[-2]), int(batch.images.shape[-1])
+    for index, (h, w) in enumerate(batch.image_sizes):
+        padded_h = min(height, -(-int(h) // size_divisibility) * size_divisibility)
+        padded_w = min(width, -(-int(w) // size_divisibility) * size_divisibility)
+        batches.append(Batch(
+            batch.images[index:index + 1, :, :padded_h, :padded_w].contiguous(), [batch.image_sizes[index]],
+            None if batch.original_sizes is None else [batch.original_sizes[index]],
+            None if batch.targets is None else [batch.targets[index]],
+            None if batch.proposals is None else [batch.proposals[index]],
+            None if batch.image_ids is None else [batch.image_ids[index]],
+        ))
+    return batches
+
+
+def _per_image_when_independent(method):
+    """``method(self, batch, ...)`` run on every image of the batch alone when ``self.batch_independent``."""
+
+    @functools.wraps(method)
+    def wrapper(self, batch, *args, **kwargs):
+        if not getattr(self, "batch_independent", False) or not isinstance(batch, Batch) or len(batch) < 2:
+            return method(self, batch, *args, **kwargs)
+        outputs = []
+        for single in split_batch(batch):
+            outputs.extend(method(self, single, *args, **kwargs))
+        return outputs
+
+    wrapper._per_image = True
+    return wrapper
 
 
 def rescale_boxes(boxes: Tensor, image_size: tuple[int, int], original_size: tuple[int, int]) -> Tensor:

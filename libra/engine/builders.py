@@ -153,7 +153,13 @@ def build_split(
         text = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise DataError(f"cannot read the {name} annotations under {root}: {text}") from None
     if len(dataset) == 0:
-        raise DataError(f"the {name} {'training' if train else 'evaluation'} split under {root} has no usable images")
+        from libra.data.base import no_usable_images_reason
+
+        source = str(getattr(dataset, "ann_file", "") or f"the annotations under {root}")
+        reason = no_usable_images_reason(getattr(dataset, "annotation_counts", None), source)
+        raise DataError(f"the {name} {'training' if train else 'evaluation'} split under {root} has no usable images"
+                        + (f": {reason}" if reason else ""))
+    check_image_shapes(dataset)
     if settings.with_masks and not train:
         check_mask_ground_truth(dataset, name, root)
     if check_files:
@@ -170,14 +176,29 @@ def build_split(
 
 
 def check_mask_ground_truth(dataset, name: str, root: Path) -> None:
-    """A mask model is evaluated with mask AP, which needs a segmentation on every ground-truth
-    annotation: refuse (one-line DataError) before anything is trained, not after."""
-    from libra.evaluation.coco_evaluator import check_segm_ground_truth
+    """A mask model is evaluated with mask AP, which needs a valid segmentation on every ground-truth
+    annotation: annotations whose segmentation cannot be evaluated are dropped from the ground truth
+    with a warning naming them (as training drops them), and a split without any usable one is
+    refused (one-line DataError), before anything is trained, not after
+    (`DetectionDataset.clean_mask_ground_truth`)."""
+    if not hasattr(dataset, "clean_mask_ground_truth"):
+        return
+    dataset.clean_mask_ground_truth()
 
-    try:
-        check_segm_ground_truth(dataset.coco_api, ("segm",), f"the {name} evaluation split under {root}")
-    except ValueError as error:
-        raise DataError(f"{error}; a mask model (Mask R-CNN) needs instance masks, or choose a box-only model") from None
+
+def check_image_shapes(dataset) -> None:
+    """Refuse (one-line DataError naming file and image id) an image too elongated to be resized for the
+    detector (aspect ratio over ``libra.data.transforms.MAX_ASPECT_RATIO``), from the annotated sizes,
+    before anything is trained; less elongated ones are resized so that their short side reaches the
+    detector's 32 px minimum (``get_resize_size``)."""
+    from libra.data.transforms import check_aspect_ratio
+
+    for record in dataset.records:
+        try:
+            check_aspect_ratio(record.height, record.width, f"image {record.image_id} ({record.file_path})")
+        except ValueError as error:
+            hint = dataset.skip_hint(record) if hasattr(dataset, "skip_hint") else "the annotations"
+            raise DataError(f"{error}, or remove it from {hint} to skip it") from None
 
 
 def check_images(dataset, mode: str = "header") -> None:

@@ -14,6 +14,12 @@ A checkpoint is one ``torch.save``d dict::
 ``class_names`` and ``optimizer_type`` are absent from older checkpoints; they still load (the
 class count alone is compared then).
 
+A checkpoint holds tensors and plain Python values only (``args`` and ``model_config`` are made
+plain by :func:`plain_value`, the generator states by :mod:`libra.engine.rng`), so it is read with
+``torch.load(weights_only=True)`` (:func:`load_checkpoint_file`): a file that needs more, e.g. a
+crafted one whose unpickling would run code, is refused before any of it runs unless the user passes
+``--trust-checkpoint`` (checkpoints of libra before this format: their NumPy generator state).
+
 Checkpoints are written with :mod:`libra.atomic_io` (a temporary file renamed over the
 destination, Ctrl-C deferred until the write is complete), so an interrupted save never leaves a
 truncated checkpoint where a good one was; its functions are re-exported here.
@@ -35,6 +41,8 @@ from libra.atomic_io import (  # noqa: F401  (re-exported: the engine's writers)
     remove_stale_temp_files,
 )
 
+from libra.safe_load import TRUST_FLAG, UntrustedCheckpointError, load_torch_file  # noqa: F401  (re-exported)
+
 CHECKPOINT_FORMAT = "libra-checkpoint"
 CHECKPOINT_VERSION = 1
 
@@ -43,17 +51,25 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used (missing, unreadable, or of another model)."""
 
 
-def load_checkpoint_file(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read any ``.pth`` file into a dict, turning the usual failures into one-line ``CheckpointError``s."""
+def load_checkpoint_file(
+    path: str | os.PathLike, map_location: str | torch.device = "cpu", trust: bool = False, trust_hint: str = TRUST_FLAG
+) -> dict:
+    """Read any ``.pth`` file into a dict, turning the usual failures into one-line ``CheckpointError``s.
+
+    The file is read with ``weights_only=True`` (:func:`libra.safe_load.load_torch_file`): one that
+    holds more than tensors and plain values is refused (:class:`~libra.safe_load.UntrustedCheckpointError`,
+    a ValueError) before any of it runs, unless ``trust`` (``--trust-checkpoint``).
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        # weights_only=False: our checkpoints hold the argparse dict and optimizer state; only load
-        # files you trust (as with any pickle).
-        obj = torch.load(path, map_location=map_location, weights_only=False)
+        obj = load_torch_file(path, map_location=map_location, trust=trust, trust_hint=trust_hint)
+    except UntrustedCheckpointError:
+        raise
     except Exception as error:  # truncated file, not a torch file, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {error}") from None
+        text = " ".join(str(error).split())[:300]
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(error).__name__}: {text}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
@@ -154,7 +170,7 @@ def make_checkpoint(
         "model_name": model_name,
         "num_classes": int(num_classes),
         "class_names": [str(n) for n in class_names] if class_names is not None else None,
-        "args": dict(args) if args is not None else {},
+        "args": plain_value(dict(args)) if args is not None else {},
         "model_config": _plain_config(model_config) if model_config is not None else None,
         # The dataset's category id of each label (results files of predict.py use them).
         "label_to_cat_id": [int(c) for c in label_to_cat_id] if label_to_cat_id is not None else None,
@@ -164,7 +180,29 @@ def make_checkpoint(
 def _plain_config(config: dict) -> dict:
     """The config with plain values only (names, numbers, tuples): a module given from Python (a
     custom backbone or sampler) cannot be rebuilt from a file and is recorded by its class name."""
-    return {k: (f"<module {type(v).__name__}>" if isinstance(v, torch.nn.Module) else v) for k, v in config.items()}
+    return {k: (f"<module {type(v).__name__}>" if isinstance(v, torch.nn.Module) else plain_value(v)) for k, v in config.items()}
+
+
+_PLAIN = (type(None), bool, int, float, str, bytes, torch.Tensor, torch.Size, torch.dtype)
+
+
+def plain_value(value: Any) -> Any:
+    """``value`` with only what ``torch.load(weights_only=True)`` reads (numbers, strings, tensors,
+    lists, tuples, dicts with such keys); anything else becomes its ``str`` (a ``Path``, a NumPy
+    scalar as its Python number)."""
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, dict):
+        return {plain_value(k): plain_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [plain_value(v) for v in value]
+        return items if isinstance(value, list) else tuple(items)
+    if hasattr(value, "item") and callable(value.item):  # NumPy / torch scalars
+        try:
+            return plain_value(value.item())
+        except (TypeError, ValueError):
+            pass
+    return str(value)
 
 
 def checkpoint_model_config(checkpoint: dict, path: str | os.PathLike = "checkpoint") -> dict:

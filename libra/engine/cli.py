@@ -251,7 +251,8 @@ def build_detector(args: argparse.Namespace, num_classes: int, train_set=None) -
 
         counts = cached_class_image_counts(train_set, Path(args.work_dir) / "class_image_counts.json")
     return build_model(
-        args.model, num_classes, pretrained=getattr(args, "pretrained", None), class_image_counts=counts, **config
+        args.model, num_classes, pretrained=getattr(args, "pretrained", None), class_image_counts=counts,
+        trust_pretrained=bool(getattr(args, "trust_checkpoint", False)), **config
     )
 
 

@@ -131,6 +131,32 @@ def apply_slurm_environment(env: dict | None = None) -> bool:
     return True
 
 
+def node_rank() -> int:
+    """The node (machine) index of this process under torchrun (``GROUP_RANK``); 0 elsewhere."""
+    try:
+        return int(os.environ.get("GROUP_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def reports_for_node(ctx: DistributedContext) -> bool:
+    """True in the process that reports for its node when something stops the run: global rank 0,
+    and under torchrun the first process (``LOCAL_RANK`` 0) of every other node, whose output the
+    user sees in that node's log (rank 0's line is on another machine)."""
+    if ctx.is_main:
+        return True
+    return torchrun_environment() and node_rank() != 0 and int(os.environ.get("LOCAL_RANK", "1")) == 0
+
+
+def process_label(ctx: DistributedContext) -> str:
+    """``"(process 3) "`` / ``"(process 8, node 1) "`` for a line printed by another process than
+    rank 0 (empty for rank 0)."""
+    if ctx.is_main:
+        return ""
+    node = f", node {node_rank()}" if torchrun_environment() and node_rank() != 0 else ""
+    return f"(process {ctx.rank}{node}) "
+
+
 def find_free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -288,8 +314,17 @@ def _spawned_worker(
         sys.exit(int(code))
 
 
-def _join_workers(context: Any, stop_event: Any, grace_s: float = 30.0) -> int:
-    """Wait for the spawned workers; returns the exit code for the launcher (see the module doc)."""
+EXIT_PEER_LOST = 5  # a process of a multi-process run is gone (killed, or its node lost)
+
+
+def _join_workers(
+    context: Any, stop_event: Any, grace_s: float = 30.0, on_killed: Callable[[int, str], None] | None = None
+) -> int:
+    """Wait for the spawned workers; returns the exit code for the launcher (see the module doc).
+
+    ``on_killed(index, signal name)``: called when a worker was killed by a signal (``kill -9``, the
+    out-of-memory killer: it could print nothing itself) and not because of an interrupt; the
+    launcher then returns ``EXIT_PEER_LOST``."""
     processes = list(context.processes)
     received: list[int] = []
     previous = {}
@@ -364,6 +399,13 @@ def _join_workers(context: Any, stop_event: Any, grace_s: float = 30.0) -> int:
             print(f"-- process {failed_index} terminated with the following error:\n{pickle.load(handle)}",
                   file=sys.stderr, flush=True)
     if first_failure < 0:  # killed by a signal
+        if on_killed is not None and not received:
+            try:
+                name = signal.Signals(-first_failure).name
+            except ValueError:
+                name = f"signal {-first_failure}"
+            on_killed(int(failed_index), name)
+            return EXIT_PEER_LOST
         return 128 + (-first_failure)
     return int(first_failure)
 
@@ -380,6 +422,7 @@ def launch(
     device_type: str,
     args: Any,
     interrupts: bool = False,
+    on_killed: Callable[[int, str], None] | None = None,
 ) -> int:
     """Run ``worker(ctx, args)`` in every process and return the exit code for the launcher.
 
@@ -389,6 +432,8 @@ def launch(
     A worker signals an expected failure by returning a non-zero code (after printing a message).
     With ``interrupts``, SIGINT / SIGTERM raise :class:`Interrupted` in a running worker (see the
     module doc); the worker is expected to report it and return 130 (``EXIT_INTERRUPTED``).
+    ``on_killed(index, signal name)``: with ``--gpus N``, report a worker killed by a signal (it could
+    not report itself); the launcher then returns ``EXIT_PEER_LOST``.
     """
     handlers = interrupt_handlers if interrupts else nullcontext
     if torchrun_environment():
@@ -397,10 +442,16 @@ def launch(
         local_rank = int(os.environ.get("LOCAL_RANK", rank))
         with handlers():
             ctx = init_process_group(rank, world_size, local_rank, device_type)
+            code = 1
             try:
-                return int(worker(ctx, args) or 0)
+                code = int(worker(ctx, args) or 0)
+                return code
             finally:
-                destroy_process_group()
+                try:
+                    destroy_process_group()
+                except Exception:  # the store's node is gone (the worker reported that already)
+                    if code == 0:
+                        raise
     if num_processes <= 1:
         with handlers():
             ctx = init_process_group(0, 1, 0, device_type)
@@ -419,7 +470,7 @@ def launch(
         join=False,
         start_method="spawn",
     )
-    return _join_workers(context, stop_event)
+    return _join_workers(context, stop_event, on_killed=on_killed)
 
 
 def all_reduce_dict(values: dict[str, torch.Tensor], average: bool = True) -> dict[str, torch.Tensor]:
@@ -467,6 +518,7 @@ def all_ok(ok: bool) -> bool:
 
 __all__ = [
     "EXIT_INTERRUPTED",
+    "EXIT_PEER_LOST",
     "DistributedContext",
     "Interrupted",
     "StoppedByLauncher",
@@ -486,6 +538,9 @@ __all__ = [
     "is_main_process",
     "is_peer_failure",
     "launch",
+    "node_rank",
+    "process_label",
+    "reports_for_node",
     "stopped_by_launcher",
     "slurm_step_environment",
     "synchronize",

@@ -20,6 +20,8 @@ import torch
 from libra.detectors import Detector
 from libra.presets import PRESETS, build_model, preset_config
 
+from libra.safe_load import TRUST_FLAG
+
 from .checkpoint import (
     CheckpointError,
     check_model_identity,
@@ -69,11 +71,18 @@ def build_eval_parser() -> argparse.ArgumentParser:
         help="print the AP (and AP50) of every class; it is always written to per_class.json",
     )
     parser.add_argument("--batch-size", type=int, default=1, help="images per process")
+    parser.add_argument(
+        "--batch-independent", action="store_true",
+        help="predict every image of a batch on its own, so that its detections do not depend on the other images "
+        "of the batch (the balanced feature pyramid and padding make them differ slightly otherwise; "
+        "Detector.batch_independent). Batch 1 (the default) is independent anyway",
+    )
     parser.add_argument("--amp", action="store_true")
     parser.add_argument("--device", choices=("cuda", "cpu"), default=None)
     parser.add_argument("--gpus", type=int, default=1, help="processes (DDP-style sharded evaluation)")
     parser.add_argument("--work-dir", default=None)
     parser.add_argument("--threads", type=int, default=None)
+    add_trust_argument(parser)
     return parser
 
 
@@ -97,9 +106,22 @@ def resolve_checkpoint_path(path: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path) -> tuple[str, dict]:
-    """('libra' | 'mmdet', checkpoint dict) of ``path`` (:func:`resolve_checkpoint_path`)."""
-    checkpoint = load_checkpoint_file(resolve_checkpoint_path(path), map_location="cpu")
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint``: the opt-in of every script for a checkpoint that needs more than
+    ``torch.load(weights_only=True)`` reads (:mod:`libra.safe_load`)."""
+    parser.add_argument(
+        TRUST_FLAG, dest="trust_checkpoint", action="store_true",
+        help="load a checkpoint that holds Python objects beyond tensors and plain values (a libra checkpoint "
+        "of before weights-only loading, an MMDetection 3.x checkpoint with mmengine objects). Unpickling such "
+        "a file runs code stored in it: pass this only for a file you trust. Without it such a file is refused "
+        "and nothing of it runs",
+    )
+
+
+def read_checkpoint(path: str | Path, trust: bool = False, trust_hint: str = TRUST_FLAG) -> tuple[str, dict]:
+    """('libra' | 'mmdet', checkpoint dict) of ``path`` (:func:`resolve_checkpoint_path`), read
+    weights-only unless ``trust`` (:mod:`libra.safe_load`)."""
+    checkpoint = load_checkpoint_file(resolve_checkpoint_path(path), map_location="cpu", trust=trust, trust_hint=trust_hint)
     if is_libra_checkpoint(checkpoint):
         return "libra", checkpoint
     state = checkpoint.get("state_dict", checkpoint)
@@ -144,7 +166,7 @@ def resolve_checkpoint_args(args: argparse.Namespace) -> tuple[argparse.Namespac
     kind, checkpoint = (None, None)
     if getattr(args, "checkpoint", None):
         args.checkpoint = str(resolve_checkpoint_path(args.checkpoint))
-        kind, checkpoint = read_checkpoint(args.checkpoint)
+        kind, checkpoint = read_checkpoint(args.checkpoint, trust=bool(getattr(args, "trust_checkpoint", False)))
     saved = checkpoint.get("args", {}) if kind == "libra" else {}
     for key in DATA_FROM_CHECKPOINT:
         if getattr(args, key, None) is None and saved.get(key) is not None:
@@ -267,6 +289,7 @@ def load_detector(
     num_classes: int | None = None,
     class_names: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
+    trust_checkpoint: bool = False,
 ) -> LoadedDetector:
     """A libra or MMDetection checkpoint as a ready detector (eval mode, on ``device``).
 
@@ -281,11 +304,15 @@ def load_detector(
             classes is refused in one line. An MMDetection RPN has no classifier: ``num_classes``
             defaults to 1 there.
         device: where the model is put.
+        trust_checkpoint: read a file that holds Python objects beyond tensors and plain values
+            (unpickling it runs code stored in it: only for a file you trust). Without it such a
+            file is refused (:mod:`libra.safe_load`).
 
     Raises:
         CheckpointError: the file is not a checkpoint libra reads, or does not fit (one line).
+        UntrustedCheckpointError: the file needs ``trust_checkpoint=True`` (nothing of it ran).
     """
-    kind, raw = read_checkpoint(str(checkpoint))
+    kind, raw = read_checkpoint(str(checkpoint), trust=trust_checkpoint, trust_hint="trust_checkpoint=True")
     overrides = dict(overrides or {})
     if kind == "libra":
         name = raw.get("model_name") or (raw.get("args") or {}).get("model")

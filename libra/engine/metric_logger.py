@@ -6,6 +6,7 @@ over processes by ``libra.engine.distributed.all_reduce_dict``.
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Iterable
 
 import torch
 
-from libra.atomic_io import atomic_write
+from libra.atomic_io import atomic_write, writing
 
 
 class SmoothedValue:
@@ -135,17 +136,21 @@ class JSONLinesLog:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with writing(self.path.parent, "the folder of the training log"):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
-        fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            if os.fstat(fd).st_size and not self._ends_with_newline(fd):
-                line = b"\n" + line  # after a partial line of a killed run
-            os.write(fd, line)
-        finally:
-            os.close(fd)
+        with writing(self.path, "the training log"):  # disk full, read-only: one-line WriteError
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                if os.fstat(fd).st_size and not self._ends_with_newline(fd):
+                    line = b"\n" + line  # after a partial line of a killed run
+                written = os.write(fd, line)
+                if written != len(line):  # a short write: the disk filled up within the line
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            finally:
+                os.close(fd)
 
     @staticmethod
     def _ends_with_newline(fd: int) -> bool:

@@ -40,6 +40,8 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 
 
+from libra.atomic_io import WriteError
+
 from .checkpoint import CheckpointError, atomic_save, atomic_write_text, deferred_interrupts, make_checkpoint
 from .distributed import DistributedContext, all_gather_object, all_reduce_dict, synchronize
 from .divergence import NonFiniteLossError, check_gradients, raise_if_diverged
@@ -238,12 +240,19 @@ class Trainer:
             return None
         rng_states = all_gather_object(self._rng_now())
         if not self.ctx.is_main:
+            # Rank 0 writes it; the other ranks remember where (named if the run stops on their side).
+            self.last_checkpoint, self.last_checkpoint_iteration = self.config.work_dir / name, self.iteration
             return None
         path = self.config.work_dir / name
         previous_stage, self.stage, self.writing_checkpoint = self.stage, "checkpoint", path
         with deferred_interrupts():
-            atomic_save(self.state(rng_states), path)
-            atomic_write_text(name + "\n", self.config.work_dir / "last_checkpoint")
+            try:
+                atomic_save(self.state(rng_states), path)
+                atomic_write_text(name + "\n", self.config.work_dir / "last_checkpoint")
+            except WriteError as error:  # disk full, read-only, ...: the previous checkpoint stays as it was
+                error.what = error.what or ("checkpoint" if error.path == path else "checkpoint pointer")
+                self.writing_checkpoint, self.stage = None, previous_stage
+                raise
             self.last_checkpoint, self.last_checkpoint_iteration = path, self.iteration
             self.writing_checkpoint, self.stage = None, previous_stage
             self.print(f"saved checkpoint {path}")

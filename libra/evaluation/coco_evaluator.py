@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -25,7 +26,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from libra.coco_api import load_coco_api as as_coco_api
-from libra.masks import encode_rle
+from libra.masks import InvalidMaskError, MaskWarning, check_segmentation, encode_rle
 
 COCO_METRIC_NAMES: tuple[str, ...] = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 # Metric-name prefix per IoU type: box metrics keep the plain names.
@@ -109,16 +110,49 @@ def check_iou_types(iou_types: Sequence[str], supported: Sequence[str], owner: s
     return iou_types
 
 
+def segm_ground_truth_problems(coco_gt: COCO) -> list[tuple[dict, str]]:
+    """``[(annotation, why its segmentation cannot be evaluated), ...]`` over the annotations of the
+    ground truth's images: none, an empty or malformed polygon, a polygon outside the image, an
+    RLE of another size or whose run lengths do not add up (:func:`libra.masks.check_segmentation`,
+    the training pipeline's checks). Nothing is decoded and pycocotools sees none of it."""
+    problems = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MaskWarning)  # parts dropped only in non-strict checks
+        for ann in coco_gt.dataset.get("annotations", []):
+            info = coco_gt.imgs.get(ann.get("image_id"))
+            if info is None:  # not an image of the ground truth: COCOeval never reads it
+                continue
+            try:
+                check_segmentation(ann.get("segmentation"), info.get("height", 0), info.get("width", 0),
+                                   ann.get("image_id"), ann.get("id"), strict=True)
+            except (InvalidMaskError, TypeError, ValueError) as error:
+                reason = str(error).split("invalid segmentation: ", 1)[-1]
+                problems.append((ann, reason))
+    return problems
+
+
 def check_segm_ground_truth(coco_gt: COCO, iou_types: Sequence[str], owner: str) -> None:
-    """'segm' needs a ``segmentation`` on every ground-truth annotation (COCOeval rasterises them)."""
+    """'segm' needs a valid ``segmentation`` on every ground-truth annotation (COCOeval rasterises
+    them with pycocotools, which raises TypeErrors on malformed polygons and loops for hours on an
+    RLE claiming billions of pixels): refuse, in one line naming the first bad annotation, before
+    pycocotools sees any. ``libra.data`` drops such annotations from an evaluation split with a
+    warning (as training drops them) before the evaluator is built."""
     if "segm" not in iou_types:
         return
-    for ann in coco_gt.dataset.get("annotations", []):
-        if not ann.get("segmentation"):
-            raise ValueError(
-                f"{owner}: iou_type 'segm' needs a 'segmentation' (polygons or RLE) in every ground-truth annotation; "
-                f"annotation {ann.get('id')} of image {ann.get('image_id')} has none"
-            )
+    problems = segm_ground_truth_problems(coco_gt)
+    if not problems:
+        return
+    ann, reason = problems[0]
+    more = f" ({len(problems) - 1} more annotations have the same problem or another)" if len(problems) > 1 else ""
+    if reason == "no segmentation" or not ann.get("segmentation"):
+        raise ValueError(
+            f"{owner}: iou_type 'segm' needs a 'segmentation' (polygons or RLE) in every ground-truth annotation; "
+            f"annotation {ann.get('id')} of image {ann.get('image_id')} has none{more}"
+        )
+    raise ValueError(
+        f"{owner}: iou_type 'segm' needs a valid segmentation in every ground-truth annotation; annotation "
+        f"{ann.get('id')} of image {ann.get('image_id')} has an invalid one ({reason}){more}: fix or remove it"
+    )
 
 
 def run_cocoeval(coco_eval: COCOeval, image_ids: Sequence[int], verbose: bool) -> None:

@@ -13,7 +13,9 @@ Method (how it relates to the official ``lvis`` API, ``LVISEval``):
      ``dt_ig`` for them in the same way).
   4. COCOeval then runs with ``maxDets=[300]`` and the usual IoU thresholds 0.5:0.95, 101
      recall points and area ranges. AP = mean over categories with gts (precision > -1);
-     APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f'.
+     APr / APc / APf = the same mean over categories of frequency 'r' / 'c' / 'f' (a category
+     without ``frequency`` is grouped by its ``image_count``, else in no group, with a warning:
+     ``libra.coco_api.frequency_groups``, the dataset's rule too).
   5. Masks (``"segm"`` in ``iou_types``): the same steps with mask IoU (COCOeval
      ``iouType='segm'``) on RLEs of the detections' ``masks`` [D, H0, W0] bool; the same top-300
      detections per image are kept for boxes and masks. Mask metrics are named with the prefix
@@ -34,6 +36,8 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
+
+from libra.coco_api import frequency_groups
 
 from .coco_evaluator import (
     METRIC_PREFIXES,
@@ -104,6 +108,8 @@ class LVISEvaluator(COCOEvaluator):
         for ann in self.lvis_gt.dataset["annotations"]:
             self.pos_cats[int(ann["image_id"])].add(int(ann["category_id"]))
         self.neg_cats = {int(i): set(int(c) for c in info.get("neg_category_ids", [])) for i, info in self.lvis_gt.imgs.items()}
+        # Frequency groups of APr / APc / APf, by the dataset's rule (a warning names categories without one).
+        self.frequency_groups = frequency_groups(self.lvis_gt)
         self.not_exhaustive = {
             int(i): set(int(c) for c in info.get("not_exhaustive_category_ids", [])) for i, info in self.lvis_gt.imgs.items()
         }
@@ -179,11 +185,19 @@ class LVISEvaluator(COCOEvaluator):
             "APm": mean_ap(precision[:, :, :, 2, -1]),
             "APl": mean_ap(precision[:, :, :, 3, -1]),
         }
+        groups = self.frequency_groups
+        undefined = []
         for group in ("r", "c", "f"):
-            ks = [k for k, c in enumerate(cat_ids) if self.lvis_gt.cats[c].get("frequency") == group]
+            ks = [k for k, c in enumerate(cat_ids) if groups.get(int(c)) == group]
             out[f"AP{group}"] = mean_ap(precision[:, :, ks, 0, -1]) if ks else -1.0
+            if out[f"AP{group}"] < 0:
+                undefined.append(f"AP{group}")
         if self.verbose:
             print(f"LVIS federated {iou_type}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
+            if undefined:
+                print(f"  {', '.join(undefined)} = -1 (n/a): no category of that frequency group has ground truth in the "
+                      "evaluated images" + (" (categories without a group are counted in AP only)" if any(
+                          g is None for g in groups.values()) else ""))
         return out
 
     def _gt_api(self) -> COCO:

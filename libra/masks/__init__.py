@@ -24,7 +24,9 @@ Transforms, targets and pasting are tensor ops on whole stacks (no Python loop o
 RoIs or detections; pasting loops over a few chunks of detections only to bound memory).
 """
 
-from .coding import InvalidMaskError, MaskWarning, decode_masks, decode_segmentation, encode_rle, rle_counts_from_string
+from .coding import (
+    InvalidMaskError, MaskWarning, check_segmentation, decode_masks, decode_segmentation, encode_rle, rle_counts_from_string,
+)
 from .targets import MASK_SIZE, MASK_THRESHOLD, PASTE_CHUNK_ELEMENTS, mask_targets, paste_masks_in_image
 from .transforms import hflip_masks, pad_masks, resize_masks
 
@@ -34,6 +36,7 @@ __all__ = [
     "MASK_SIZE",
     "MASK_THRESHOLD",
     "PASTE_CHUNK_ELEMENTS",
+    "check_segmentation",
     "decode_segmentation",
     "decode_masks",
     "resize_masks",

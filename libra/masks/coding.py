@@ -20,7 +20,10 @@ import torch
 from pycocotools import mask as mask_utils
 from torch import Tensor
 
-__all__ = ["InvalidMaskError", "MaskWarning", "decode_masks", "decode_segmentation", "encode_rle", "rle_counts_from_string"]
+__all__ = [
+    "InvalidMaskError", "MaskWarning", "check_segmentation", "decode_masks", "decode_segmentation", "encode_rle",
+    "rle_counts_from_string",
+]
 
 
 class InvalidMaskError(ValueError):
@@ -84,8 +87,9 @@ def _check_counts(counts: Sequence[int], height: int, width: int) -> None:
         raise ValueError(f"the RLE run lengths sum to {total}, but the mask has {height} x {width} = {height * width} pixels")
 
 
-def _decode_rle(segmentation: dict, height: int, width: int) -> np.ndarray:
-    """Check and decode an RLE dict (compressed string or uncompressed list of counts)."""
+def _check_rle(segmentation: dict, height: int, width: int) -> dict:
+    """Check an RLE dict (compressed string or uncompressed list of counts) against the image; returns
+    the RLE pycocotools decodes (``counts`` as bytes, or compressed from the list)."""
     if "size" not in segmentation or "counts" not in segmentation:
         raise ValueError(f"an RLE needs 'size' and 'counts', got keys {sorted(segmentation)}")
     size = segmentation["size"]
@@ -96,44 +100,108 @@ def _decode_rle(segmentation: dict, height: int, width: int) -> np.ndarray:
     counts = segmentation["counts"]
     if isinstance(counts, (str, bytes)):
         _check_counts(rle_counts_from_string(counts), height, width)
-        rle = {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
-    elif isinstance(counts, (list, tuple)):
+        return {"size": [height, width], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    if isinstance(counts, (list, tuple)):
         if not all(isinstance(c, numbers.Integral) and not isinstance(c, bool) for c in counts):
             raise ValueError("uncompressed RLE counts must be integers")
         _check_counts(counts, height, width)
-        rle = mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
-    else:
-        raise ValueError(f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}")
-    return mask_utils.decode(rle)
+        return mask_utils.frPyObjects({"size": [height, width], "counts": [int(c) for c in counts]}, height, width)
+    raise ValueError(f"RLE 'counts' must be a string (compressed) or a list of integers, got {type(counts).__name__}")
+
+
+_PLAIN_NUMBERS = frozenset((int, float))  # JSON's numbers: checked by type, without the ABC machinery
+# A vertex further than this many image sizes outside the image is an annotation bug (the boxes' rule,
+# libra.data.base.ABSURD_BOX_FACTOR).
+_ABSURD = 10.0
 
 
 def _polygon_parts(segmentation: list, height: int, width: int) -> tuple[list[list[float]], list[str]]:
-    """Split a polygon list into valid parts and the reasons the other parts are invalid."""
+    """Split a polygon list into valid parts and the reasons the other parts are invalid (about 3 us
+    per 40-coordinate polygon on a shared core: the training split of COCO, 860k annotations, in about 5 s)."""
     if len(segmentation) == 0:
         raise ValueError("empty polygon list")
     if all(isinstance(v, numbers.Number) for v in segmentation):
         raise ValueError("polygons must be a list of [x1, y1, x2, y2, ...] lists, got one flat list of numbers")
     valid, problems = [], []
+    x_low = y_low = math.inf
+    x_high = y_high = -math.inf
     for index, part in enumerate(segmentation):
-        if not isinstance(part, (list, tuple, np.ndarray)) or not all(isinstance(v, numbers.Real) for v in part):
+        if isinstance(part, list) and set(map(type, part)) <= _PLAIN_NUMBERS:
+            coords = part  # the annotation's own list (ints and floats), not copied
+        elif isinstance(part, (list, tuple, np.ndarray)) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in part
+        ):
+            coords = [float(v) for v in part]
+        else:
             problems.append(f"polygon {index} is not a list of numbers")
             continue
-        coords = [float(v) for v in part]
         if len(coords) % 2 or len(coords) < 6:
             problems.append(f"polygon {index} has {len(coords)} coordinates (needs an even number >= 6, i.e. >= 3 points)")
-        elif not all(math.isfinite(v) for v in coords):
+        elif not all(map(math.isfinite, coords)):
             problems.append(f"polygon {index} has a non-finite coordinate")
         else:
-            valid.append(coords)
-    if valid:
-        xs = [v for part in valid for v in part[0::2]]
-        ys = [v for part in valid for v in part[1::2]]
-        if max(xs) <= 0 or min(xs) >= width or max(ys) <= 0 or min(ys) >= height:
-            raise ValueError(
-                f"the polygon lies entirely outside the image (x {min(xs):g}..{max(xs):g}, y {min(ys):g}..{max(ys):g}; "
-                f"image width {width}, height {height})"
-            )
-    return valid, problems
+            xs, ys = coords[0::2], coords[1::2]
+            valid.append((index, coords, (min(xs), max(xs)), (min(ys), max(ys))))
+    for _, _, (part_x_low, part_x_high), (part_y_low, part_y_high) in valid:
+        x_low, x_high = min(x_low, part_x_low), max(x_high, part_x_high)
+        y_low, y_high = min(y_low, part_y_low), max(y_high, part_y_high)
+    if valid and (x_high <= 0 or x_low >= width or y_high <= 0 or y_low >= height):
+        raise ValueError(
+            f"the polygon lies entirely outside the image (x {x_low:g}..{x_high:g}, y {y_low:g}..{y_high:g}; "
+            f"image width {width}, height {height})"
+        )
+    kept = []
+    for index, coords, (part_x_low, part_x_high), (part_y_low, part_y_high) in valid:
+        if (part_x_low < -_ABSURD * width or part_x_high > (_ABSURD + 1) * width
+                or part_y_low < -_ABSURD * height or part_y_high > (_ABSURD + 1) * height):
+            # pycocotools rasterises every edge pixel by pixel: a vertex at 1e9 takes hours.
+            problems.append(f"polygon {index} reaches x {part_x_low:g}..{part_x_high:g}, y {part_y_low:g}..{part_y_high:g}, "
+                            f"more than {_ABSURD:g} image sizes outside the {width} x {height} image")
+        else:
+            kept.append(coords)
+    return kept, problems
+
+
+def check_segmentation(
+    segmentation: Any,
+    height: int,
+    width: int,
+    image_id: Any = None,
+    ann_id: Any = None,
+    strict: bool = True,
+) -> dict | list[list[float]]:
+    """Check one COCO/LVIS segmentation against its ``height`` x ``width`` image without decoding it
+    (the checks of :func:`decode_segmentation`, which calls this first).
+
+    Returns what pycocotools can decode safely: the polygon parts (with ``strict=False`` only the
+    valid ones, the others dropped with a :class:`MaskWarning`), or the checked RLE dict.
+
+    Raises:
+        InvalidMaskError: see :func:`decode_segmentation`. Nothing that fails here reaches
+            pycocotools (whose C code raises TypeErrors, or loops for hours on an RLE claiming
+            billions of pixels).
+    """
+    where = _where(image_id, ann_id)
+    height, width = int(height), int(width)
+    if height <= 0 or width <= 0:
+        raise InvalidMaskError(f"{where}: the image size must be positive, got (height, width) = ({height}, {width})")
+    try:
+        if segmentation is None:
+            raise ValueError("no segmentation")
+        if isinstance(segmentation, dict):
+            return _check_rle(segmentation, height, width)
+        if isinstance(segmentation, (list, tuple)):
+            parts, problems = _polygon_parts(list(segmentation), height, width)
+            if problems and (strict or not parts):
+                raise ValueError("; ".join(problems))
+            if problems:
+                warnings.warn(f"{where}: dropped invalid polygon parts: {'; '.join(problems)}", MaskWarning, stacklevel=3)
+            return parts
+        raise ValueError(f"unsupported segmentation type {type(segmentation).__name__} (expected polygons or an RLE dict)")
+    except InvalidMaskError:
+        raise
+    except (ValueError, TypeError, OverflowError) as error:
+        raise InvalidMaskError(f"{where}: invalid segmentation: {error}") from None
 
 
 def decode_segmentation(
@@ -163,30 +231,18 @@ def decode_segmentation(
     Raises:
         InvalidMaskError: no segmentation, an empty polygon list, no valid polygon, a polygon
             entirely outside the image, a malformed RLE (bad characters, truncated, run lengths
-            that do not sum to ``height * width``) or an RLE whose size is not the image's.
+            that do not sum to ``height * width``) or an RLE whose size is not the image's
+            (:func:`check_segmentation`).
     """
-    where = _where(image_id, ann_id)
+    checked = check_segmentation(segmentation, height, width, image_id, ann_id, strict)
     height, width = int(height), int(width)
-    if height <= 0 or width <= 0:
-        raise InvalidMaskError(f"{where}: the image size must be positive, got (height, width) = ({height}, {width})")
     try:
-        if segmentation is None:
-            raise ValueError("no segmentation")
-        if isinstance(segmentation, dict):
-            bitmap = _decode_rle(segmentation, height, width)
-        elif isinstance(segmentation, (list, tuple)):
-            parts, problems = _polygon_parts(list(segmentation), height, width)
-            if problems and (strict or not parts):
-                raise ValueError("; ".join(problems))
-            if problems:
-                warnings.warn(f"{where}: dropped invalid polygon parts: {'; '.join(problems)}", MaskWarning, stacklevel=2)
-            bitmap = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(parts, height, width)))
+        if isinstance(checked, dict):
+            bitmap = mask_utils.decode(checked)
         else:
-            raise ValueError(f"unsupported segmentation type {type(segmentation).__name__} (expected polygons or an RLE dict)")
-    except InvalidMaskError:
-        raise
+            bitmap = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(checked, height, width)))
     except (ValueError, TypeError, OverflowError) as error:
-        raise InvalidMaskError(f"{where}: invalid segmentation: {error}") from None
+        raise InvalidMaskError(f"{_where(image_id, ann_id)}: invalid segmentation: {error}") from None
     return np.ascontiguousarray(bitmap, dtype=np.uint8)
 
 
