@@ -28,7 +28,7 @@ import torch
 
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import one_line, parse_set_overrides
-from libra.engine.loading import load_detector, resolve_checkpoint_path
+from libra.engine.loading import add_trust_argument, load_detector, resolve_checkpoint_path
 from libra.engine.predict import InputError, find_inputs, keep_above, predict_images, read_image, results_entries, video_frames
 
 EXIT_BAD_INPUT = 1
@@ -60,6 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-draw", action="store_true", help="write results.json only")
     parser.add_argument("--video-every", type=int, default=30, help="predict every N-th frame of a video")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads")
+    add_trust_argument(parser)
     return parser
 
 
@@ -100,14 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.set:
             from libra.engine.loading import read_checkpoint
 
-            kind, raw = read_checkpoint(checkpoint)
+            kind, raw = read_checkpoint(checkpoint, trust=args.trust_checkpoint)
             preset = args.model or (raw.get("model_name") if kind == "libra" else None)
             if preset is None:
                 from libra.engine.loading import guess_mmdet_preset
 
                 preset = guess_mmdet_preset(raw.get("state_dict", raw))
             overrides = parse_set_overrides(args.set, preset)
-        detector = load_detector(checkpoint, preset=args.model, overrides=overrides, device=device)
+        detector = load_detector(checkpoint, preset=args.model, overrides=overrides, device=device,
+                                 trust_checkpoint=args.trust_checkpoint)
         if args.classes:
             detector.class_names = read_class_names(args.classes, detector.num_classes)
         detector.min_size = args.min_size or detector.min_size

@@ -200,7 +200,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "init_from", None):
         if args.resume:
             raise ValueError("--init-from starts a new run from a checkpoint's weights and --resume continues a run: pass one")
-        base = init_model_config(args.init_from, args.model)
+        base = init_model_config(args.init_from, args.model, trust=args.trust_checkpoint)
     defaults = apply_recipe(args, base)
     if getattr(args, "tensorboard", False):
         from libra.analysis.tensorboard import require_tensorboard
@@ -351,7 +351,7 @@ def _train(ctx: DistributedContext, args: argparse.Namespace, holder: dict | Non
     if checkpoint is not None:
         load_model_state(model, checkpoint["model"], path)
     elif args.init_from:
-        say(ctx, init_from_checkpoint(model, args.init_from))
+        say(ctx, init_from_checkpoint(model, args.init_from, trust=args.trust_checkpoint))
     model = model.to(ctx.device)
 
     # 2. Training objects.

@@ -351,17 +351,17 @@ def load_detector(
     return LoadedDetector(model, preset, config, classes, names, kind, sizes[0], sizes[1], cat_ids)
 
 
-def init_model_config(path: str | Path, preset: str) -> dict[str, Any] | None:
+def init_model_config(path: str | Path, preset: str, trust: bool = False) -> dict[str, Any] | None:
     """The model config a fine-tuning run starts from: a libra checkpoint's recorded config when it
     is of ``preset`` (the new run's flags and ``--set`` still apply on top), else None (the preset's,
     e.g. for an MMDetection checkpoint, whose architecture is the preset's)."""
-    kind, raw = read_checkpoint(path)
+    kind, raw = read_checkpoint(path, trust=trust)
     if kind == "libra" and raw.get("model_name") == preset:
         return checkpoint_model_config(raw, path)
     return None
 
 
-def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
+def init_from_checkpoint(model: torch.nn.Module, path: str | Path, trust: bool = False) -> str:
     """Fine-tuning (``train.py --init-from``): copy into ``model`` every tensor of a libra or
     MMDetection detector checkpoint whose name and shape fit, and leave the others as initialised
     (e.g. the classifier and box regressor when the class count differs). Only weights: no
@@ -376,7 +376,7 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path) -> str:
     """
     from libra.mmdet_checkpoint import convert_mmdet_state_dict
 
-    kind, raw = read_checkpoint(path)
+    kind, raw = read_checkpoint(path, trust=trust)
     if kind == "libra":
         source, where = raw["model"], f"the {raw.get('model_name')} checkpoint"
     else:
