@@ -28,7 +28,13 @@ import torch
 
 from libra.engine.checkpoint import CheckpointError, atomic_write_text
 from libra.engine.cli import one_line, parse_set_overrides
-from libra.engine.loading import add_trust_argument, load_detector, resolve_checkpoint_path
+from libra.engine.loading import (
+    add_trust_argument,
+    checkpoint_preset,
+    detector_from_checkpoint,
+    read_checkpoint,
+    resolve_checkpoint_path,
+)
 from libra.engine.predict import InputError, find_inputs, keep_above, predict_images, read_image, results_entries, video_frames
 
 EXIT_BAD_INPUT = 1
@@ -97,19 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         if device == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda was requested but no CUDA GPU is visible: pass --device cpu")
         checkpoint = resolve_checkpoint_path(args.checkpoint)
-        overrides = {}
-        if args.set:
-            from libra.engine.loading import read_checkpoint
-
-            kind, raw = read_checkpoint(checkpoint, trust=args.trust_checkpoint)
-            preset = args.model or (raw.get("model_name") if kind == "libra" else None)
-            if preset is None:
-                from libra.engine.loading import guess_mmdet_preset
-
-                preset = guess_mmdet_preset(raw.get("state_dict", raw))
-            overrides = parse_set_overrides(args.set, preset)
-        detector = load_detector(checkpoint, preset=args.model, overrides=overrides, device=device,
-                                 trust_checkpoint=args.trust_checkpoint)
+        kind, raw = read_checkpoint(checkpoint, trust=args.trust_checkpoint)  # read once
+        overrides = parse_set_overrides(args.set, args.model or checkpoint_preset(kind, raw)) if args.set else {}
+        detector = detector_from_checkpoint(kind, raw, checkpoint, preset=args.model, overrides=overrides, device=device)
+        del raw
         if args.classes:
             detector.class_names = read_class_names(args.classes, detector.num_classes)
         detector.min_size = args.min_size or detector.min_size

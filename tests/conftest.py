@@ -1,4 +1,5 @@
-"""Shared test fixtures: a tiny stand-in backbone and a single-threaded mode.
+"""Shared test fixtures: a tiny stand-in backbone, a single-threaded mode, and the checks of a
+script's exit (``assert_ok``, ``error_line``, ``assert_clean_error``) the fault tests share.
 
 Tests import :class:`TinyBackbone` with ``from conftest import TinyBackbone`` (pytest puts this
 folder on ``sys.path``) and opt into :func:`single_thread` with
@@ -8,6 +9,8 @@ folder on ``sys.path``) and opt into :func:`single_thread` with
 from __future__ import annotations
 
 from collections.abc import Sequence
+
+import subprocess
 
 import pytest
 import torch
@@ -48,3 +51,24 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_ok(result: subprocess.CompletedProcess) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
+
+
+def error_line(stderr: str) -> str:
+    """The one 'error: ...' line of a failed run (and no traceback)."""
+    assert "Traceback" not in stderr, stderr[-3000:]
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    return errors[0]
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
+    """Exit ``code`` with exactly one 'error: ...' line holding every fragment (and no traceback)."""
+    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
+    line = error_line(result.stderr)
+    for fragment in fragments:
+        assert fragment in line, line
+    return line

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import assert_clean_error, assert_ok, error_line
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,26 +54,6 @@ def _env() -> dict:
 def run_script(script: str, *args: str, timeout: float = 300, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([*(prefix or []), sys.executable, str(REPO / script), *args], cwd=REPO, env=_env(),
                           capture_output=True, text=True, timeout=timeout)
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-
-
-def error_line(stderr: str) -> str:
-    """The one 'error: ...' line of a failed run (and no traceback)."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    line = error_line(result.stderr)
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def data_args(root: Path, num_train: int = 4, no_eval: bool = True) -> list[str]:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_clean_error, assert_ok, error_line
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -57,26 +58,6 @@ def run_script(script: str, *args: str, timeout: float = 300) -> subprocess.Comp
         [sys.executable, str(REPO / script), *args],
         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout,
     )
-
-
-def assert_ok(result: subprocess.CompletedProcess) -> None:
-    assert result.returncode == 0, f"exit {result.returncode}\nstdout:\n{result.stdout[-3000:]}\nstderr:\n{result.stderr[-3000:]}"
-
-
-def error_line(stderr: str) -> str:
-    """The one 'error: ...' line of a failed run (and no traceback)."""
-    assert "Traceback" not in stderr, stderr[-3000:]
-    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, stderr[-3000:]
-    return errors[0]
-
-
-def assert_clean_error(result: subprocess.CompletedProcess, code: int, *fragments: str) -> str:
-    assert result.returncode == code, f"exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}"
-    line = error_line(result.stderr)
-    for fragment in fragments:
-        assert fragment in line, line
-    return line
 
 
 def load(path: Path) -> dict:

@@ -152,13 +152,6 @@ def resolve_model_config(args: argparse.Namespace, recipe_overrides: dict[str, A
         raise DataError(f"--model {args.model}: {one_line(error)}") from None
 
 
-def user_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The preset keys the user gave (dedicated flags and ``--set``), as validated values."""
-    given = {key: getattr(args, key) for key in MODEL_FLAGS if getattr(args, key, None) is not None}
-    given.update(parse_set_overrides(list(getattr(args, "set", []) or []), args.model))
-    return {key: presets.check_setting(key, value, presets.PRESETS[args.model][key]) for key, value in given.items()}
-
-
 def apply_recipe(args: argparse.Namespace, base_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fill the data settings that are None in ``args`` from the recipe of ``(args.dataset, the
     preset's detector)`` and resolve the model's complete config into ``args.model_config``

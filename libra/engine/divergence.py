@@ -63,6 +63,8 @@ def max_parameter_norm(model: torch.nn.Module) -> float:
 def first_non_finite_output(model: torch.nn.Module, batch: Batch, rng: dict | None, device: torch.device, amp: bool) -> str | None:
     """Run the failed forward pass again (the generator states of its start when known, no autograd,
     no DDP) with a hook on every module; the first (innermost) module whose output holds NaN / inf."""
+    from .trainer import autocast_context  # the loop's own autocast policy (the trainer imports this module)
+
     module = model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
     names = {m: n or type(module).__name__ for n, m in module.named_modules()}
     found: list[str] = []
@@ -78,7 +80,7 @@ def first_non_finite_output(model: torch.nn.Module, batch: Batch, rng: dict | No
     try:
         if rng is not None:
             set_rng_state(rng, device)
-        with torch.no_grad(), _autocast(device, amp):
+        with torch.no_grad(), autocast_context(device, amp):
             module.loss(batch)
     except Exception:  # noqa: BLE001 - expected: it is the failing pass
         pass
@@ -152,10 +154,3 @@ def check_gradients(model: torch.nn.Module, iteration: int, epoch: int) -> None:
         f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''} ({len(names)} parameters); "
         "lower --lr, set --grad-clip, or check the data"
     )
-
-
-
-def _autocast(device: torch.device, enabled: bool):
-    from .trainer import autocast_context  # the loop's own autocast policy
-
-    return autocast_context(device, enabled)

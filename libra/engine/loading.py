@@ -262,12 +262,16 @@ class LoadedDetector:
         return results
 
 
-def mmdet_num_classes(state: dict) -> int | None:
-    """C of an MMDetection detector state dict: from its classifier's rows (None for an RPN)."""
-    fc_cls = state.get("roi_head.bbox_head.fc_cls.weight")
+def classifier_num_classes(state: dict, prefix: str = "") -> int | None:
+    """C of a detector state dict, from its classifier: ``roi_head.<box>.fc_cls`` (C + 1 rows, with
+    background) or the RetinaNet head's ``retina_cls`` (C x A rows, ``retina_reg`` 4 x A); None for a
+    model without one (an RPN). ``prefix`` picks the key layout: ``"mmdet"`` (``roi_head.bbox_head.*``,
+    ``bbox_head.*``) or libra's (``roi_head.box_head.*``, ``dense_head.head.*``)."""
+    box, dense = ("roi_head.bbox_head", "bbox_head") if prefix == "mmdet" else ("roi_head.box_head", "dense_head.head")
+    fc_cls = state.get(f"{box}.fc_cls.weight")
     if fc_cls is not None:
         return int(fc_cls.shape[0]) - 1  # + background
-    retina_cls, retina_reg = state.get("bbox_head.retina_cls.weight"), state.get("bbox_head.retina_reg.weight")
+    retina_cls, retina_reg = state.get(f"{dense}.retina_cls.weight"), state.get(f"{dense}.retina_reg.weight")
     if retina_cls is not None and retina_reg is not None:
         return int(retina_cls.shape[0]) // (int(retina_reg.shape[0]) // 4)  # C x A rows, 4 x A
     return None
@@ -313,10 +317,34 @@ def load_detector(
         UntrustedCheckpointError: the file needs ``trust_checkpoint=True`` (nothing of it ran).
     """
     kind, raw = read_checkpoint(str(checkpoint), trust=trust_checkpoint, trust_hint="trust_checkpoint=True")
-    overrides = dict(overrides or {})
+    return detector_from_checkpoint(kind, raw, checkpoint, preset=preset, overrides=overrides, num_classes=num_classes,
+                                    class_names=class_names, device=device)
+
+
+def checkpoint_preset(kind: str, raw: dict) -> str:
+    """The preset a checkpoint read by :func:`read_checkpoint` is built as: a libra checkpoint's
+    recorded one, or the one an MMDetection checkpoint's keys describe (:func:`guess_mmdet_preset`)."""
     if kind == "libra":
-        name = raw.get("model_name") or (raw.get("args") or {}).get("model")
-        preset = preset or name
+        return raw.get("model_name") or (raw.get("args") or {}).get("model")
+    return guess_mmdet_preset(raw.get("state_dict", raw))
+
+
+def detector_from_checkpoint(
+    kind: str,
+    raw: dict,
+    checkpoint: str | Path,
+    *,
+    preset: str | None = None,
+    overrides: dict[str, Any] | None = None,
+    num_classes: int | None = None,
+    class_names: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+) -> LoadedDetector:
+    """:func:`load_detector` of a checkpoint already read (``(kind, raw) = read_checkpoint(checkpoint)``),
+    for a caller that looked into it first (``predict.py`` validates ``--set`` against its preset)."""
+    overrides = dict(overrides or {})
+    preset = preset or checkpoint_preset(kind, raw)
+    if kind == "libra":
         saved_classes = raw.get("class_names")
         check_model_identity(raw, preset, int(num_classes or raw["num_classes"]), checkpoint, class_names=class_names)
         config = preset_config(preset, **{**checkpoint_model_config(raw, checkpoint), **overrides})
@@ -331,12 +359,11 @@ def load_detector(
         from libra.mmdet_checkpoint import load_mmdet_checkpoint
 
         state = raw.get("state_dict", raw)
-        preset = preset or guess_mmdet_preset(state)
         try:
             config = preset_config(preset, **overrides)
         except ValueError as error:
             raise CheckpointError(f"{checkpoint}: {one_line(error)}") from None
-        found = mmdet_num_classes(state)
+        found = classifier_num_classes(state, "mmdet")
         classes = found if found is not None else int(num_classes or 1)
         if num_classes is not None and classes != int(num_classes):
             raise CheckpointError(f"{checkpoint} classifies {classes} classes but the data has {num_classes}")
@@ -402,22 +429,10 @@ def init_from_checkpoint(model: torch.nn.Module, path: str | Path, trust: bool =
     layers = sorted({item.split(" ")[0].rsplit(".", 1)[0] for item in reshaped})
     message = f"--init-from {path}: loaded {len(taken)} of {len(own)} tensors of {where}"
     if layers:
-        theirs, ours = _class_counts(source), _class_counts(own)
+        theirs, ours = classifier_num_classes(source), classifier_num_classes(own)
         why = (f"the checkpoint classifies {theirs} classes, this model {ours}" if theirs and ours and theirs != ours
                else f"other shapes: {'; '.join(reshaped[:2])}{'; ...' if len(reshaped) > 2 else ''}")
         message += f"; re-initialised {', '.join(layers)} ({why})"
     if absent:
         message += f"; {len(absent)} not in the checkpoint kept as initialised ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''})"
     return message
-
-
-def _class_counts(state: dict) -> int | None:
-    """C of a libra state dict, from its classifier (R-CNN: C + 1 rows; RetinaNet: C x A rows)."""
-    fc_cls = state.get("roi_head.box_head.fc_cls.weight")
-    if fc_cls is not None:
-        return int(fc_cls.shape[0]) - 1
-    cls, reg = state.get("dense_head.head.retina_cls.weight"), state.get("dense_head.head.retina_reg.weight")
-    if cls is not None and reg is not None:
-        return int(cls.shape[0]) // (int(reg.shape[0]) // 4)
-    return None
-
