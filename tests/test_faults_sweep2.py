@@ -874,6 +874,29 @@ def test_eval_script_batch_independent_flag(tmp_path, trained):
     assert (out[0] / "detections.json").read_text() == (out[1] / "detections.json").read_text()
 
 
+def test_a_run_refused_in_the_moment_before_the_holder_writes_its_record_still_names_it(tmp_path):
+    """The holder takes the lock, then writes its record: a run refused in between used to say "a
+    process that left no record" (seen in CI when two runs start together)."""
+    import fcntl
+    import threading
+
+    from libra.engine.run_dir import LOCK_NAME, WorkDirBusyError, WorkDirLock
+
+    work_dir = tmp_path / "run"
+    work_dir.mkdir()
+    fd = os.open(work_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # locked, record not written yet
+    record = json.dumps({"pid": 4242, "host": "elsewhere", "script": "train.py", "command": "train.py --epochs 3"})
+    writer = threading.Timer(0.3, lambda: os.pwrite(fd, record.encode(), 0))
+    writer.start()
+    try:
+        with pytest.raises(WorkDirBusyError, match="process 4242 on elsewhere.*train.py --epochs 3"):
+            WorkDirLock(work_dir, "train.py", "train.py").acquire()
+    finally:
+        writer.join()
+        os.close(fd)
+
+
 def test_a_work_dir_on_a_file_system_without_locks_runs_with_a_note(tmp_path, monkeypatch):
     import fcntl
 

@@ -92,7 +92,7 @@ class WorkDirLock:
                 else:
                     failure = error
             if failure is not None:
-                holder = _read_lock(fd)
+                holder = _read_holder(fd)
                 os.close(fd)
                 if failure.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                     self._remove_created()
@@ -187,6 +187,20 @@ def _read_lock(fd: int) -> dict | None:
     except json.JSONDecodeError:
         return {"raw": data.decode("utf-8", "replace").strip()[:200]}
     return record if isinstance(record, dict) else None
+
+
+def _read_holder(fd: int, wait_s: float = 2.0) -> dict | None:
+    """The record of the run that holds the lock. It writes the record just after taking the lock
+    (truncate, then write), so a run started at the same moment can find the file empty: give the
+    holder a moment before saying it left no record."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        record = _read_lock(fd)
+        if record or time.monotonic() >= deadline:
+            return record
+        time.sleep(0.05)
 
 
 def _pid_alive(pid: int) -> bool:
