@@ -180,7 +180,7 @@ def test_a_sampler_module_passes_through_build_model():
     losses = model.loss(batch)
     assert sampler.calls == 1 and torch.isfinite(losses["loss_cls"])
     # The deterministic sampler takes the first candidates: the same RoIs every time.
-    samples = [model.roi_head.sample(model.rpn(model.neck(model.backbone(batch.images)), [(96, 96)], batch.targets)[0],
+    samples = [model.roi_head.sample(model.rpn.predict(model.neck(model.backbone(batch.images)), [(96, 96)]),
                                      batch.targets) for _ in range(1)]
     assert samples[0].rows_per_image == (min(512, 1 + model.rpn.post_nms_top_n["train"]),)
 

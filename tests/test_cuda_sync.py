@@ -341,12 +341,11 @@ def test_rpn_training_loss_is_sync_free(device, sampling, monkeypatch):
     rpn = rpn.to(device)
     features = [f.to(device) for f in features_cpu]
     targets = [to_device(t, device) for t in targets_cpu]
-    monkeypatch.setattr(rpn, "propose", lambda *args, **kwargs: None)  # proposals: see the next test
-
-    total_loss(rpn(features, IMAGE_SIZES, targets)[1]).backward()  # warm-up
+    
+    total_loss(rpn.loss(features, IMAGE_SIZES, targets)).backward()  # warm-up
     rpn.zero_grad(set_to_none=True)
     with no_host_sync(device):
-        _, losses = rpn(features, IMAGE_SIZES, targets)
+        losses = rpn.loss(features, IMAGE_SIZES, targets)
         total_loss(losses).backward()
 
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}
@@ -370,10 +369,10 @@ def test_rpn_training_forward_syncs_only_in_nms(device):
     rpn = RegionProposalNetwork(in_channels=16, pre_nms_top_n_train=300, post_nms_top_n_train=200).train().to(device)
     features = [f.to(device) for f in fpn_features(16, generator)]
     targets = [to_device(t, device) for t in batch_targets(generator)]
-    rpn(features, IMAGE_SIZES, targets)  # warm-up
+    rpn.loss_and_predict(features, IMAGE_SIZES, targets)  # warm-up
     recorder = SyncRecorder(device)
     with recorder:
-        proposals, losses = rpn(features, IMAGE_SIZES, targets)
+        losses, proposals = rpn.loss_and_predict(features, IMAGE_SIZES, targets)
     assert recorder.files() <= {"libra/ops/nms.py", "libra/ops/nms_reference.py"}, recorder.sites()
     if recorder.available:
         assert recorder.events, "the NMS output size is a host sync: the recorder must see it"

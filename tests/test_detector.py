@@ -262,10 +262,10 @@ def test_batched_proposals_equal_per_image_proposals():
     logits = [torch.randn(2, a.shape[0]) for a in anchors]
     deltas = [torch.randn(2, a.shape[0], 4) * 0.5 for a in anchors]
     image_sizes = [(250, 256), (200, 180)]
-    batched = rpn.propose(anchors, logits, deltas, image_sizes)
+    batched = rpn.predict_by_feat(anchors, logits, deltas, image_sizes)
     assert batched.boxes.shape == (2, 100, 4) and batched.valid.dtype == torch.bool
     for index in range(2):
-        single = rpn.propose(
+        single = rpn.predict_by_feat(
             anchors, [l[index : index + 1] for l in logits], [d[index : index + 1] for d in deltas],
             image_sizes[index : index + 1],
         )
@@ -288,7 +288,7 @@ def test_proposals_drop_empty_boxes_and_mark_missing_slots_invalid():
     deltas = [torch.zeros(1, a.shape[0], 4) for a in anchors]
     # Push every P2 candidate far outside the image: after clipping they are empty boxes.
     deltas[0][..., 0] = -50.0
-    proposals = rpn.propose(anchors, logits, deltas, [(32, 32)])
+    proposals = rpn.predict_by_feat(anchors, logits, deltas, [(32, 32)])
     boxes, scores = proposals.per_image(0)
     assert proposals.boxes.shape[1] == 50
     assert ((boxes[:, 2] - boxes[:, 0]) > 0).all() and ((boxes[:, 3] - boxes[:, 1]) > 0).all()
@@ -374,7 +374,7 @@ def test_rpn_loss_normalisation_matches_definition():
     logits = torch.tensor([[0.5, -1.0, 2.0]], requires_grad=True)
     deltas = torch.zeros(1, 3, 4, requires_grad=True)
     target = {"boxes": torch.tensor([[0.0, 0.0, 10.0, 10.0]]), "labels": torch.tensor([0])}
-    losses = rpn.loss(anchors, logits, deltas, [target])
+    losses = rpn.loss_by_feat(anchors, logits, deltas, [target])
     # anchor 0: IoU 1 -> positive; anchor 1: IoU 0.25 -> negative; anchor 2: IoU 0 -> negative.
     expected_cls = (
         torch.nn.functional.softplus(torch.tensor(-0.5))
@@ -434,7 +434,7 @@ def test_rpn_loss_of_a_mixed_size_batch_ignores_other_images_padding():
     deltas = torch.randn(2, anchors.shape[0], 4) * 0.1
 
     def loss_sums(anchor_rows, image_logits, image_deltas, image_targets, image_valid):
-        losses = rpn.loss(anchor_rows, image_logits, image_deltas, image_targets, image_valid)
+        losses = rpn.loss_by_feat(anchor_rows, image_logits, image_deltas, image_targets, image_valid)
         # undo the averaging: the number of sampled anchors, as the loss counts it
         assigned = rpn.assigner.assign(anchor_rows, image_targets[0]["boxes"], image_targets[0]["labels"],
                                        valid=None if image_valid is None else image_valid[0])
@@ -444,7 +444,7 @@ def test_rpn_loss_of_a_mixed_size_batch_ignores_other_images_padding():
     alone_anchors = torch.cat(gen(alone_features))
     assert int(valid[1].sum()) == alone_anchors.shape[0]
     torch.testing.assert_close(anchors[valid[1]], alone_anchors)
-    mixed = rpn.loss(anchors, logits, deltas, targets, valid)
+    mixed = rpn.loss_by_feat(anchors, logits, deltas, targets, valid)
     sum0 = loss_sums(anchors, logits[:1], deltas[:1], targets[:1], valid[:1])
     sum1 = loss_sums(alone_anchors, logits[1:, valid[1]], deltas[1:, valid[1]], targets[1:], None)
     count = 0
@@ -455,7 +455,7 @@ def test_rpn_loss_of_a_mixed_size_batch_ignores_other_images_padding():
     torch.testing.assert_close(mixed["loss_rpn_cls"] * count, sum0[0] + sum1[0])
     torch.testing.assert_close(mixed["loss_rpn_bbox"] * count, sum0[1] + sum1[1])
     # and without the flags the padding anchors of image 1 would count as negatives
-    unflagged = rpn.loss(anchors, logits, deltas, targets, None)
+    unflagged = rpn.loss_by_feat(anchors, logits, deltas, targets, None)
     assert not torch.allclose(unflagged["loss_rpn_cls"], mixed["loss_rpn_cls"])
 
 
@@ -472,7 +472,7 @@ def test_test_time_scoring_follows_the_classification_loss(cls_loss, activation)
     model.eval()
     with torch.no_grad():
         features = model.neck(model.backbone(images))
-        proposals, _ = model.rpn(features, sizes)
+        proposals = model.rpn.predict(features, sizes)
         rois = boxes_to_rois(list(proposals.boxes.unbind(0)))
         logits, _ = model.roi_head.box_head(model.roi_head.roi_extractor(list(features), rois))
         probabilities = logits.sigmoid() if activation == "sigmoid" else logits.softmax(dim=1)

@@ -123,7 +123,7 @@ def test_standalone_rpn_training_computes_no_proposals(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("proposals computed in standalone RPN training")
 
-    monkeypatch.setattr(model.rpn, "propose", fail)
+    monkeypatch.setattr(model.rpn, "predict_by_feat", fail)
     images, targets = one_image()
     losses = model(images, [(96, 128)], targets)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_bbox"}

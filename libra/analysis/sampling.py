@@ -88,7 +88,7 @@ def training_proposals(model: nn.Module, features: Sequence[Tensor], image_sizes
     if not hasattr(model, "rpn") or not hasattr(model, "roi_head"):
         raise ValueError(f"{type(model).__name__} has no RPN and R-CNN stage; these figures need a two-stage detector")
     with _rpn_training_settings(model.rpn):
-        proposals, _ = model.rpn(list(features), [tuple(s) for s in image_sizes])
+        proposals = model.rpn.predict(list(features), [tuple(s) for s in image_sizes])
     return proposals
 
 

@@ -9,7 +9,9 @@ Two pieces:
   box deltas. The same head runs on every pyramid level P2..P6.
 - :class:`RegionProposalNetwork`: anchors, training targets (max-IoU assignment + sampling,
   optionally with Libra's cap on negatives ``neg_pos_ub``), the loss, and the proposals handed
-  to the R-CNN stage (or returned by a standalone proposal model).
+  to the R-CNN stage (or returned by a standalone proposal model). Its interface is the dense
+  heads' one (as :class:`~libra.dense_heads.retina_head.RetinaNetDenseHead`'s): ``loss`` / ``predict`` /
+  ``loss_and_predict`` on pyramid features, ``loss_by_feat`` / ``predict_by_feat`` underneath.
 
 Everything that runs per training step stays on the device: no ``.item()``, no boolean
 indexing and no ``nonzero()``. In particular the number of proposals is fixed per batch
@@ -156,51 +158,77 @@ class RegionProposalNetwork(nn.Module):
         self.nms_thr = nms_thr
         self.generator = generator
 
-    # ------------------------------------------------------------------ forward
-    def forward(
-        self,
-        features: Sequence[Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]] | None = None,
-        with_proposals: bool = True,
-    ) -> tuple[Proposals | None, dict[str, Tensor]]:
-        """Proposals for every image, and the RPN losses when training with targets.
+    # ------------------------------------------------------------------ loss / predict
+    def loss(
+        self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict[str, Tensor]]
+    ) -> dict[str, Tensor]:
+        """``{"loss_rpn_cls", "loss_rpn_bbox"}`` scalars of a batch, without the proposals (a
+        standalone RPN in training needs only its loss).
 
         Args:
             features: pyramid levels ``[B, C, H_l, W_l]``, one per anchor stride (P2..P6).
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
-            with_proposals: False skips the proposals (a standalone RPN in training needs only the loss).
-
-        Returns:
-            ``(proposals or None, losses)``; ``losses`` is ``{"loss_rpn_cls", "loss_rpn_bbox"}``
-            (scalars) in training with targets, else empty.
         """
+        anchors, logits, deltas = self._outputs(features)
+        return self._loss(features, image_sizes, targets, anchors, logits, deltas)
+
+    @torch.no_grad()
+    def predict(self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]) -> Proposals:
+        """Proposals of a batch with the settings of the current mode (train or test).
+
+        Args:
+            features, image_sizes: as in :meth:`loss`.
+        """
+        anchors, logits, deltas = self._outputs(features)
+        return self.predict_by_feat(anchors, logits, deltas, image_sizes)
+
+    def loss_and_predict(
+        self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]], targets: Sequence[dict[str, Tensor]]
+    ) -> tuple[dict[str, Tensor], Proposals]:
+        """The losses and, from the same head outputs, the training proposals that the R-CNN stage
+        samples its RoIs from (one head forward, as MMDetection's ``RPNHead.loss_and_predict``).
+
+        Args:
+            features, image_sizes, targets: as in :meth:`loss`.
+        """
+        anchors, logits, deltas = self._outputs(features)
+        proposals = self.predict_by_feat(anchors, logits, deltas, image_sizes)
+        return self._loss(features, image_sizes, targets, anchors, logits, deltas), proposals
+
+    def _outputs(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """Per level anchors ``[N_l, 4]``, objectness logits ``[B, N_l]`` and deltas ``[B, N_l, 4]``."""
+        if len(features) != len(self.anchor_generator.strides):
+            raise ValueError(f"got {len(features)} feature levels for anchor strides {self.anchor_generator.strides}")
         objectness, deltas = self.head(features)
         anchors = self.anchor_generator(
             [tuple(f.shape[-2:]) for f in features], device=features[0].device, dtype=torch.float32
         )
         # Boxes are decoded in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
         flat = [flatten_level(o.float(), d.float(), 1) for o, d in zip(objectness, deltas)]
-        logits_per_level = [f[0].squeeze(-1) for f in flat]  # [B, N_l]: one objectness logit per anchor
-        deltas_per_level = [f[1] for f in flat]
+        return anchors, [f[0].squeeze(-1) for f in flat], [f[1] for f in flat]
 
-        proposals = self.propose(anchors, logits_per_level, deltas_per_level, image_sizes) if with_proposals else None
-        losses: dict[str, Tensor] = {}
-        if self.training and targets is not None:
-            feature_sizes = [tuple(f.shape[-2:]) for f in features]
-            losses = self.loss(
-                torch.cat(anchors, dim=0),
-                torch.cat(logits_per_level, dim=1),
-                torch.cat(deltas_per_level, dim=1),
-                targets,
-                self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
-            )
-        return proposals, losses
+    def _loss(
+        self,
+        features: Sequence[Tensor],
+        image_sizes: Sequence[tuple[int, int]],
+        targets: Sequence[dict[str, Tensor]],
+        anchors: list[Tensor],
+        logits: list[Tensor],
+        deltas: list[Tensor],
+    ) -> dict[str, Tensor]:
+        feature_sizes = [tuple(f.shape[-2:]) for f in features]
+        return self.loss_by_feat(
+            torch.cat(anchors, dim=0),
+            torch.cat(logits, dim=1),
+            torch.cat(deltas, dim=1),
+            targets,
+            self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
+        )
 
     # ------------------------------------------------------------------ proposals
     @torch.no_grad()
-    def propose(
+    def predict_by_feat(
         self,
         anchors: Sequence[Tensor],
         logits: Sequence[Tensor],
@@ -261,7 +289,7 @@ class RegionProposalNetwork(nn.Module):
         return Proposals(proposal_boxes, proposal_scores, valid)
 
     # ------------------------------------------------------------------ loss
-    def loss(
+    def loss_by_feat(
         self,
         anchors: Tensor,
         logits: Tensor,

@@ -61,7 +61,7 @@ class FasterRCNN(Detector):
         """
         image_sizes, targets = self.check_batch(batch, training=True)
         features = self.neck(self.backbone(batch.images))
-        proposals, rpn_losses = self.rpn(features, image_sizes, targets)
+        rpn_losses, proposals = self.rpn.loss_and_predict(features, image_sizes, targets)
         samples = self.roi_head.sample(proposals, targets)  # once, for every branch of the RoI head
         return {**rpn_losses, **self.roi_head.loss(features, samples)}
 
@@ -76,7 +76,7 @@ class FasterRCNN(Detector):
         """
         image_sizes, _ = self.check_batch(batch, training=False)
         features = self.neck(self.backbone(batch.images))
-        proposals, _ = self.rpn(features, image_sizes)
+        proposals = self.rpn.predict(features, image_sizes)
         detections = self.roi_head.predict(features, proposals, image_sizes)
         if return_proposals:
             for output, proposal_output in zip(detections, proposals.outputs()):
@@ -100,5 +100,5 @@ def rpn_proposals(detector: Detector, batch: Batch) -> list[dict[str, Tensor]]:
     """
     image_sizes = check_images(batch.images, batch.image_sizes, batch.original_sizes)
     features = detector.neck(detector.backbone(batch.images))
-    proposals, _ = detector.rpn(features, image_sizes)
+    proposals = detector.rpn.predict(features, image_sizes)
     return detector.postprocess(proposals.outputs(), image_sizes, batch.original_sizes)

@@ -57,8 +57,7 @@ class ProposalNetwork(Detector):
         image_sizes, targets = self.check_batch(batch, training=True)
         features = self.neck(self.backbone(batch.images))
         # Trained alone, the RPN's proposals feed nothing: skip computing them.
-        _, losses = self.rpn(features, image_sizes, targets, with_proposals=False)
-        return losses
+        return self.rpn.loss(features, image_sizes, targets)
 
     @torch.no_grad()
     def predict(self, batch: Batch) -> list[dict[str, Tensor]]:
