@@ -740,6 +740,43 @@ def test_a_killed_process_of_a_multi_node_run_is_reported_with_the_resume_comman
     assert "the same launcher with:" in line
 
 
+@pytest.mark.parametrize("killed", [0, 1], ids=["store-node-killed", "peer-killed"])
+def test_a_killed_process_of_a_multi_node_evaluation_is_reported_and_nothing_is_written(tmp_path, data_root, killed):
+    """eval.py's side of the same: the survivor meets the gone process in the final gather of the
+    results and says so in one line (exit 5), and no metrics file is written."""
+    trained = tmp_path / "trained"
+    assert_ok(run_script("train.py", *TINY, *data_args(data_root), "--epochs", "1", "--work-dir", str(trained)))
+    from libra.data.synthetic import ensure_synthetic_dataset
+
+    val_root = tmp_path / "val_data"  # enough images that the evaluation is still running at the kill
+    ensure_synthetic_dataset(val_root, num_train=1, num_val=400, image_size=(64, 64), seed=0)
+    port, out = _free_port(), tmp_path / "eval"
+    processes = []
+    for rank in (0, 1):
+        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", GROUP_RANK=str(rank),
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        processes.append(subprocess.Popen(
+            [sys.executable, str(REPO / "eval.py"), "--checkpoint", str(trained / "epoch_1.pth"), *EVAL_TINY,
+             "--device", "cpu", "--data-root", str(val_root), "--synthetic-num-train", "1", "--synthetic-num-val",
+             "400", "--work-dir", str(out)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    # Rank 0 prints "evaluating ..." once the process group is up (both ranks joined it).
+    for line in processes[0].stdout:
+        if line.startswith("evaluating"):
+            break
+    else:
+        pytest.fail("the evaluation did not start: " + processes[0].stderr.read()[-2000:])
+    processes[killed].kill()
+    (_, err_0), (_, err_1) = _finish(processes)
+    survivor, err = processes[1 - killed], (err_0, err_1)[1 - killed]
+    assert survivor.returncode == 5, err[-3000:]
+    line = error_line(err)
+    label = "(process 0) " if killed == 1 else "(process 1, node 1) "
+    assert line.startswith(f"error: {label}another process of the evaluation is gone"), line
+    assert "may have left no message" in line and "run the evaluation again" in line, line
+    assert not list(out.glob("**/metrics.json")) and not list(out.glob("**/*.tmp*"))
+
+
 def test_the_launcher_stopping_a_surviving_node_leaves_a_libra_line_there(tmp_path, data_root):
     """torchrun's agent on the surviving node SIGTERMs its workers when the store's node is gone."""
     work_dir = tmp_path / "run"
