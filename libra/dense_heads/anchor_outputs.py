@@ -6,11 +6,13 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import Tensor
 
+from libra.anchor_generator import AnchorGenerator
 from libra.max_iou_assigner import AssignResult, MaxIoUAssigner
 
-__all__ = ["assign_anchors", "flatten_level"]
+__all__ = ["assign_anchors", "concat_levels", "flatten_level"]
 
 
 def flatten_level(logits: Tensor, deltas: Tensor, channels: int) -> tuple[Tensor, Tensor]:
@@ -24,6 +26,22 @@ def flatten_level(logits: Tensor, deltas: Tensor, channels: int) -> tuple[Tensor
     flat_logits = logits.permute(0, 2, 3, 1).reshape(batch, -1, channels)
     flat_deltas = deltas.permute(0, 2, 3, 1).reshape(batch, -1, 4)
     return flat_logits, flat_deltas
+
+
+def concat_levels(
+    anchor_generator: AnchorGenerator,
+    features: Sequence[Tensor],
+    image_sizes: Sequence[tuple[int, int]],
+    anchors: Sequence[Tensor],
+    logits: Sequence[Tensor],
+    deltas: Sequence[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """A dense head's per-level outputs joined over the levels for its loss: anchors ``[N, 4]``,
+    logits ``[B, N, K]`` (``[B, N]`` for the RPN), deltas ``[B, N, 4]``, and ``valid`` ``[B, N]``, the
+    anchors inside each image's own padded extent (:meth:`AnchorGenerator.valid_flags`)."""
+    feature_sizes = [tuple(f.shape[-2:]) for f in features]
+    valid = anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device)
+    return torch.cat(list(anchors), dim=0), torch.cat(list(logits), dim=1), torch.cat(list(deltas), dim=1), valid
 
 
 def assign_anchors(

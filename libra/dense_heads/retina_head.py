@@ -45,7 +45,7 @@ from libra.losses.focal_loss import SigmoidFocalLoss
 from libra.max_iou_assigner import MaxIoUAssigner
 from libra.ops import batched_nms
 
-from .anchor_outputs import assign_anchors, flatten_level
+from .anchor_outputs import assign_anchors, concat_levels, flatten_level
 
 # retinanet_r50_fpn_1x_coco: model.bbox_head.anchor_generator octave_base_scale=4,
 # scales_per_octave=3, ratios=[0.5, 1.0, 2.0], strides=[8, 16, 32, 64, 128].
@@ -202,15 +202,8 @@ class RetinaNetDenseHead(nn.Module):
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
         """
-        anchors, logits, deltas = self._outputs(features)
-        feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.loss_by_feat(
-            torch.cat(anchors, dim=0),
-            torch.cat(logits, dim=1),
-            torch.cat(deltas, dim=1),
-            targets,
-            self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
-        )
+        anchors, logits, deltas, valid = concat_levels(self.anchor_generator, features, image_sizes, *self._outputs(features))
+        return self.loss_by_feat(anchors, logits, deltas, targets, valid)
 
     @torch.no_grad()
     def predict(self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]) -> list[dict[str, Tensor]]:

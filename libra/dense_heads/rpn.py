@@ -40,7 +40,7 @@ from libra.ops import batched_nms
 from libra.samplers import RandomSampler, sample_pos_neg
 from libra.structures import Proposals
 
-from .anchor_outputs import assign_anchors, flatten_level
+from .anchor_outputs import assign_anchors, concat_levels, flatten_level
 
 
 class RPNHead(nn.Module):
@@ -170,8 +170,8 @@ class RegionProposalNetwork(nn.Module):
             image_sizes: ``(h, w)`` of each image before padding.
             targets: per image ``{"boxes": [G, 4], "labels": [G], "ignore_boxes": [Gi, 4] (optional)}``.
         """
-        anchors, logits, deltas = self._outputs(features)
-        return self._loss(features, image_sizes, targets, anchors, logits, deltas)
+        anchors, logits, deltas, valid = concat_levels(self.anchor_generator, features, image_sizes, *self._outputs(features))
+        return self.loss_by_feat(anchors, logits, deltas, targets, valid)
 
     @torch.no_grad()
     def predict(self, features: Sequence[Tensor], image_sizes: Sequence[tuple[int, int]]) -> Proposals:
@@ -194,7 +194,10 @@ class RegionProposalNetwork(nn.Module):
         """
         anchors, logits, deltas = self._outputs(features)
         proposals = self.predict_by_feat(anchors, logits, deltas, image_sizes)
-        return self._loss(features, image_sizes, targets, anchors, logits, deltas), proposals
+        all_anchors, all_logits, all_deltas, valid = concat_levels(
+            self.anchor_generator, features, image_sizes, anchors, logits, deltas
+        )
+        return self.loss_by_feat(all_anchors, all_logits, all_deltas, targets, valid), proposals
 
     def _outputs(self, features: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """Per level anchors ``[N_l, 4]``, objectness logits ``[B, N_l]`` and deltas ``[B, N_l, 4]``."""
@@ -207,24 +210,6 @@ class RegionProposalNetwork(nn.Module):
         # Boxes are decoded in float32 even under autocast (fp16 cannot hold 1333 px to 1 px).
         flat = [flatten_level(o.float(), d.float(), 1) for o, d in zip(objectness, deltas)]
         return anchors, [f[0].squeeze(-1) for f in flat], [f[1] for f in flat]
-
-    def _loss(
-        self,
-        features: Sequence[Tensor],
-        image_sizes: Sequence[tuple[int, int]],
-        targets: Sequence[dict[str, Tensor]],
-        anchors: list[Tensor],
-        logits: list[Tensor],
-        deltas: list[Tensor],
-    ) -> dict[str, Tensor]:
-        feature_sizes = [tuple(f.shape[-2:]) for f in features]
-        return self.loss_by_feat(
-            torch.cat(anchors, dim=0),
-            torch.cat(logits, dim=1),
-            torch.cat(deltas, dim=1),
-            targets,
-            self.anchor_generator.valid_flags(feature_sizes, image_sizes, device=features[0].device),
-        )
 
     # ------------------------------------------------------------------ proposals
     @torch.no_grad()
