@@ -768,6 +768,42 @@ def test_roi_align_compiles_with_torchscript_like_torchvision():
         module(feats, [roi[:, :3]])
 
 
+class _NMSModule(torch.nn.Module):
+    """A user's module that calls ``batched_nms`` of either library, scripted as a whole."""
+
+    def __init__(self, ops) -> None:
+        super().__init__()
+        self.ops = ops.batched_nms
+
+    def forward(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
+        return self.ops(boxes, scores, idxs, 0.5)
+
+
+@needs_extension
+@needs_torchvision
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # torch's own notice
+def test_nms_and_batched_nms_compile_with_torchscript_like_torchvision():
+    generator = torch.Generator().manual_seed(3)
+    corners = torch.rand(400, 2, generator=generator) * 100
+    boxes = torch.cat([corners, corners + torch.rand(400, 2, generator=generator) * 40 + 1], dim=1)
+    scores = torch.rand(400, generator=generator)
+    idxs = torch.randint(0, 6, (400,), generator=generator)
+    scripted_nms, scripted_batched = torch.jit.script(libra.ops.nms), torch.jit.script(libra.ops.batched_nms)
+    for threshold in (0.3, 0.5, 0.7):
+        expected = tv_ops.nms(boxes, scores, threshold)
+        assert torch.equal(scripted_nms(boxes, scores, threshold), expected)
+        assert torch.equal(scripted_nms(boxes.double(), scores, threshold), libra.ops.nms(boxes.double(), scores, threshold))
+        assert torch.equal(scripted_batched(boxes, scores, idxs, threshold), tv_ops.batched_nms(boxes, scores, idxs, threshold))
+    module = torch.jit.script(_NMSModule(libra.ops))
+    assert torch.equal(module(boxes, scores, idxs), torch.jit.script(_NMSModule(tv_ops))(boxes, scores, idxs))
+    # No boxes, as torchvision's test_batched_nms_empty, and bad input refused inside TorchScript.
+    assert scripted_batched(torch.empty(0), torch.empty(0), torch.empty(0), 0.5).shape == (0,)
+    with pytest.raises(torch.jit.Error, match=r"boxes must be a \[N, 4\]"):
+        scripted_nms(boxes[:, :3], scores, 0.5)
+    with pytest.raises(torch.jit.Error, match="idxs must be"):
+        scripted_batched(boxes, scores, idxs[:5], 0.5)
+
+
 # ----------------------------------------------------------------------------- CUDA
 
 

@@ -15,6 +15,11 @@ as ``torch.empty(0)``, which torchvision answers with an empty result), with two
   ``idx * (max_coordinate + 1)``) rounds the shifted coordinates in float32 (to 1/8 px
   at LVIS's 1203 classes x 1333 px), which moves IoUs near the threshold and changes
   the kept set; libra uses no offsets (see ``batched_nms``).
+
+Both compile with ``torch.jit.script``, as torchvision's do. The scripted forms call the compiled
+ops directly after the same checks (they need ``libra._C``: no pure-PyTorch fallback), and the
+scripted ``batched_nms`` always makes the one class-aware call (exact, like the per-group loop it
+skips on very large CUDA inputs).
 """
 import math
 
@@ -35,6 +40,7 @@ PER_CLASS_LOOP_THRESHOLD = {"cpu": math.inf, "cuda": 20000}
 REFERENCE_PER_CLASS_LOOP_THRESHOLD = 4000
 
 
+@torch.jit.unused
 def _check_boxes_scores(boxes: Tensor, scores: Tensor, name: str) -> None:
     if not isinstance(boxes, Tensor) or boxes.dim() != 2 or boxes.shape[1] != 4:
         raise ValueError(f"{name}: boxes must be a [N, 4] tensor (x1, y1, x2, y2), got {getattr(boxes, 'shape', type(boxes))}.")
@@ -57,12 +63,30 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     Returns:
         [M] int64 indices into ``boxes`` of kept boxes, by decreasing score.
     """
+    if not torch.jit.is_scripting():
+        return _nms_eager(boxes, scores, iou_threshold)
+    # TorchScript (the branch above is left out when scripting): the checks with constant messages.
+    _check_scripted(boxes, scores, "nms")
+    return torch.ops.libra.nms(boxes.float(), scores, float(iou_threshold))
+
+
+@torch.jit.unused
+def _nms_eager(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
     _check_boxes_scores(boxes, scores, "nms")
     if not boxes.is_floating_point():
         boxes = boxes.float()
-    if use_extension(stacklevel=3):
+    if use_extension(stacklevel=4):
         return torch.ops.libra.nms(boxes, scores, float(iou_threshold))
     return nms_reference(boxes, scores, float(iou_threshold))
+
+
+def _check_scripted(boxes: Tensor, scores: Tensor, name: str) -> None:
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(name + ": boxes must be a [N, 4] tensor (x1, y1, x2, y2)")
+    if scores.dim() != 1 or scores.shape[0] != boxes.shape[0]:
+        raise ValueError(name + ": scores must be a [N] tensor with N = boxes.shape[0]")
+    if scores.device != boxes.device:
+        raise ValueError(name + ": boxes and scores must be on one device")
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
@@ -102,6 +126,19 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     Raises:
         ValueError: for bad shapes or devices (torchvision raises RuntimeError).
     """
+    if not torch.jit.is_scripting():
+        return _batched_nms_eager(boxes, scores, idxs, iou_threshold)
+    if boxes.numel() == 0 and boxes.dim() <= 2:
+        return torch.empty(0, dtype=torch.int64, device=boxes.device)
+    _check_scripted(boxes, scores, "batched_nms")
+    if idxs.shape != scores.shape:
+        raise ValueError("batched_nms: idxs must be a [N] tensor like scores")
+    idxs = idxs.to(device=boxes.device, dtype=torch.int64)
+    return torch.ops.libra.batched_nms(boxes.float(), scores, idxs, float(iou_threshold))
+
+
+@torch.jit.unused
+def _batched_nms_eager(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: float) -> Tensor:
     if isinstance(boxes, Tensor) and boxes.numel() == 0 and boxes.dim() <= 2:
         # No boxes (also torch.empty(0), as torchvision accepts, with scores / idxs None or empty).
         for name, value in (("scores", scores), ("idxs", idxs)):
@@ -117,7 +154,7 @@ def batched_nms(boxes: Tensor, scores: Tensor, idxs: Tensor, iou_threshold: floa
     # Groups are compared as int64 on the boxes' device; like torchvision, float labels and
     # idxs on another device are accepted (float labels are truncated).
     idxs = idxs.to(device=boxes.device, dtype=torch.int64)
-    compiled = use_extension(stacklevel=3)
+    compiled = use_extension(stacklevel=4)
     threshold = REFERENCE_PER_CLASS_LOOP_THRESHOLD
     if compiled:
         threshold = PER_CLASS_LOOP_THRESHOLD.get(boxes.device.type, REFERENCE_PER_CLASS_LOOP_THRESHOLD)
