@@ -20,6 +20,7 @@ import shlex
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -193,8 +194,6 @@ def _read_holder(fd: int, wait_s: float = 2.0) -> dict | None:
     """The record of the run that holds the lock. It writes the record just after taking the lock
     (truncate, then write), so a run started at the same moment can find the file empty: give the
     holder a moment before saying it left no record."""
-    import time
-
     deadline = time.monotonic() + wait_s
     while True:
         record = _read_lock(fd)

@@ -67,7 +67,9 @@ def nms(boxes: Tensor, scores: Tensor, iou_threshold: float) -> Tensor:
         return _nms_eager(boxes, scores, iou_threshold)
     # TorchScript (the branch above is left out when scripting): the checks with constant messages.
     _check_scripted(boxes, scores, "nms")
-    return torch.ops.libra.nms(boxes.float(), scores, float(iou_threshold))
+    if not boxes.is_floating_point():
+        boxes = boxes.float()
+    return torch.ops.libra.nms(boxes, scores, float(iou_threshold))
 
 
 @torch.jit.unused
