@@ -341,7 +341,7 @@ def test_rpn_training_loss_is_sync_free(device, sampling, monkeypatch):
     rpn = rpn.to(device)
     features = [f.to(device) for f in features_cpu]
     targets = [to_device(t, device) for t in targets_cpu]
-    
+
     total_loss(rpn.loss(features, IMAGE_SIZES, targets)).backward()  # warm-up
     rpn.zero_grad(set_to_none=True)
     with no_host_sync(device):

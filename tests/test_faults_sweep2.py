@@ -744,10 +744,10 @@ def test_a_killed_process_of_a_multi_node_run_is_reported_with_the_resume_comman
 def test_a_killed_process_of_a_multi_node_evaluation_is_reported_and_nothing_is_written(tmp_path, data_root, killed):
     """eval.py's side of the same: the survivor meets the gone process in the final gather of the
     results and says so in one line (exit 5), and no metrics file is written."""
-    trained = tmp_path / "trained"
-    assert_ok(run_script("train.py", *TINY, *data_args(data_root), "--epochs", "1", "--work-dir", str(trained)))
     from libra.data.synthetic import ensure_synthetic_dataset
 
+    trained = tmp_path / "trained"
+    assert_ok(run_script("train.py", *TINY, *data_args(data_root), "--epochs", "1", "--work-dir", str(trained)))
     val_root = tmp_path / "val_data"  # enough images that the evaluation is still running at the kill
     ensure_synthetic_dataset(val_root, num_train=1, num_val=400, image_size=(64, 64), seed=0)
     port, out = _free_port(), tmp_path / "eval"

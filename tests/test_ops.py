@@ -773,10 +773,10 @@ class _NMSModule(torch.nn.Module):
 
     def __init__(self, ops) -> None:
         super().__init__()
-        self.ops = ops.batched_nms
+        self.batched_nms = ops.batched_nms
 
     def forward(self, boxes: torch.Tensor, scores: torch.Tensor, idxs: torch.Tensor) -> torch.Tensor:
-        return self.ops(boxes, scores, idxs, 0.5)
+        return self.batched_nms(boxes, scores, idxs, 0.5)
 
 
 @needs_extension
